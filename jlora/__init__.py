@@ -1,0 +1,37 @@
+"""jlora: LoRA fine-tuning for JAX as pure functions over parameter trees.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, jlora
+  >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+  >>> cfg = jlora.LoraConfig(rank=2, alpha=4.0)
+  >>> p = jlora.init_lora(jax.random.key(0), params, cfg)
+  >>> lora, base = jlora.split(p)
+  >>> tx = jlora.lora_optimizer(optax.adam(1e-3), p)
+  >>> merged = jlora.merge_params(p, cfg)
+"""
+
+from jlora._axes import axis_roles
+from jlora._config import LoraConfig
+from jlora._init import init_lora
+from jlora._merge import merge_params, unmerge_params
+from jlora._optim import lora_optimizer
+from jlora._partition import combine, is_adapter_path, lora_labels, split
+from jlora._paths import path_str
+from jlora._summary import summary
+
+__all__ = [
+    "LoraConfig",
+    "axis_roles",
+    "combine",
+    "init_lora",
+    "is_adapter_path",
+    "lora_labels",
+    "lora_optimizer",
+    "merge_params",
+    "path_str",
+    "split",
+    "summary",
+    "unmerge_params",
+]
+
+__version__ = "0.1.0"

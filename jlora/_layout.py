@@ -1,0 +1,107 @@
+"""Where LoRA adapters live in a tree, and how their shapes relate to the kernel's.
+
+Design note (the one place this is decided):
+
+* An adapted kernel ``W`` stored under key ``k`` of a dict keeps its place, untouched. Its two
+  adapter factors are new siblings in the same dict: ``f"{k}_lora_a"`` (A) and ``f"{k}_lora_b"``
+  (B). The suffix names the kernel it belongs to, so a dict holding several kernels
+  (``kernel``, ``embedding``, ``w1``, ...) stays unambiguous, and stripping all ``*_lora_*``
+  keys gives back exactly the original tree.
+* Every axis of ``W`` has a role: ``"stack"`` (a layer axis added by ``nn.scan``, experts),
+  ``"in"`` (contracted with the input) or ``"out"``. With ``S``, ``I`` and ``O`` the shapes of
+  the stack, in and out axes in kernel order::
+
+      A: S + I + (r,)        B: S + (r,) + O
+      delta_W = scale * einsum(A, B over r), laid back in W's axis order.
+
+  For a 2-D ``(in, out)`` Dense kernel this is the paper's ``W + s * A @ B``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Role = Literal["stack", "in", "out"]
+ROLES: tuple[str, ...] = ("stack", "in", "out")
+
+A_SUFFIX = "_lora_a"
+B_SUFFIX = "_lora_b"
+
+
+def adapter_keys(kernel_key: str) -> tuple[str, str]:
+    """The dict keys of A and B for a kernel stored under ``kernel_key``.
+
+    Example:
+      >>> adapter_keys("kernel")
+      ('kernel_lora_a', 'kernel_lora_b')
+    """
+    return kernel_key + A_SUFFIX, kernel_key + B_SUFFIX
+
+
+def adapter_owner(key: object) -> tuple[str, str] | None:
+    """For an adapter key, ``(kernel_key, "a" | "b")``; ``None`` for any other key.
+
+    Example:
+      >>> adapter_owner("kernel_lora_b"), adapter_owner("kernel")
+      (('kernel', 'b'), None)
+    """
+    if not isinstance(key, str):
+        return None
+    for suffix, which in ((A_SUFFIX, "a"), (B_SUFFIX, "b")):
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], which
+    return None
+
+
+def axes_of(roles: Sequence[str], role: str) -> tuple[int, ...]:
+    """Indices of the kernel axes that have ``role``."""
+    return tuple(i for i, r in enumerate(roles) if r == role)
+
+
+def adapter_shapes(
+    kernel_shape: Sequence[int], roles: Sequence[str], rank: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of A and B for a kernel of ``kernel_shape`` whose axes have ``roles``.
+
+    Example:
+      >>> adapter_shapes((2, 64, 4, 16), ("stack", "in", "out", "out"), 8)
+      ((2, 64, 8), (2, 8, 4, 16))
+    """
+    shape = tuple(kernel_shape)
+    stack = tuple(shape[i] for i in axes_of(roles, "stack"))
+    fan_in = tuple(shape[i] for i in axes_of(roles, "in"))
+    fan_out = tuple(shape[i] for i in axes_of(roles, "out"))
+    return stack + fan_in + (rank,), (*stack, rank, *fan_out)
+
+
+def einsum_spec(roles: Sequence[str]) -> str:
+    """The einsum that contracts A with B over the rank axis into the kernel's axis order.
+
+    Example:
+      >>> einsum_spec(("in", "in", "out"))
+      'abz,zc->abc'
+    """
+    letters = string.ascii_lowercase[: len(roles)]
+    if len(roles) > 25:
+        raise ValueError(f"kernels of rank {len(roles)} > 25 are not supported")
+    pick = {role: "".join(letters[i] for i in axes_of(roles, role)) for role in ROLES}
+    a = pick["stack"] + pick["in"] + "z"
+    b = pick["stack"] + "z" + pick["out"]
+    return f"{a},{b}->{letters}"
+
+
+def delta(a: jax.Array, b: jax.Array, roles: Sequence[str], scale: float) -> jax.Array:
+    """``scale * A·B`` laid out like the kernel, in the adapters' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> delta(jnp.ones((3, 2)), jnp.ones((2, 4)), ("in", "out"), 0.5).shape
+      (3, 4)
+    """
+    product = jnp.einsum(einsum_spec(roles), a, b, precision=jax.lax.Precision.HIGHEST)
+    return product * jnp.asarray(scale, product.dtype)

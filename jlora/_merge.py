@@ -1,0 +1,112 @@
+"""Folding adapters into their kernels (``merge_params``) and taking them back out (``unmerge``).
+
+Both run as one ``jax.jit``-compiled function per tree structure and config. The kernel keeps
+its dtype (the sum is formed in the wider of the kernel's and the adapters' dtypes, then cast
+back) and, for ``NamedSharding``-placed kernels, its sharding. Inputs are never donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora._config import LoraConfig
+from jlora._layout import adapter_keys, delta
+from jlora._paths import KeyPath
+from jlora._resolve import resolve_sites
+from jlora._tree import rebuild, sites_in
+
+# (kernel path, axis roles, scale, sharding to keep or None) per adapted kernel.
+_Plan = tuple[tuple[KeyPath, tuple[str, ...], float, Any], ...]
+
+
+def _plan(params: Any, config: LoraConfig) -> _Plan:
+    plan = []
+    for adapted in resolve_sites(params, config):
+        sharding = getattr(adapted.site.kernel, "sharding", None)
+        keep = sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+        plan.append((adapted.site.path, adapted.roles, adapted.scale, keep))
+    return tuple(plan)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "sign", "keep_adapters"))
+def _fold(params: Any, plan: _Plan, sign: float, keep_adapters: bool) -> Any:
+    table = {path: rest for path, *rest in plan}
+
+    def fold(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
+        for site in sites_in(parent, items):
+            roles, scale, sharding = table[site.path]
+            w = site.kernel
+            wide = jnp.promote_types(w.dtype, site.a.dtype)
+            new = (w.astype(wide) + delta(site.a, site.b, roles, sign * scale).astype(wide)).astype(
+                w.dtype
+            )
+            if sharding is not None:
+                new = jax.lax.with_sharding_constraint(new, sharding)
+            items[site.key] = new
+            if not keep_adapters:
+                for k in adapter_keys(site.key):
+                    del items[k]
+        return items
+
+    return rebuild(params, fold)
+
+
+def merge_params(params: Any, config: LoraConfig) -> Any:
+    """Folds every adapter into its kernel: ``W <- W + s·A·B``, adapters removed.
+
+    Args:
+      params: an adapted tree (from :func:`jlora.init_lora`, possibly trained).
+      config: the config the tree was initialised with (it gives scales and axis roles).
+
+    Returns:
+      A tree with exactly the structure of the original, un-adapted params; each kernel keeps
+      its dtype and sharding. The input is not modified.
+
+    Raises:
+      ValueError: if an adapter does not fit ``config`` (the message names its path) or sits
+        without its kernel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> merged = merge_params(jlora.init_lora(jax.random.key(0), params, cfg), cfg)
+      >>> bool((merged["dense"]["kernel"] == params["dense"]["kernel"]).all())  # B = 0 at init
+      True
+    """
+    return _fold(params, _plan(params, config), 1.0, False)
+
+
+def unmerge_params(merged: Any, lora: Any, config: LoraConfig) -> Any:
+    """Recovers the adapted tree from a merged one: ``W <- W' - s·A·B``, adapters put back.
+
+    The base is recovered up to floating-point rounding of the merge (exactly in the maths).
+
+    Args:
+      merged: the output of :func:`merge_params`.
+      lora: the adapter half (from :func:`jlora.split`) that was merged in.
+      config: the config of those adapters.
+
+    Returns:
+      An adapted tree like the one ``merge_params`` was given.
+
+    Raises:
+      ValueError: if ``lora`` does not line up with ``merged`` or does not fit ``config``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((4, 3))}}, cfg)
+      >>> lora, _ = jlora.split(p)
+      >>> back = unmerge_params(merge_params(p, cfg), lora, cfg)
+      >>> sorted(back["d"])
+      ['kernel', 'kernel_lora_a', 'kernel_lora_b']
+    """
+    from jlora._partition import combine
+
+    params = combine(lora, merged)
+    return _fold(params, _plan(params, config), -1.0, True)

@@ -1,0 +1,54 @@
+"""``summary``: a table of what is adapted, with shapes and trainable-parameter counts."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+from jlora._tree import find_sites
+
+
+def _size(x: Any) -> int:
+    return math.prod(getattr(x, "shape", ()))
+
+
+def summary(params: Any) -> str:
+    """A table of the adapted kernels: shapes, rank, adapter parameters, and % trainable.
+
+    Args:
+      params: an adapted tree (works on abstract ``jax.ShapeDtypeStruct`` leaves too).
+
+    Returns:
+      A multi-line string; the last line gives trainable vs total parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((1000, 10000))}},
+      ...                     jlora.LoraConfig(rank=10))
+      >>> print(summary(p).splitlines()[-1])
+      trainable 110,000 of 10,110,000 parameters (1.088%)
+    """
+    sites = find_sites(params)
+    rows = [("path", "kernel", "dtype", "rank", "A", "B", "params")]
+    for s in sites:
+        rows.append(
+            (
+                s.name,
+                str(tuple(s.kernel.shape)),
+                str(s.kernel.dtype),
+                str(s.a.shape[-1]),
+                str(tuple(s.a.shape)),
+                str(tuple(s.b.shape)),
+                f"{_size(s.a) + _size(s.b):,}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    trainable = sum(_size(s.a) + _size(s.b) for s in sites)
+    total = sum(_size(x) for x in jax.tree.leaves(params))
+    share = 100.0 * trainable / total if total else 0.0
+    lines.append(f"trainable {trainable:,} of {total:,} parameters ({share:.3f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Strict settings for the whole suite: highest matmul precision, one tolerance table."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Relative tolerances per dtype, for comparisons where the maths is exact but rounding is not.
+TOLERANCE = {jnp.dtype("float32"): 1e-5, jnp.dtype("bfloat16"): 2e-2, jnp.dtype("float16"): 2e-3}
+
+
+@pytest.fixture(params=["eager", "jit"])
+def maybe_jit(request):
+    """Runs a function as is or under ``jax.jit`` (static config arguments allowed)."""
+    if request.param == "eager":
+        return lambda fn, **kw: fn
+    return lambda fn, **kw: jax.jit(fn, **kw)
