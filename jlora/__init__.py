@@ -10,6 +10,7 @@ Example:
   >>> merged = jlora.merge_params(p, cfg)
 """
 
+from jlora._adapter_files import load_adapter, save_adapter
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._init import init_lora
@@ -25,10 +26,12 @@ __all__ = [
     "combine",
     "init_lora",
     "is_adapter_path",
+    "load_adapter",
     "lora_labels",
     "lora_optimizer",
     "merge_params",
     "path_str",
+    "save_adapter",
     "split",
     "summary",
     "unmerge_params",

@@ -1,0 +1,369 @@
+"""save_adapter / load_adapter: round trips, atomic saves, and every bad input refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from jlora import _adapter_files, _atomic
+from jlora._tensorfile import decode, encode
+
+CFG = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*/(query|value|Dense_0)/kernel")
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+        return nn.Dense(5)(h)
+
+
+def _base():
+    x = jnp.ones((1, 3, 8))
+    return {"params": Block().init(jax.random.key(0), x)["params"]}, x
+
+
+def _trained(base, config=CFG, seed=1):
+    p = jlora.init_lora(jax.random.key(0), base, config)
+    key = jax.random.key(seed)
+
+    def bump(path, x):
+        if jlora.is_adapter_path(path):
+            return x + jax.random.normal(jax.random.fold_in(key, x.size), x.shape, x.dtype)
+        return x
+
+    return jax.tree.map_with_path(bump, p)
+
+
+def _apply(params, x):
+    return Block().apply({"params": params["params"]}, x)
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_exact_and_outputs_match(tmp_path):
+    base, x = _base()
+    p = _trained(base)
+    jlora.save_adapter(tmp_path / "ad", p, CFG)
+    loaded, cfg = jlora.load_adapter(tmp_path / "ad", base)
+    assert cfg == CFG
+    _same(loaded, p)
+    out = _apply(jlora.merge_params(loaded, cfg), x)
+    np.testing.assert_array_equal(out, _apply(jlora.merge_params(p, CFG), x))
+    assert not np.allclose(out, _apply(base, x))  # the adapter does something
+
+
+def test_files_hold_only_adapters_and_readable_json(tmp_path):
+    base, _ = _base()
+    jlora.save_adapter(tmp_path, _trained(base), CFG)
+    manifest = json.loads((tmp_path / "adapter_config.json").read_text())
+    weights = tmp_path / manifest["weights"]["file"]
+    tensors = decode(weights.read_bytes(), "w")
+    assert all(k.endswith(("_lora_a", "_lora_b")) for k in tensors)
+    assert "params/MultiHeadDotProductAttention_0/query/kernel_lora_a" in tensors
+    assert len(tensors) == 2 * len(manifest["adapters"]) == 6
+    assert manifest["lora_config"] == CFG.to_dict()
+    assert sorted(os.listdir(tmp_path)) == sorted(["adapter_config.json", weights.name])
+
+
+def test_bfloat16_adapters_and_list_containers(tmp_path):
+    cfg = jlora.LoraConfig(rank=1, dtype="bfloat16")
+    base = {"layers": [{"kernel": jnp.ones((3, 2))}, {"kernel": jnp.ones((2, 2))}]}
+    p = _trained(base, cfg)
+    jlora.save_adapter(tmp_path, p, cfg)
+    loaded, _ = jlora.load_adapter(tmp_path, base)
+    _same(loaded, p)
+    assert loaded["layers"][0]["kernel_lora_a"].dtype == jnp.bfloat16
+
+
+def test_base_is_untouched(tmp_path):
+    base, _ = _base()
+    before = jax.tree.map(np.array, base)
+    jlora.save_adapter(tmp_path, _trained(base), CFG)
+    jlora.load_adapter(tmp_path, base)
+    _same(base, before)
+
+
+def test_overwrite_keeps_one_weights_file(tmp_path):
+    base, _ = _base()
+    jlora.save_adapter(tmp_path, _trained(base, seed=1), CFG)
+    p2 = _trained(base, seed=2)
+    jlora.save_adapter(tmp_path, p2, CFG)
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) == 1
+    _same(jlora.load_adapter(tmp_path, base)[0], p2)
+
+
+@pytest.mark.parametrize("fail_on", ["weights", "json"])
+def test_crash_mid_save_leaves_previous_adapter(tmp_path, monkeypatch, fail_on):
+    base, _ = _base()
+    p1 = _trained(base, seed=1)
+    jlora.save_adapter(tmp_path, p1, CFG)
+    before = sorted(os.listdir(tmp_path))
+    real_fdopen = os.fdopen
+
+    class Torn:
+        """A file that writes half its bytes, then the 'process dies'."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise KeyboardInterrupt("simulated crash mid-write")
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        target = "adapter_config.json" if fail_on == "json" else "adapter-"
+        return Torn(f) if target in os.path.basename(name) else f
+
+    monkeypatch.setattr(_atomic.os, "fdopen", fdopen)
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
+        jlora.save_adapter(tmp_path, _trained(base, seed=2), CFG)
+    monkeypatch.undo()
+    leftover = sorted(os.listdir(tmp_path))
+    assert not [f for f in leftover if f.endswith(".tmp")]  # temp files removed
+    if fail_on == "weights":
+        assert leftover == before
+    _same(jlora.load_adapter(tmp_path, base)[0], p1)
+
+
+def test_crash_between_weights_and_json_replace(tmp_path, monkeypatch):
+    base, _ = _base()
+    p1 = _trained(base, seed=1)
+    jlora.save_adapter(tmp_path, p1, CFG)
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError("simulated crash before commit")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(_atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        jlora.save_adapter(tmp_path, _trained(base, seed=2), CFG)
+    monkeypatch.undo()
+    _same(jlora.load_adapter(tmp_path, base)[0], p1)
+    p3 = _trained(base, seed=3)
+    jlora.save_adapter(tmp_path, p3, CFG)  # the stale weights file is cleaned up
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) == 1
+    _same(jlora.load_adapter(tmp_path, base)[0], p3)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_save_refuses_tree_without_adapters(tmp_path):
+    base, _ = _base()
+    with pytest.raises(ValueError, match="hold no LoRA adapters"):
+        jlora.save_adapter(tmp_path, base, CFG)
+
+
+def test_save_refuses_predicate_config(tmp_path):
+    cfg = jlora.LoraConfig(rank=1, targets=lambda p, x: p.endswith("kernel"))
+    p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((2, 2))}}, cfg)
+    with pytest.raises(ValueError, match="Python predicate"):
+        jlora.save_adapter(tmp_path, p, cfg)
+
+
+def test_save_refuses_file_path(tmp_path):
+    base, _ = _base()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        jlora.save_adapter(tmp_path / "f", _trained(base), CFG)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    base, _ = _base()
+    jlora.save_adapter(tmp_path, _trained(base), CFG)
+    return tmp_path, base
+
+
+def _manifest(path):
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def _rewrite(path, edit_manifest=None, edit_tensors=None):
+    """Edits an adapter consistently (sha updated), to reach the later checks."""
+    m = _manifest(path)
+    weights = path / m["weights"]["file"]
+    tensors = decode(weights.read_bytes(), "w")
+    if edit_tensors:
+        edit_tensors(tensors)
+    data = encode(tensors)
+    weights.write_bytes(data)
+    m["weights"]["sha256"] = hashlib.sha256(data).hexdigest()
+    if edit_manifest:
+        edit_manifest(m)
+    (path / "adapter_config.json").write_text(json.dumps(m))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json is missing"):
+        jlora.load_adapter(tmp_path / "nope", {})
+
+
+def test_peft_directory_hint(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="import_peft"):
+        jlora.load_adapter(tmp_path, {})
+
+
+def test_corrupted_json(saved):
+    path, base = saved
+    (path / "adapter_config.json").write_text('{"format": "jlora-ad')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        jlora.load_adapter(path, base)
+
+
+def test_wrong_format(saved):
+    path, base = saved
+    (path / "adapter_config.json").write_text('{"format": "peft"}')
+    with pytest.raises(ValueError, match="expected format 'jlora-adapter', found 'peft'"):
+        jlora.load_adapter(path, base)
+
+
+def test_wrong_version(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m.update(version=99))
+    with pytest.raises(ValueError, match="version 99"):
+        jlora.load_adapter(path, base)
+
+
+def test_manifest_missing_key(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m.pop("adapters"))
+    with pytest.raises(ValueError, match="missing the key 'adapters'"):
+        jlora.load_adapter(path, base)
+
+
+def test_invalid_weights_name(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m["weights"].update(file="../evil.safetensors"))
+    with pytest.raises(ValueError, match="invalid weights file"):
+        jlora.load_adapter(path, base)
+
+
+def test_weights_missing(saved):
+    path, base = saved
+    os.unlink(path / _manifest(path)["weights"]["file"])
+    with pytest.raises(FileNotFoundError, match="Copy the whole adapter directory"):
+        jlora.load_adapter(path, base)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_truncated_or_corrupted_weights(saved, damage):
+    path, base = saved
+    weights = path / _manifest(path)["weights"]["file"]
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupted"):
+        jlora.load_adapter(path, base)
+
+
+def test_invalid_lora_config(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m["lora_config"].update(rnak=3))
+    with pytest.raises(ValueError, match=r"invalid LoraConfig.*did you mean 'rank'"):
+        jlora.load_adapter(path, base)
+
+
+def test_missing_tensor(saved):
+    path, base = saved
+    name = "params/Dense_0/kernel_lora_b"
+    _rewrite(path, edit_tensors=lambda t: t.pop(name))
+    with pytest.raises(ValueError, match=f"tensor '{name}' is listed .* but missing"):
+        jlora.load_adapter(path, base)
+
+
+def test_extra_tensor(saved):
+    path, base = saved
+    _rewrite(path, edit_tensors=lambda t: t.update({"params/x_lora_a": np.zeros(2, np.float32)}))
+    with pytest.raises(ValueError, match="extra tensor 'params/x_lora_a'"):
+        jlora.load_adapter(path, base)
+
+
+def test_tensor_shape_disagrees_with_manifest(saved):
+    path, base = saved
+    name = "params/Dense_0/kernel_lora_b"
+    _rewrite(path, edit_tensors=lambda t: t.update({name: np.zeros((3, 5), np.float32)}))
+    with pytest.raises(ValueError, match=rf"'{name}' has shape \[3, 5\].*lists shape \[2, 5\]"):
+        jlora.load_adapter(path, base)
+
+
+def test_base_from_another_model(saved):
+    path, _ = saved
+    with pytest.raises(ValueError, match=r"adapts 'params/.*which base_params does not have"):
+        jlora.load_adapter(path, {"params": {"other": {"kernel": jnp.ones((2, 2))}}})
+
+
+def test_base_of_another_size(saved):
+    path, base = saved
+    bigger = jax.tree.map(lambda x: x, base)
+    bigger["params"]["Dense_0"]["kernel"] = jnp.ones((8, 7))
+    with pytest.raises(ValueError, match=r"'params/Dense_0/kernel' of shape \(8, 5\).*\(8, 7\)"):
+        jlora.load_adapter(path, bigger)
+
+
+def test_adapter_of_another_rank(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m["lora_config"].update(rank=4))
+    with pytest.raises(ValueError, match=r"\(rank 4\) expects A \(8, 4\)"):
+        jlora.load_adapter(path, base)
+
+
+def test_base_already_adapted(saved):
+    path, base = saved
+    with pytest.raises(ValueError, match="already holds adapters"):
+        jlora.load_adapter(path, _trained(base))
+
+
+def test_kernel_in_non_dict_container(tmp_path):
+    cfg = jlora.LoraConfig(rank=1)
+    base = {"d": {"kernel": jnp.ones((2, 2))}}
+    jlora.save_adapter(tmp_path, _trained(base, cfg), cfg)
+    with pytest.raises(ValueError, match="not held by a dict"):
+        jlora.load_adapter(tmp_path, {"d": _Box(jnp.ones((2, 2)))})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Box:
+    kernel: jax.Array
+
+
+def test_decode_rejects_garbage_and_unknown_dtype():
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        decode(b"garbage", "x.safetensors")
+    data = encode({"c": np.zeros(2, np.complex64)})
+    with pytest.raises(ValueError, match="tensor 'c' has dtype C64"):
+        decode(data, "x.safetensors")
+
+
+def test_module_constants():
+    assert _adapter_files.CONFIG_FILE == "adapter_config.json"
