@@ -12,6 +12,7 @@ Example:
 
 from jlora._adapter_files import load_adapter, save_adapter
 from jlora._axes import axis_roles
+from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
 from jlora._config import LoraConfig
 from jlora._init import init_lora
 from jlora._merge import merge_params, unmerge_params
@@ -22,7 +23,9 @@ from jlora._summary import summary
 
 __all__ = [
     "LoraConfig",
+    "Restored",
     "axis_roles",
+    "checkpoint_steps",
     "combine",
     "init_lora",
     "is_adapter_path",
@@ -31,7 +34,9 @@ __all__ = [
     "lora_optimizer",
     "merge_params",
     "path_str",
+    "restore_checkpoint",
     "save_adapter",
+    "save_checkpoint",
     "split",
     "summary",
     "unmerge_params",

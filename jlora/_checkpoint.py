@@ -1,0 +1,198 @@
+"""Training-state checkpoints: thin, sharding-aware helpers over orbax's ``CheckpointManager``.
+
+A checkpoint is one step directory ``<directory>/<step>/`` holding ``state`` (any pytree of
+arrays: adapters, optimizer state, PRNG keys, counters; written by orbax, sharded arrays written
+by every host in parallel) and ``metadata`` (a JSON dict for what is not an array: data
+position, epoch, run config). Orbax writes each step to a temporary directory and renames it
+when complete, so a crash never leaves a half checkpoint that looks finished. Only the newest
+``keep`` steps are kept.
+
+Restoring takes a ``like`` tree (concrete arrays, or ``jax.ShapeDtypeStruct`` e.g. from
+``jax.eval_shape``, with ``.sharding`` where the result should be sharded). Its paths and
+shapes are checked against the checkpoint's metadata first, so a state of another shape (an
+adapter of another rank, another optimizer) fails naming the leaf instead of deep inside orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from jlora._paths import path_str
+
+
+class Restored(NamedTuple):
+    """What :func:`restore_checkpoint` returns."""
+
+    step: int
+    state: Any
+    metadata: dict[str, Any]
+
+
+def _manager(directory: str | os.PathLike[str], keep: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=False, create=True
+    )
+    handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)), options=options, item_handlers=handlers
+    )
+
+
+def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """The steps with a complete checkpoint in ``directory``, oldest first ([] if none).
+
+    Example:
+      >>> import tempfile
+      >>> checkpoint_steps(tempfile.mkdtemp())
+      []
+    """
+    if not os.path.isdir(directory):
+        return []
+    with _manager(directory) as manager:
+        return sorted(manager.all_steps())
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    step: int,
+    state: Any,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    keep: int | None = 3,
+) -> None:
+    """Saves ``state`` (and JSON ``metadata``) as step ``step``; keeps the newest ``keep`` steps.
+
+    Args:
+      directory: the run's checkpoint directory (created if missing).
+      step: the training step; must not already be saved there.
+      state: a pytree of arrays (``jax.Array``, numpy, typed PRNG keys), e.g.
+        ``{"lora": lora, "opt_state": opt_state, "rng": key}``. Sharded arrays are saved shard
+        by shard; on several hosts every host must call this.
+      metadata: JSON-able values that are not arrays (data position, epoch, ...).
+      keep: how many of the newest steps to keep (``None``: all).
+
+    Raises:
+      ValueError: if ``step`` is negative or already saved, or ``keep`` is < 1.
+
+    Example:
+      >>> import jax.numpy as jnp, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> save_checkpoint(d, 10, {"w": jnp.ones(3)}, metadata={"batch": 7})
+      >>> restore_checkpoint(d, {"w": jnp.zeros(3)}).metadata
+      {'batch': 7}
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be an int >= 0; got {step!r}")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"save_checkpoint: keep must be an int >= 1 or None; got {keep!r}")
+    with _manager(directory, keep) as manager:
+        if step in manager.all_steps():
+            raise ValueError(
+                f"save_checkpoint: step {step} already exists in {os.fspath(directory)!r}; "
+                "checkpoints are never overwritten. Save under a new step or delete that one"
+            )
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                metadata=ocp.args.JsonSave(dict(metadata or {})),
+            ),
+        )
+        manager.wait_until_finished()
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _check_like(where: str, saved: Any, like: Any) -> None:
+    found = {path_str(p): x for p, x in jax.tree.flatten_with_path(saved)[0] if x is not None}
+    want = {path_str(p): x for p, x in jax.tree.flatten_with_path(like)[0]}
+    for name in want:
+        if name not in found:
+            raise ValueError(
+                f"restore_checkpoint: {where} has no leaf {name!r}, which `like` expects; the "
+                f"checkpoint holds e.g. {sorted(found)[:6]}. Pass a `like` built the way the "
+                "saved state was"
+            )
+    for name in found:
+        if name not in want:
+            raise ValueError(
+                f"restore_checkpoint: {where} holds {name!r}, which `like` lacks; pass a `like` "
+                "with the same structure as the saved state"
+            )
+    for name, x in want.items():
+        if _is_key(x):
+            continue
+        got = tuple(getattr(found[name], "shape", ()) or ())
+        if got != tuple(x.shape):
+            raise ValueError(
+                f"restore_checkpoint: {name!r} in {where} has shape {got}, but `like` expects "
+                f"{tuple(x.shape)} (an adapter of another rank, or another model?)"
+            )
+
+
+def restore_checkpoint(
+    directory: str | os.PathLike[str], like: Any, *, step: int | None = None
+) -> Restored:
+    """Restores the checkpoint of ``step`` (default: the latest) shaped and placed like ``like``.
+
+    Args:
+      directory: the run's checkpoint directory.
+      like: a tree like the saved state: arrays or ``jax.ShapeDtypeStruct`` leaves. Each leaf's
+        ``sharding`` (if any) places the restored array, so a state can be restored onto another
+        mesh; leaves without one go to the default device.
+      step: which step; ``None`` for the latest.
+
+    Returns:
+      ``Restored(step, state, metadata)``.
+
+    Raises:
+      FileNotFoundError: if there is no checkpoint, or none for ``step`` (available steps
+        listed).
+      ValueError: if a leaf of ``like`` is missing from the checkpoint, the checkpoint holds a
+        leaf ``like`` lacks, or a shape differs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> state = {"lora": {"a": jnp.ones((4, 2))}, "rng": jax.random.key(0)}
+      >>> for s in (1, 2):
+      ...     save_checkpoint(d, s, state)
+      >>> r = restore_checkpoint(d, jax.eval_shape(lambda: state))
+      >>> r.step, r.state["lora"]["a"].shape
+      (2, (4, 2))
+    """
+    where = os.fspath(directory)
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"restore_checkpoint: no checkpoint in {where!r}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(
+            f"restore_checkpoint: no checkpoint for step {step} in {where!r}; found steps {steps}"
+        )
+    with _manager(directory) as manager:
+        saved = manager.item_metadata(step)["state"]
+        _check_like(f"step {step} of {where!r}", saved, like)
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(_abstract, like)),
+                metadata=ocp.args.JsonRestore(),
+            ),
+        )
+    return Restored(step, out["state"], dict(out["metadata"] or {}))
