@@ -1,0 +1,184 @@
+"""A symbolic adapted kernel ``W + s·A·B`` carried through the ops that only move it.
+
+While :func:`jlora.lora` interprets a traced function, an adapted kernel is never materialised.
+It is a :class:`LoraValue`: the concrete ``w`` (the base kernel, already moved by every op
+seen so far, so the base computation is exactly the original one), the factors ``a`` and ``b``,
+the scale, and one role per axis of the current view of the kernel.
+
+Invariant (the same as ``_layout``'s, applied to the current view): ``a`` is
+``stack + in + (r,)`` and ``b`` is ``stack + (r,) + out``, each group's axes in the order they
+have in the view. Moving ops (casts, transposes, group-preserving reshapes, slices of stack
+axes) keep the invariant by permuting or reshaping inside a group of ``a`` and ``b``; the
+factors keep their own dtype until a consuming rule casts them to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jlora._layout import ROLES, axes_of, delta
+
+
+class Unsupported(Exception):  # noqa: N818 - internal signal, turned into a ValueError
+    """Raised by a rule that cannot keep an adapted kernel factorised; says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraValue:
+    """An adapted kernel in factorised form: ``w + scale * (a contracted with b)``."""
+
+    w: Any
+    a: Any
+    b: Any
+    roles: tuple[str, ...]
+    scale: float
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the current view of the kernel."""
+        return tuple(self.w.shape)
+
+    def group(self, role: str) -> tuple[int, ...]:
+        """View axes that have ``role``, in view order."""
+        return axes_of(self.roles, role)
+
+    def replace(self, **changes: Any) -> LoraValue:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def materialise(self) -> jax.Array:
+        """``w + s·A·B`` as a dense array in the view's layout and ``w``'s dtype."""
+        wide = jnp.promote_types(self.w.dtype, self.a.dtype)
+        d = delta(self.a, self.b, self.roles, self.scale)
+        return (self.w.astype(wide) + d.astype(wide)).astype(self.w.dtype)
+
+    def parts(self) -> tuple[Any, Any, Any]:
+        """The three arrays, for passing through a higher-order primitive."""
+        return self.w, self.a, self.b
+
+
+def _group_perm(roles: Sequence[str], perm: Sequence[int], role: str) -> list[int]:
+    old = axes_of(roles, role)
+    return [old.index(p) for p in perm if roles[p] == role]
+
+
+def transpose(v: LoraValue, perm: Sequence[int]) -> LoraValue:
+    """The kernel with its axes permuted: ``w`` transposed, each group of A and B permuted."""
+    ns = len(v.group("stack"))
+    stack = _group_perm(v.roles, perm, "stack")
+    a_perm = [*stack, *(ns + i for i in _group_perm(v.roles, perm, "in")), ns + len(v.group("in"))]
+    b_perm = [*stack, ns, *(ns + 1 + i for i in _group_perm(v.roles, perm, "out"))]
+    return v.replace(
+        w=jax.lax.transpose(v.w, tuple(perm)),
+        a=jnp.transpose(v.a, a_perm),
+        b=jnp.transpose(v.b, b_perm),
+        roles=tuple(v.roles[p] for p in perm),
+    )
+
+
+def _runs(roles: Sequence[str], shape: Sequence[int]) -> list[tuple[str, int]]:
+    runs: list[tuple[str, int]] = []
+    for role, size in zip(roles, shape, strict=True):
+        if runs and runs[-1][0] == role:
+            runs[-1] = (role, runs[-1][1] * size)
+        else:
+            runs.append((role, size))
+    if len({r for r, _ in runs}) != len(runs):
+        raise Unsupported(
+            f"a reshape of a kernel whose axis roles {tuple(roles)} are not grouped into one "
+            "contiguous run per role"
+        )
+    return runs
+
+
+def reshape(v: LoraValue, new_shape: Sequence[int]) -> LoraValue:
+    """The kernel reshaped, allowed when every new axis falls inside one role's run of axes."""
+    runs = _runs(v.roles, v.shape)
+    new_roles: list[str] = []
+    i = 0
+    for k, (role, size) in enumerate(runs):
+        prod = 1
+        while i < len(new_shape) and (prod < size or k == len(runs) - 1):
+            prod *= new_shape[i]
+            new_roles.append(role)
+            i += 1
+        if prod != size:
+            raise Unsupported(
+                f"a reshape {v.shape} -> {tuple(new_shape)} that mixes the kernel's "
+                f"{tuple(v.roles)} axis groups"
+            )
+    sizes = {r: [n for n, rr in zip(new_shape, new_roles, strict=True) if rr == r] for r in ROLES}
+    rank = v.a.shape[-1]
+    return v.replace(
+        w=jnp.reshape(v.w, tuple(new_shape)),
+        a=jnp.reshape(v.a, (*sizes["stack"], *sizes["in"], rank)),
+        b=jnp.reshape(v.b, (*sizes["stack"], rank, *sizes["out"])),
+        roles=tuple(new_roles),
+    )
+
+
+def squeeze(v: LoraValue, dimensions: Sequence[int]) -> LoraValue:
+    """The kernel with size-1 axes removed, from ``w`` and from the factor that holds them."""
+    drop = set(dimensions)
+    return reshape(v, [n for i, n in enumerate(v.shape) if i not in drop])
+
+
+def _stack_only(v: LoraValue, full: Sequence[bool], what: str) -> None:
+    for i, (role, is_full) in enumerate(zip(v.roles, full, strict=True)):
+        if role != "stack" and not is_full:
+            raise Unsupported(
+                f"{what} that cuts axis {i} of the kernel, a {role!r} axis (only 'stack' axes, "
+                "the layer/expert axes, may be sliced)"
+            )
+
+
+def _factor_index(v: LoraValue, per_axis: Sequence[Any], fill: Any) -> tuple[list[Any], list[Any]]:
+    stack = [per_axis[i] for i in v.group("stack")]
+    a = stack + [fill] * (v.a.ndim - len(stack))
+    b = stack + [fill] * (v.b.ndim - len(stack))
+    return a, b
+
+
+def slice_(v: LoraValue, start: Sequence[int], limit: Sequence[int], strides: Any) -> LoraValue:
+    """A static slice of stack axes (``w[1]``, ``w[::2]``); other axes must be taken whole."""
+    _stack_only(
+        v, [s == 0 and e == n for s, e, n in zip(start, limit, v.shape, strict=True)], "a slice"
+    )
+    steps = list(strides) if strides is not None else [1] * len(start)
+    a_start, b_start = _factor_index(v, start, 0)
+    a_step, b_step = _factor_index(v, steps, 1)
+    a_lim = [*(limit[i] for i in v.group("stack")), *v.a.shape[len(v.group("stack")) :]]
+    b_lim = [*(limit[i] for i in v.group("stack")), *v.b.shape[len(v.group("stack")) :]]
+    return v.replace(
+        w=jax.lax.slice(v.w, tuple(start), tuple(limit), strides),
+        a=jax.lax.slice(v.a, tuple(a_start), tuple(a_lim), tuple(a_step)),
+        b=jax.lax.slice(v.b, tuple(b_start), tuple(b_lim), tuple(b_step)),
+    )
+
+
+def dynamic_slice(v: LoraValue, starts: Sequence[Any], sizes: Sequence[int]) -> LoraValue:
+    """A traced-index slice of stack axes (``w[i]`` in a Python loop over layers)."""
+    _stack_only(v, [s == n for s, n in zip(sizes, v.shape, strict=True)], "a dynamic slice")
+    zero = jnp.zeros((), jnp.int32)
+    a_start, b_start = _factor_index(v, starts, zero)
+    ns = len(v.group("stack"))
+    stack_sizes = [sizes[i] for i in v.group("stack")]
+    return v.replace(
+        w=jax.lax.dynamic_slice(v.w, list(starts), tuple(sizes)),
+        a=jax.lax.dynamic_slice(v.a, a_start, (*stack_sizes, *v.a.shape[ns:])),
+        b=jax.lax.dynamic_slice(v.b, b_start, (*stack_sizes, *v.b.shape[ns:])),
+    )
+
+
+def broadcast_in_dim(v: LoraValue, shape: Sequence[int]) -> LoraValue:
+    """``expand_dims`` spelled as a broadcast: only inserting size-1 axes is allowed."""
+    if math.prod(shape) != math.prod(v.shape):
+        raise Unsupported(f"broadcasting the kernel from {v.shape} to {tuple(shape)}")
+    return reshape(v, shape)

@@ -1,0 +1,196 @@
+"""Consuming an adapted kernel: the factorised form of each primitive that uses it.
+
+Each rule computes the primitive's output for ``W + s·A·B`` as ``op(x, W) + s·((x·A)·B)``:
+the base term is the original primitive on the concrete ``w``; the low-rank term runs two thin
+contractions. For speed on XLA:CPU the thin matmuls see 2-D ``[tokens, features]`` operands
+(the leading axes flattened), and the scale multiplies the rank-r intermediate, never a
+W-sized or output-sized array. LoRA dropout, when on, is applied to the adapter's input only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jlora._lazy import LoraValue, Unsupported
+
+
+@dataclasses.dataclass
+class Dropout:
+    """LoRA dropout state for one interpretation: rate, key, and a per-use counter."""
+
+    rate: float = 0.0
+    key: Any = None
+    count: int = 0
+
+    def next_key(self) -> Any:
+        """A fresh key for the next use (fold in a trace-time counter: stable across runs)."""
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+    def child(self, index: Any) -> Dropout:
+        """The state inside a loop body, whose key also depends on the iteration ``index``."""
+        if self.key is None:
+            return Dropout()
+        return Dropout(self.rate, jax.random.fold_in(self.next_key(), index))
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """Inverted dropout on ``x`` (identity when off)."""
+        if self.key is None or self.rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.next_key(), 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+
+
+def _thin(
+    x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any, pref: Any
+) -> jax.Array:
+    """``(x @ f1) * scale @ f2`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``."""
+    dims = (((1,), (0,)), ((), ()))
+    h = lax.dot_general(x, f1, dims, precision=precision, preferred_element_type=pref)
+    h = h * jnp.asarray(scale, h.dtype)
+    return lax.dot_general(
+        h, f2.astype(h.dtype), dims, precision=precision, preferred_element_type=pref
+    )
+
+
+def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array:
+    """``dot_general`` with an adapted kernel on one side and a plain array on the other.
+
+    The kernel's contracted axes must be exactly its ``in`` axes (``x·W``; then the delta is
+    ``(x·A)·B``) or exactly its ``out`` axes (``x·Wᵀ`` as in tied embeddings; then
+    ``(x·Bᵀ)·Aᵀ``); its batch axes must be exactly its ``stack`` axes.
+    """
+    (lc, rc), (lb, rb) = params["dimension_numbers"]
+    on_left = isinstance(lhs, LoraValue)
+    if on_left and isinstance(rhs, LoraValue):
+        raise Unsupported("a product of two adapted kernels")
+    v, x = (lhs, rhs) if on_left else (rhs, lhs)
+    kc, kb, xc, xb = (lc, lb, rc, rb) if on_left else (rc, rb, lc, lb)
+    base = lax.dot_general_p.bind(*((v.w, x) if on_left else (x, v.w)), **params)
+    if set(kb) != set(v.group("stack")):
+        raise Unsupported(
+            f"batch axes {tuple(kb)} of the kernel are not its stack axes {v.group('stack')}"
+        )
+    ns, rank = len(v.group("stack")), v.a.shape[-1]
+    if set(kc) == set(v.group("in")):
+        first, second = v.group("in"), v.group("out")
+        f1 = v.a  # stack + in + (r,)
+        f2 = v.b  # stack + (r,) + out
+        f1_axis = {ax: ns + i for i, ax in enumerate(first)}
+    elif set(kc) == set(v.group("out")):
+        first, second = v.group("out"), v.group("in")
+        f1 = jnp.moveaxis(v.b, ns, -1)  # stack + out + (r,)
+        f2 = jnp.moveaxis(v.a, -1, ns)  # stack + (r,) + in
+        f1_axis = {ax: ns + i for i, ax in enumerate(first)}
+    else:
+        raise Unsupported(
+            f"contracting axes {tuple(kc)} of the kernel are neither all its 'in' axes "
+            f"{v.group('in')} nor all its 'out' axes {v.group('out')}"
+        )
+    dtype = x.dtype
+    f1, f2 = f1.astype(dtype), f2.astype(dtype)
+    xd = drop.apply(x)
+    prec, pref = params.get("precision"), params.get("preferred_element_type")
+    x_free = [d for d in range(x.ndim) if d not in xc and d not in xb]
+    out_shape = [x.shape[d] for d in x_free] + [v.shape[d] for d in second]
+    if not kb:
+        # Order x's contracted axes like the kernel's first group, then flatten to 2-D.
+        order = sorted(range(len(kc)), key=lambda i: f1_axis[kc[i]])
+        perm = x_free + [xc[i] for i in order]
+        if perm != list(range(x.ndim)):
+            xd = jnp.transpose(xd, perm)
+        k = math.prod(v.shape[d] for d in first)
+        t = math.prod(x.shape[d] for d in x_free)
+        y = _thin(xd.reshape(t, k), f1.reshape(k, rank), f2.reshape(rank, -1), v.scale, prec, pref)
+        y = y.reshape(out_shape)
+    else:
+        # Stacked (per-layer / per-expert) products keep their batch axes.
+        stack_pos = {ax: i for i, ax in enumerate(v.group("stack"))}
+        dims1 = (
+            (tuple(xc), tuple(f1_axis[a] for a in kc)),
+            (tuple(xb), tuple(stack_pos[a] for a in kb)),
+        )
+        h = lax.dot_general(xd, f1, dims1, precision=prec, preferred_element_type=pref)
+        h = h * jnp.asarray(v.scale, h.dtype)
+        dims2 = (((h.ndim - 1,), (ns,)), (tuple(range(len(kb))), tuple(stack_pos[a] for a in kb)))
+        y = lax.dot_general(
+            h, f2.astype(h.dtype), dims2, precision=prec, preferred_element_type=pref
+        )
+        out_shape = [x.shape[d] for d in xb] + out_shape
+    if on_left:
+        nb, nx = len(kb), len(x_free)
+        y = jnp.transpose(y, [*range(nb), *range(nb + nx, y.ndim), *range(nb, nb + nx)])
+    return base + y.astype(base.dtype)
+
+
+def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
+    """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``."""
+    if isinstance(x, LoraValue) or not isinstance(v, LoraValue):
+        raise Unsupported("an adapted kernel as the input (lhs) of a convolution")
+    base = lax.conv_general_dilated_p.bind(x, v.w, **params)
+    dn = params["dimension_numbers"]
+    out_axis, out_feature = dn.rhs_spec[0], dn.out_spec[1]
+    if v.group("out") != (out_axis,) or v.group("stack"):
+        raise Unsupported(
+            f"kernel axis roles {v.roles} do not match the convolution, whose output-feature "
+            f"axis is {out_axis} (expected that axis alone 'out', all others 'in')"
+        )
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        raise Unsupported("a grouped convolution")
+    a_kernel = jnp.moveaxis(v.a, -1, out_axis).astype(x.dtype)
+    h = lax.conv_general_dilated_p.bind(drop.apply(x), a_kernel, **params)
+    h = jnp.moveaxis(h, out_feature, -1)
+    rank = v.a.shape[-1]
+    lead = h.shape[:-1]
+    dims = (((1,), (0,)), ((), ()))
+    h2 = h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)
+    y = lax.dot_general(
+        h2,
+        v.b.astype(h.dtype),
+        dims,
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+    )
+    y = jnp.moveaxis(y.reshape(*lead, -1), -1, out_feature)
+    return base + y.astype(base.dtype)
+
+
+def _offset_axis(dn: Any, ndim: int, axis: int) -> int:
+    """The output position of operand axis ``axis`` in a gather (it must be an offset axis)."""
+    skipped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
+    kept = [d for d in range(ndim) if d not in skipped]
+    return dn.offset_dims[kept.index(axis)]
+
+
+def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
+    """Row lookup in an adapted table (``Embed``): ``W[ids] + s·A[ids]·B``.
+
+    The lookup may index any ``in`` axes; the single ``out`` axis must be taken whole.
+    """
+    if not isinstance(v, LoraValue) or isinstance(indices, LoraValue):
+        raise Unsupported("an adapted kernel used as gather indices")
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    base = lax.gather_p.bind(v.w, indices, **params)
+    outs = v.group("out")
+    if len(outs) != 1 or v.group("stack"):
+        raise Unsupported(f"a lookup in a kernel with roles {v.roles} (one 'out' axis needed)")
+    out = outs[0]
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    if out in indexed or sizes[out] != v.shape[out]:
+        raise Unsupported(f"a gather that indexes the kernel's 'out' axis {out}")
+    rank = v.a.shape[-1]
+    table = jnp.moveaxis(v.a, -1, out)
+    a_sizes = tuple(rank if d == out else s for d, s in enumerate(sizes))
+    h = lax.gather_p.bind(table, indices, **{**params, "slice_sizes": a_sizes})
+    pos = _offset_axis(dn, v.w.ndim, out)
+    h = jnp.moveaxis(h, pos, -1)
+    lead = h.shape[:-1]
+    y = (h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)) @ v.b.astype(h.dtype)
+    y = jnp.moveaxis(y.reshape(*lead, -1), -1, pos)
+    return base + y.astype(base.dtype)
