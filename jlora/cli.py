@@ -1,0 +1,144 @@
+"""The ``jlora`` command: ``finetune``, ``merge``, ``eval``, ``generate`` and ``summary``.
+
+Run ``jlora finetune`` for the built-in default (``configs/default.yaml``); ``key=value``
+arguments override config fields by their dotted names, e.g.
+``jlora finetune train.steps=50 lora.rank=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+
+import jlora
+from jlora.runner import rundir
+from jlora.runner.config import load_config
+from jlora.runner.report import format_results
+
+# Errors that are the user's input, printed as one clear message instead of a traceback.
+USER_ERRORS = (KeyError, TypeError, ValueError, FileNotFoundError, FloatingPointError)
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Trains (or resumes) a run and prints what LoRA did."""
+    from jlora.runner.loop import finetune
+
+    path, overrides = _split_args(args.args)
+    config = load_config(path, overrides)
+    tic = time.perf_counter()
+    results = finetune(config)
+    print(format_results(results, config.run_dir, time.perf_counter() - tic))
+
+
+def _restore(run_dir: str) -> tuple[object, object, object, jlora.LoraConfig]:
+    from jlora.runner.tasks import make_task
+
+    config = rundir.load_run_config(run_dir)
+    task = make_task(config)
+    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), task.base)
+    return config, task, params, cfg
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Folds a run's adapter into the base and saves the merged weights."""
+    from jlora.models.weights import save_params
+
+    config, task, params, cfg = _restore(args.run_dir)
+    merged = jlora.merge_params(params, cfg)
+    out = os.path.join(args.run_dir, "merged.safetensors")
+    meta = {"model": config.model.kind, "merged_from": os.path.abspath(args.run_dir)}
+    meta.update(getattr(task, "weights_metadata", {}))
+    save_params(out, merged, meta)
+    print(f"wrote {out}: the base with the adapter folded in (W + s·A·B), no adapters left")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluates the base and the adapted model of a run."""
+    _, task, params, cfg = _restore(args.run_dir)
+    extra = task.load_extra(args.run_dir)
+    base = task.evaluate(task.base, extra)
+    adapted = task.evaluate(jlora.merge_params(params, cfg), extra)
+    for key in adapted:
+        print(f"{key}: base {base[key]:.4f}  adapted {adapted[key]:.4f}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Samples from a run's adapted language model."""
+    config, task, params, cfg = _restore(args.run_dir)
+    if config.model.kind != "llama":
+        raise ValueError(
+            f"generate needs a language-model run; {args.run_dir!r} is a {config.model.kind} run"
+        )
+    merged = jlora.merge_params(params, cfg)
+    print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    """Shows what a config would adapt, without training (shapes only, nothing allocated)."""
+    from jlora.runner.tasks import lora_config, make_task
+
+    path, overrides = _split_args([args.config, *args.overrides])
+    config = load_config(path, overrides)
+    task = make_task(config)
+    cfg = lora_config(config)
+    abstract = jax.eval_shape(lambda: jlora.init_lora(jax.random.key(0), task.base, cfg))
+    print(jlora.summary(abstract))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``jlora`` command."""
+    parser = argparse.ArgumentParser(prog="jlora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("finetune", help="LoRA-fine-tune from a config (resumes if interrupted)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    p.set_defaults(fn=cmd_finetune)
+    p = sub.add_parser("merge", help="fold a run's adapter into the base and save it")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser("eval", help="evaluate the base and the adapted model of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("generate", help="sample from a run's adapted language model")
+    p.add_argument("run_dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("summary", help="what a config would adapt: shapes, counts, % trainable")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_summary)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jlora`` console script; returns the exit status.
+
+    Example:
+      >>> main(["summary", "no/such.yaml"])
+      2
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"jlora {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

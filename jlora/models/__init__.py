@@ -1,0 +1,5 @@
+"""Built-in models for the fine-tuning runner: a small Llama-style decoder and a BERT encoder.
+
+Both are plain Flax Linen modules whose parameters are nested dicts, so every ``jlora``
+function works on them unchanged.
+"""

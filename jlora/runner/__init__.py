@@ -1,0 +1,1 @@
+"""The fine-tuning runner behind ``jlora finetune``: config, data, train loop, checkpoints."""

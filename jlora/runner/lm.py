@@ -1,0 +1,135 @@
+"""The language-model task: the built-in Llama base, byte-level text, loss, evaluation, samples."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.models.llama import Llama, LlamaConfig, lm_loss
+from jlora.models.weights import load_params
+from jlora.runner.config import RunConfig
+from jlora.runner.text import LMBatches, decode, encode, eval_windows, load_text, split_tokens
+
+BUILTIN = "builtin:"
+
+
+def weights_path(spec: str) -> str:
+    """The file behind a ``model.weights`` value: ``builtin:NAME`` or a path.
+
+    Raises:
+      FileNotFoundError: if no such built-in or file exists.
+
+    Example:
+      >>> os.path.basename(weights_path("builtin:llama_pydoc"))
+      'llama_pydoc.safetensors'
+    """
+    if spec.startswith(BUILTIN):
+        name = spec[len(BUILTIN) :]
+        path = str(importlib.resources.files("jlora") / "assets" / f"{name}.safetensors")
+    else:
+        path = spec
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"model.weights {spec!r}: no file at {path!r}; use 'builtin:llama_pydoc' or the path "
+            "to a safetensors file written by scripts/pretrain_base.py"
+        )
+    return path
+
+
+@functools.partial(jax.jit, static_argnames=("model", "start", "steps"))
+def _sample(
+    model: Llama, params: Any, buf: jax.Array, start: int, steps: int, key: jax.Array, temp: float
+) -> jax.Array:
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        buf, key = carry
+        logits = model.apply({"params": params}, buf[None])[0, start + i - 1]
+        key, sub = jax.random.split(key)
+        token = jax.random.categorical(sub, logits / temp)
+        return buf.at[start + i].set(token.astype(buf.dtype)), key
+
+    return jax.lax.fori_loop(0, steps, body, (buf, key))[0]
+
+
+class LanguageModelTask:
+    """Fine-tuning the byte-level Llama base on a text: next-token loss in nats per byte."""
+
+    unit = "tok"
+
+    def __init__(self, config: RunConfig) -> None:
+        """Loads the base weights and the text named by ``config``."""
+        self.base, meta = load_params(weights_path(config.model.weights))
+        self.model_config = LlamaConfig(**json.loads(meta["config"]))
+        self.model = Llama(self.model_config)
+        self.extra: dict[str, Any] = {}
+        self.config = config
+        seq, batch = config.data.seq_len, config.train.batch_size
+        if seq > self.model_config.max_len:
+            raise ValueError(
+                f"config data.seq_len {seq} exceeds the model's max_len "
+                f"{self.model_config.max_len}; lower data.seq_len"
+            )
+        train, val = split_tokens(encode(load_text(config.data.source)), config.data.val_fraction)
+        self.batches = LMBatches(train, seq, batch, config.train.seed)
+        self.val = eval_windows(val, seq, config.train.eval_batches * batch)
+        self.units_per_batch = batch * seq
+
+    def loss(self, params: Any, extra: Any, batch: jax.Array) -> jax.Array:
+        """Mean next-token cross-entropy of ``batch`` ``[b, seq + 1]``."""
+        del extra
+        return lm_loss(self.model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+
+    def train_batch(self, position: int) -> np.ndarray:
+        """The training batch at data position ``position``."""
+        return self.batches.batch(position)
+
+    def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
+        """Validation loss (nats per byte) over the held-out windows."""
+        fn = jax.jit(self.loss)
+        bs = self.config.train.batch_size
+        losses = [
+            float(fn(params, extra, self.val[i : i + bs])) for i in range(0, len(self.val), bs)
+        ]
+        sizes = [len(self.val[i : i + bs]) for i in range(0, len(self.val), bs)]
+        return {"eval_loss": float(np.average(losses, weights=sizes))}
+
+    def generate(
+        self, params: Any, prompt: str, max_new_tokens: int, temperature: float, seed: int
+    ) -> str:
+        """Samples a continuation of ``prompt`` (the prompt included in the result)."""
+        tokens = encode(prompt)
+        room = self.model_config.max_len - len(tokens)
+        if not tokens.size or room < 1:
+            raise ValueError(
+                f"prompt of {len(tokens)} bytes must be non-empty and shorter than the model's "
+                f"max_len {self.model_config.max_len}"
+            )
+        steps = min(max_new_tokens, room)
+        buf = jnp.zeros(self.model_config.max_len, jnp.int32).at[: len(tokens)].set(tokens)
+        key = jax.random.key(seed)
+        out = _sample(self.model, params, buf, len(tokens), steps, key, float(temperature))
+        return decode(np.asarray(out[: len(tokens) + steps]))
+
+    def show(self, params: Any, extra: Any) -> dict[str, Any]:
+        """What this task reports before and after: validation loss and samples."""
+        g = self.config.generate
+        samples = [
+            self.generate(params, p, g.max_new_tokens, g.temperature, self.config.train.seed + i)
+            for i, p in enumerate(g.prompts)
+        ]
+        return {**self.evaluate(params, extra), "samples": samples}
+
+    def save_extra(self, run_dir: str, extra: Any) -> None:
+        """Nothing to save: the language model trains adapters only."""
+        del run_dir, extra
+
+    def load_extra(self, run_dir: str) -> Any:
+        """No head: an empty tree."""
+        del run_dir
+        return {}

@@ -1,0 +1,196 @@
+"""The training loop of ``jlora finetune``: resume, train the adapters, evaluate, checkpoint.
+
+A checkpoint holds everything the loop's future depends on (adapters and any trainable head,
+optimizer state, PRNG key, step and data position), so a run killed at any moment resumes from
+its latest checkpoint and continues with exactly the losses it would have had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import optax
+from tqdm import tqdm
+
+import jlora
+from jlora._checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint
+from jlora.runner import rundir
+from jlora.runner.config import RunConfig, to_dict
+from jlora.runner.plots import plot_losses
+from jlora.runner.tasks import Task, lora_config, make_task
+
+
+def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
+    """Adam with warm-up and cosine decay for the adapters, Adam for a head, clipped at norm 1."""
+    t = config.train
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, min(t.warmup_steps, t.steps - 1), t.steps, t.learning_rate / 10
+    )
+
+    def labels(tree: dict[str, Any]) -> dict[str, Any]:
+        return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in tree.items()}
+
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.partition(
+            {"lora": optax.adam(schedule), "extra": optax.adam(t.head_learning_rate)}, labels
+        ),
+    )
+
+
+def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
+    """``loss(trainable, base, batch)`` with the adapters applied as ``mode`` says.
+
+    ``"merge"`` forms ``W + s·A·B`` inside the loss and differentiates only the adapters;
+    ``"factorised"`` runs the model through ``jlora.lora`` (``x·W + s·(x·A)·B``).
+    """
+    if mode == "factorised":
+        lora_fn = getattr(jlora, "lora", None)
+        if lora_fn is None:
+            raise ValueError(
+                "train.train_step='factorised' needs jlora.lora, which this jlora does not have; "
+                "use train.train_step=merge"
+            )
+
+        def factorised(trainable: Any, base: Any, batch: Any) -> jax.Array:
+            run = lora_fn(lambda p: task.loss(p, trainable["extra"], batch), cfg)
+            return run(jlora.combine(trainable["lora"], base))
+
+        return factorised
+
+    def merged(trainable: Any, base: Any, batch: Any) -> jax.Array:
+        params = jlora.merge_params(jlora.combine(trainable["lora"], base), cfg)
+        return task.loss(params, trainable["extra"], batch)
+
+    return merged
+
+
+def _adapted(task: Task, trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any:
+    return jlora.merge_params(jlora.combine(trainable["lora"], base), cfg)
+
+
+def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
+    """Runs (or resumes) the fine-tune that ``config`` describes; returns its results.
+
+    Raises:
+      ValueError: bad config values, a target regex that matches nothing, or a run directory
+        holding a different run.
+      FloatingPointError: if the training loss becomes NaN or infinite (checkpoints kept).
+    """
+    resuming = rundir.prepare_run_dir(config)
+    run_dir, t = config.run_dir, config.train
+    task = make_task(config)
+    cfg = lora_config(config)
+    key = jax.random.key(t.seed)
+    params = jlora.init_lora(jax.random.fold_in(key, 0), task.base, cfg)
+    lora, base = jlora.split(params)
+    trainable = {"lora": lora, "extra": task.extra}
+    tx = make_optimizer(config)
+    state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    before_path = os.path.join(run_dir, "before.json")
+    start = 0
+    if resuming and checkpoint_steps(ckpt_dir):
+        restored = restore_checkpoint(ckpt_dir, jax.eval_shape(lambda: state))
+        state, start = restored.state, int(restored.metadata["step"])
+        rundir.rewind_metrics(run_dir, start)
+        log(f"resuming {run_dir} from the checkpoint of step {start}")
+    else:
+        rundir.rewind_metrics(run_dir, 0)
+    if not os.path.isfile(before_path):
+        log("evaluating the base model ...")
+        rundir.write_json(before_path, task.show(task.base, task.extra))
+    before = _read_json(before_path)
+
+    loss_fn = make_loss(task, cfg, t.train_step)
+
+    @jax.jit
+    def step_fn(state: dict[str, Any], base: Any, batch: Any) -> tuple[dict[str, Any], Any]:
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        return {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}, loss
+
+    bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc="finetune", unit="step")
+    window: list[float] = []
+    tic, units = time.perf_counter(), 0
+    for step in range(start + 1, t.steps + 1):
+        state, loss = step_fn(state, base, task.train_batch(step - 1))
+        loss = float(loss)
+        if not math.isfinite(loss):
+            bar.close()
+            done = checkpoint_steps(ckpt_dir)
+            kept = f"the last good checkpoint is step {done[-1]}" if done else "no checkpoint yet"
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step}; stopped without saving ({kept} in "
+                f"{ckpt_dir!r}). Lower train.learning_rate and re-run the same command to resume"
+            )
+        window.append(loss)
+        units += task.units_per_batch
+        rate = units / max(time.perf_counter() - tic, 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            record = {
+                "step": step,
+                "train_loss": sum(window) / len(window),
+                f"{task.unit}_per_s": rate,
+            }
+            rundir.append_metrics(run_dir, record)
+            window = []
+        if step % t.eval_every == 0 or step == t.steps:
+            scores = task.evaluate(
+                _adapted(task, state["trainable"], base, cfg), state["trainable"]["extra"]
+            )
+            rundir.append_metrics(run_dir, {"step": step, **scores})
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            meta = {"step": step, "data_position": step, "config": to_dict(config)}
+            save_checkpoint(ckpt_dir, step, state, metadata=meta, keep=t.keep_checkpoints)
+    bar.close()
+    return _finish(config, task, cfg, state, base, before)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _finish(
+    config: RunConfig,
+    task: Task,
+    cfg: jlora.LoraConfig,
+    state: dict[str, Any],
+    base: Any,
+    before: dict[str, Any],
+) -> dict[str, Any]:
+    run_dir = config.run_dir
+    trainable = state["trainable"]
+    params = jlora.combine(trainable["lora"], base)
+    jlora.save_adapter(os.path.join(run_dir, "adapter"), params, cfg)
+    task.save_extra(run_dir, trainable["extra"])
+    after = task.show(_adapted(task, trainable, base, cfg), trainable["extra"])
+    counts = _counts(params, trainable["extra"])
+    results = {"before": before, "after": after, **counts}
+    rundir.write_json(os.path.join(run_dir, "results.json"), results)
+    plot_losses(
+        rundir.read_metrics(run_dir),
+        os.path.join(run_dir, "loss_curve.png"),
+        f"LoRA r={cfg.rank} on {config.data.source}",
+    )
+    return results
+
+
+def _counts(params: Any, extra: Any) -> dict[str, int]:
+    lora, _ = jlora.split(params)
+    size = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+    return {
+        "trainable_params": size(lora) + size(extra),
+        "adapter_params": size(lora),
+        "total_params": size(params) + size(extra),
+    }

@@ -1,0 +1,73 @@
+"""What a run trains: the task protocol, the task for a config, and its ``LoraConfig``."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+import jlora
+from jlora.runner.config import RunConfig
+
+
+class Task(Protocol):
+    """A model plus data: the runner trains adapters on ``base`` and any ``extra`` (a head)."""
+
+    base: Any  # frozen parameters, the tree LoRA adapts
+    extra: Any  # trainable parameters that are not adapters ({} for none)
+    unit: str  # what throughput counts: "tok" or "ex"
+    units_per_batch: int
+
+    def loss(self, params: Any, extra: Any, batch: Any) -> jax.Array:
+        """Scalar training loss of ``batch`` under (merged) ``params`` and ``extra``."""
+        ...
+
+    def train_batch(self, position: int) -> Any:
+        """The training batch at data position ``position``."""
+        ...
+
+    def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
+        """Validation scores (``eval_loss`` and any others)."""
+        ...
+
+    def show(self, params: Any, extra: Any) -> dict[str, Any]:
+        """What is reported before and after fine-tuning (scores, samples)."""
+        ...
+
+    def save_extra(self, run_dir: str, extra: Any) -> None:
+        """Saves trainable non-adapter parameters (a head) into ``run_dir``."""
+        ...
+
+    def load_extra(self, run_dir: str) -> Any:
+        """Loads what :meth:`save_extra` wrote."""
+        ...
+
+
+def make_task(config: RunConfig) -> Task:
+    """The task for ``config.model.kind``."""
+    if config.model.kind == "bert":
+        from jlora.runner.classify import ClassificationTask
+
+        return ClassificationTask(config)
+    from jlora.runner.lm import LanguageModelTask
+
+    return LanguageModelTask(config)
+
+
+def lora_config(config: RunConfig) -> jlora.LoraConfig:
+    """The :class:`jlora.LoraConfig` of a run's ``lora`` section.
+
+    Example:
+      >>> lora_config(RunConfig()).rank
+      8
+    """
+    s = config.lora
+    return jlora.LoraConfig(
+        rank=s.rank,
+        alpha=s.alpha,
+        targets=tuple(s.targets),
+        exclude=tuple(s.exclude),
+        use_rslora=s.use_rslora,
+        init=s.init,
+        dropout=s.dropout,
+    )
