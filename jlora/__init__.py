@@ -14,6 +14,7 @@ from jlora._adapter_files import load_adapter, save_adapter
 from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
 from jlora._config import LoraConfig
+from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._merge import merge_params, unmerge_params
 from jlora._optim import lora_optimizer
@@ -30,6 +31,7 @@ __all__ = [
     "init_lora",
     "is_adapter_path",
     "load_adapter",
+    "lora",
     "lora_labels",
     "lora_optimizer",
     "merge_params",
@@ -40,6 +42,7 @@ __all__ = [
     "split",
     "summary",
     "unmerge_params",
+    "value_and_grad",
 ]
 
 __version__ = "0.1.0"
