@@ -21,6 +21,7 @@ from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
 from jlora._summary import summary
+from jlora.peft import export_peft, import_peft
 
 __all__ = [
     "LoraConfig",
@@ -28,6 +29,8 @@ __all__ = [
     "axis_roles",
     "checkpoint_steps",
     "combine",
+    "export_peft",
+    "import_peft",
     "init_lora",
     "is_adapter_path",
     "load_adapter",

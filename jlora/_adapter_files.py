@@ -227,6 +227,48 @@ def _check_base(
             )
 
 
+def check_unadapted(base_params: Any) -> None:
+    """Refuses a base tree that already holds adapter leaves.
+
+    Raises:
+      ValueError: naming the adapter leaves found.
+    """
+    already = [p for p, _ in jax.tree.flatten_with_path(base_params)[0] if is_adapter_path(p)]
+    if already:
+        raise ValueError(
+            f"base_params already holds adapters ({join_paths(already)}); pass the un-adapted "
+            "base, e.g. jlora.split(params)[1]"
+        )
+
+
+def place_adapters(base_params: Any, factors: dict[str, tuple[Any, Any]], where: str) -> Any:
+    """A new tree: ``base_params`` with ``(A, B)`` beside each kernel named in ``factors``.
+
+    Raises:
+      ValueError: if a named kernel is not held by a dict (adapters cannot sit beside it).
+    """
+    placed: set[str] = set()
+
+    def add(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
+        for k in list(items):
+            name = path_str((*parent, jax.tree_util.DictKey(k)))
+            if name not in factors or not isinstance(k, str):
+                continue
+            a_key, b_key = adapter_keys(k)
+            items[a_key], items[b_key] = (jnp.asarray(x) for x in factors[name])
+            placed.add(name)
+        return items
+
+    params = rebuild(base_params, add)
+    missing = [name for name in factors if name not in placed]
+    if missing:
+        raise ValueError(
+            f"{where}: kernels {missing[:8]} are not held by a dict in base_params, so their "
+            "adapters cannot be placed beside them; convert that part to nested dicts"
+        )
+    return params
+
+
 def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, LoraConfig]:
     """Loads an adapter saved by :func:`save_adapter` onto ``base_params``.
 
@@ -268,36 +310,12 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, L
     tensors = _read_tensors(path, manifest)
     _check_tensors(path, entries, tensors)
 
-    leaves = jax.tree.flatten_with_path(base_params)[0]
-    already = [p for p, _ in leaves if is_adapter_path(p)]
-    if already:
-        raise ValueError(
-            f"base_params already holds adapters ({join_paths(already)}); pass the un-adapted "
-            "base, e.g. jlora.split(params)[1]"
-        )
+    check_unadapted(base_params)
     _check_base(path, entries, config, base_params)
-
-    by_kernel = {e["kernel"]: e for e in entries}
-    placed: set[str] = set()
-
-    def add(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
-        for k in list(items):
-            name = path_str((*parent, jax.tree_util.DictKey(k)))
-            entry = by_kernel.get(name)
-            if entry is None or not isinstance(k, str):
-                continue
-            a_key, b_key = adapter_keys(k)
-            items[a_key] = jnp.asarray(tensors[entry["a"]["name"]])
-            items[b_key] = jnp.asarray(tensors[entry["b"]["name"]])
-            placed.add(name)
-        return items
-
-    params = rebuild(base_params, add)
-    missing = [name for name in by_kernel if name not in placed]
-    if missing:
-        raise ValueError(
-            f"adapter {path!r}: kernels {missing[:8]} are not held by a dict in base_params, so "
-            "their adapters cannot be placed beside them; convert that part to nested dicts"
-        )
+    params = place_adapters(
+        base_params,
+        {e["kernel"]: (tensors[e["a"]["name"]], tensors[e["b"]["name"]]) for e in entries},
+        f"adapter {path!r}",
+    )
     resolve_sites(params, config)
     return params, config

@@ -1,0 +1,78 @@
+"""Converting one kernel's jlora factors to PEFT's ``lora_A`` / ``lora_B`` and back.
+
+jlora keeps ``A: S + I + (r,)`` and ``B: S + (r,) + O`` (``_layout``); PEFT keeps, per PyTorch
+module, ``lora_A: (r, in)`` and ``lora_B: (out, r)`` with ``delta_W = s·lora_B @ lora_A``. When
+jlora's ``in`` axes are PyTorch's ``in`` axes, ``lora_A = A.reshape(-1, r).T`` and
+``lora_B = B.reshape(r, -1).T``; when the kernel is stored transposed (jlora's ``in`` is
+PyTorch's ``out``), A and B swap places. Each index along the stack axis is its own module.
+Only reshapes and transposes: the conversion is exact, and the scale is the same on both sides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def orientation(name: str, jlora_roles: Sequence[str], torch_roles: Sequence[str]) -> bool:
+    """Whether the factors swap (``True``) or keep their places (``False``) for this kernel.
+
+    Raises:
+      ValueError: if the two role lists differ other than by exchanging every in and out.
+    """
+    jr, tr = tuple(jlora_roles), tuple(torch_roles)
+    if jr == tr:
+        return False
+    swapped = tuple({"in": "out", "out": "in"}.get(r, r) for r in jr)
+    if swapped == tr:
+        return True
+    raise ValueError(
+        f"kernel {name!r}: its jlora axis roles {jr} and the mapping's PyTorch axes {tr} differ "
+        "by more than exchanging in and out, so A and B cannot be written as PEFT factors. Make "
+        "LoraConfig.axis_rules agree with the mapping (see PeftMapping.axis_rules)"
+    )
+
+
+def stack_indices(shape: Sequence[int], roles: Sequence[str]) -> list[tuple[int, ...]]:
+    """Every index along the kernel's stack axes (``[()]`` for an unstacked kernel)."""
+    sizes = [shape[i] for i, r in enumerate(roles) if r == "stack"]
+    return list(itertools.product(*(range(n) for n in sizes)))
+
+
+def to_peft(
+    a: np.ndarray, b: np.ndarray, index: tuple[int, ...], swap: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lora_A, lora_B)`` for one stack ``index`` of jlora factors ``a``, ``b``."""
+    a_i, b_i = a[index], b[index]
+    r = a_i.shape[-1]
+    a2, b2 = a_i.reshape(-1, r), b_i.reshape(r, -1)  # (in_j, r), (r, out_j)
+    if swap:
+        return np.ascontiguousarray(b2), np.ascontiguousarray(a2)
+    return np.ascontiguousarray(a2.T), np.ascontiguousarray(b2.T)
+
+
+def peft_shapes(
+    shape: Sequence[int], jlora_roles: Sequence[str], swap: bool, rank: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``(lora_A, lora_B)`` shapes PEFT has for one module of this kernel."""
+    fan_in = math.prod(shape[i] for i, r in enumerate(jlora_roles) if r == "in")
+    fan_out = math.prod(shape[i] for i, r in enumerate(jlora_roles) if r == "out")
+    if swap:
+        fan_in, fan_out = fan_out, fan_in
+    return (rank, fan_in), (fan_out, rank)
+
+
+def from_peft(
+    lora_a: np.ndarray,
+    lora_b: np.ndarray,
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    swap: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One stack slice of jlora's ``(A, B)`` (shapes without the stack axes) from PEFT factors."""
+    if swap:
+        return lora_b.reshape(a_shape), lora_a.reshape(b_shape)
+    return lora_a.T.reshape(a_shape), lora_b.T.reshape(b_shape)

@@ -1,0 +1,147 @@
+"""``export_peft``: writing a jlora adapter as a PEFT LoRA adapter directory."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora._atomic import atomic_write
+from jlora._config import LoraConfig
+from jlora._resolve import resolve_sites
+from jlora._tensorfile import encode
+from jlora.peft._convert import orientation, stack_indices, to_peft
+from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key
+from jlora.peft._mapping import PeftMapping
+
+
+def _module_names(name: str, template: str, shape: tuple[int, ...], roles: tuple[str, ...]):
+    indices = stack_indices(shape, roles)
+    stacked = indices != [()]
+    if stacked != ("{layer}" in template):
+        need = "holds a stack axis" if stacked else "has no stack axis"
+        raise ValueError(
+            f"kernel {name!r} {need} (roles {roles}), but its mapped module name {template!r} "
+            f"{'lacks' if stacked else 'has'} a '{{layer}}' placeholder; a stacked kernel maps to "
+            "one PyTorch module per layer, e.g. 'encoder.layer.{layer}.attention.self.query'"
+        )
+    if len(indices[0]) > 1:
+        raise ValueError(
+            f"kernel {name!r} has {len(indices[0])} stack axes (roles {roles}); PEFT export "
+            "supports one"
+        )
+    return [(idx, template.replace("{layer}", str(idx[0])) if idx else template) for idx in indices]
+
+
+def _most_common(values: list[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def export_peft(
+    path: str | os.PathLike[str], params: Any, config: LoraConfig, mapping: PeftMapping
+) -> list[str]:
+    """Writes the adapters of ``params`` as a PEFT LoRA adapter that ``PeftModel`` loads.
+
+    Each adapted kernel becomes PyTorch module ``mapping.module_for(path)`` with
+    ``lora_A = A`` as ``(r, in)`` and ``lora_B = B`` as ``(out, r)`` (N-d axes flattened in
+    kernel order; factors swapped for kernels stored ``(out, in)``), so that PEFT's
+    ``W + (lora_alpha/r)·lora_B@lora_A`` equals jlora's ``W + (alpha/r)·A@B`` exactly. Per-kernel
+    ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by exact module names.
+
+    Args:
+      path: output directory (created if missing); ``adapter_model.safetensors`` and
+        ``adapter_config.json`` are each written atomically.
+      params: an adapted tree (from :func:`jlora.init_lora`, trained).
+      config: its LoraConfig.
+      mapping: kernel paths to PyTorch module names (e.g. ``jlora.peft.LLAMA``).
+
+    Returns:
+      The PyTorch module names written, in tree order.
+
+    Raises:
+      ValueError: if ``params`` holds no adapters, a kernel is left unmapped by ``mapping``, two
+        kernels map to one module, or the mapping's layout cannot express a kernel's factors.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora, tempfile
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> p = jlora.init_lora(jax.random.key(0), {"fc": {"kernel": jnp.ones((4, 3))}}, cfg)
+      >>> export_peft(tempfile.mkdtemp(), p, cfg, jlora.peft.LLAMA)
+      ['fc']
+    """
+    adapted = resolve_sites(params, config)
+    if not adapted:
+        raise ValueError(
+            "export_peft: params hold no LoRA adapters; pass the tree returned by "
+            "jlora.init_lora (trained), not the base params"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    origin: dict[str, str] = {}
+    for item in adapted:
+        name = item.site.name
+        found = mapping.module_for(name)
+        if found is None:
+            raise ValueError(
+                f"export_peft: kernel {name!r} is adapted, but mapping {mapping.name!r} maps it "
+                "to no PyTorch module (no rule matches); add a ModuleRule for it, or leave it "
+                "out of LoraConfig.targets"
+            )
+        template, axes = found
+        shape = tuple(item.site.kernel.shape)
+        torch_roles = item.roles if axes is None else axes
+        if len(torch_roles) != len(shape):
+            raise ValueError(
+                f"export_peft: mapping {mapping.name!r} gives {name!r} axes {torch_roles}, but "
+                f"the kernel has shape {shape}; give one role per axis"
+            )
+        swap = orientation(name, item.roles, torch_roles)
+        embedding = re.fullmatch(config.embed_pattern, name) is not None
+        a = np.asarray(jax.device_get(item.site.a))
+        b = np.asarray(jax.device_get(item.site.b))
+        for index, module in _module_names(name, template, shape, item.roles):
+            if module in origin:
+                raise ValueError(
+                    f"export_peft: kernels {origin[module]!r} and {name!r} both map to module "
+                    f"{module!r}; each PyTorch module holds one adapter. Fix the mapping's rules"
+                )
+            origin[module] = name
+            lora_a, lora_b = to_peft(a, b, index, swap)
+            tensors[factor_key(module, "A", embedding)] = lora_a
+            tensors[factor_key(module, "B", embedding)] = lora_b
+            ranks[module] = item.rank
+            alphas[module] = config.alpha_for(name)
+
+    modules = list(origin)
+    r0 = _most_common([ranks[m] for m in modules])
+    alpha0 = _most_common([alphas[m] for m in modules])
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": mapping.task_type,
+        "r": r0,
+        "lora_alpha": alpha0,
+        "target_modules": modules,
+        "rank_pattern": {re.escape(m): ranks[m] for m in modules if ranks[m] != r0},
+        "alpha_pattern": {re.escape(m): alphas[m] for m in modules if alphas[m] != alpha0},
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": mapping.fan_in_fan_out,
+        "lora_dropout": config.dropout,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "use_dora": False,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "revision": None,
+    }
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, WEIGHTS_FILE), encode(tensors))
+    atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(peft_config, indent=2).encode())
+    return modules

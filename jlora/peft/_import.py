@@ -1,0 +1,243 @@
+"""``import_peft``: reading a PEFT LoRA adapter directory onto a JAX base tree.
+
+Everything is checked before anything is built: the config's options (DoRA, trained biases,
+``modules_to_save`` and other non-LoRA parts are refused, not dropped), every key (a key that
+is not a LoRA factor, or names a module the mapping gives no kernel for, is an error), every
+factor's rank against ``r`` / ``rank_pattern``, and every shape against the base kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from jlora._adapter_files import check_unadapted, place_adapters
+from jlora._axes import axis_roles
+from jlora._config import LoraConfig
+from jlora._paths import path_str
+from jlora._resolve import resolve_sites
+from jlora._tensorfile import decode
+from jlora.peft._convert import from_peft, orientation, peft_shapes, stack_indices
+from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key, parse_key, pattern_value
+from jlora.peft._mapping import PeftMapping
+
+# Options that add something a LoRA A/B pair cannot hold: refused, never silently dropped.
+_UNSUPPORTED = {
+    "use_dora": "DoRA magnitude vectors",
+    "lora_bias": "trained LoRA biases",
+    "modules_to_save": "fully trained modules (modules_to_save)",
+    "layer_replication": "layer replication",
+    "target_parameters": "adapters on bare parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens",
+}
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    where = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(where):
+        raise FileNotFoundError(f"no PEFT adapter at {path!r}: {CONFIG_FILE} is missing")
+    try:
+        with open(where, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where} is not valid JSON ({err}); the file is corrupted") from None
+    if isinstance(cfg, dict) and cfg.get("format") == "jlora-adapter":
+        raise ValueError(f"{path!r} is a jlora adapter, not a PEFT one; use jlora.load_adapter")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        found = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"{where}: expected peft_type 'LORA', found {found!r}")
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(
+                f"{where} sets {key}={cfg[key]!r}: {what}, which a jlora LoRA adapter cannot "
+                "hold. Re-train or re-save the adapter without it"
+            )
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(
+            f"{where} sets bias={cfg['bias']!r}: trained biases are not LoRA factors and jlora "
+            "does not import them; use an adapter trained with bias='none'"
+        )
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise ValueError(f"{where}: {key!r} must be a number; found {cfg.get(key)!r}")
+    return cfg
+
+
+def _read_factors(path: str) -> dict[str, dict[str, Any]]:
+    where = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(where):
+        pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        hint = (
+            " It holds adapter_model.bin, a pickle, which jlora never reads; re-save it with "
+            "save_pretrained(..., safe_serialization=True)"
+            if pickled
+            else ""
+        )
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path!r}.{hint}")
+    with open(where, "rb") as f:
+        tensors = decode(f.read(), where)
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        parsed = parse_key(key)
+        if parsed is None:
+            raise ValueError(
+                f"{where}: key {key!r} is not a LoRA factor (expected "
+                f"'base_model.model.<module>.lora_A.weight' / '.lora_B.weight' / "
+                "'.lora_embedding_A' / '.lora_embedding_B'); jlora imports LoRA factors only"
+            )
+        module, which, embedding = parsed
+        entry = modules.setdefault(module, {"embedding": embedding})
+        if value.ndim != 2:
+            raise ValueError(f"{where}: {key!r} has shape {value.shape}; LoRA factors are 2-D")
+        entry[which] = value
+    for module, entry in modules.items():
+        for which in ("A", "B"):
+            if which not in entry:
+                key = factor_key(module, which, entry["embedding"])
+                raise ValueError(f"{where}: {key!r} is missing; module {module!r} needs A and B")
+    return modules
+
+
+def import_peft(
+    path: str | os.PathLike[str], base_params: Any, mapping: PeftMapping
+) -> tuple[Any, LoraConfig]:
+    """Reads a PEFT LoRA adapter (``save_pretrained`` output) onto a JAX base tree.
+
+    The inverse of :func:`jlora.export_peft`: each module's ``lora_A`` ``(r, in)`` and
+    ``lora_B`` ``(out, r)`` become A and B beside the kernel that ``mapping`` maps to that
+    module, and a LoraConfig with PEFT's ``r``, ``lora_alpha``, per-kernel ranks and alphas
+    and ``use_rslora`` is built, so ``jlora.merge_params`` gives PEFT's merged weights.
+
+    Args:
+      path: the PEFT adapter directory.
+      base_params: the un-adapted JAX parameters of the model the adapter was trained on.
+      mapping: kernel paths to PyTorch module names (e.g. ``jlora.peft.BERT``).
+
+    Returns:
+      ``(params, config)``: the adapted tree and its LoraConfig (targets are the exact kernel
+      paths; the config can be saved with :func:`jlora.save_adapter`).
+
+    Raises:
+      FileNotFoundError: if the directory or a file is missing.
+      ValueError: for a corrupted file, unsupported PEFT options, a key that is not a LoRA
+        factor or names a module no base kernel maps to, a missing factor, a rank that differs
+        from the config's, or a shape that does not fit the base kernel.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora, tempfile
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jlora.export_peft(d, jlora.init_lora(jax.random.key(0), base, cfg), cfg,
+      ...                       jlora.peft.LLAMA)
+      >>> params, config = import_peft(d, base, jlora.peft.LLAMA)
+      >>> params["fc"]["kernel_lora_a"].shape, config.rank
+      ((4, 2), 2)
+    """
+    path = os.fspath(path)
+    cfg = _read_config(path)
+    modules = _read_factors(path)
+    check_unadapted(base_params)
+
+    roles_config = LoraConfig(axis_rules=mapping.axis_rules)
+    owners: dict[str, tuple[str, tuple[int, ...]]] = {}  # module -> (kernel path, stack index)
+    kernels: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...] | None]] = {}
+    for keypath, leaf in jax.tree.flatten_with_path(base_params)[0]:
+        shape = tuple(getattr(leaf, "shape", ()))
+        name = path_str(keypath)
+        found = mapping.module_for(name) if len(shape) >= 2 else None
+        if found is None:
+            continue
+        template, axes = found
+        if "{layer}" not in template:
+            owners[template] = (name, ())
+            kernels[name] = (shape, (), axes)
+            continue
+        roles = axes or axis_roles(name, shape, roles_config)
+        kernels[name] = (shape, roles, axes)
+        for index in stack_indices(shape, roles):
+            owners[template.replace("{layer}", str(index[0]))] = (name, index)
+
+    per_kernel: dict[str, dict[tuple[int, ...], str]] = {}
+    for module, entry in modules.items():
+        if module not in owners:
+            key = factor_key(module, "A", entry["embedding"])
+            known = ", ".join(sorted(owners)[:6]) or "none"
+            raise ValueError(
+                f"{path!r}: key {key!r} names module {module!r}, but mapping {mapping.name!r} "
+                f"maps no kernel of base_params to it (it maps e.g. {known}). Was the adapter "
+                "trained on another model, or does the mapping need another rule?"
+            )
+        kernel, index = owners[module]
+        per_kernel.setdefault(kernel, {})[index] = module
+
+    r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dtype = next(iter(modules.values()))["A"].dtype if modules else np.dtype(np.float32)
+    for kernel, slices in per_kernel.items():
+        shape, roles, axes = kernels[kernel]
+        roles = roles or axes or axis_roles(kernel, shape, roles_config)
+        swap = orientation(kernel, roles, axes or roles)
+        rank = alpha = None
+        for module in slices.values():
+            want_r = int(pattern_value(rank_pattern, module, r0))
+            got_r = modules[module]["A"].shape[0]
+            key = factor_key(module, "A", modules[module]["embedding"])
+            if got_r != want_r:
+                raise ValueError(
+                    f"{path!r}: {key!r} has rank {got_r}, but the adapter's config gives module "
+                    f"{module!r} rank {want_r} (r / rank_pattern); the files do not belong "
+                    "together"
+                )
+            if rank is not None and got_r != rank:
+                raise ValueError(
+                    f"{path!r}: the layers of stacked kernel {kernel!r} have ranks {rank} and "
+                    f"{got_r}; one jlora kernel holds one rank"
+                )
+            rank, alpha = got_r, float(pattern_value(alpha_pattern, module, alpha0))
+            want_a, want_b = peft_shapes(shape, roles, swap, got_r)
+            got = (modules[module]["A"].shape, modules[module]["B"].shape)
+            if got != (want_a, want_b):
+                raise ValueError(
+                    f"{path!r}: module {module!r} has lora_A {got[0]} and lora_B {got[1]}, but "
+                    f"kernel {kernel!r} of shape {shape} (roles {roles}) needs lora_A {want_a} "
+                    f"and lora_B {want_b} at rank {got_r}; was it trained on another model size?"
+                )
+        assert rank is not None and alpha is not None  # slices is never empty
+        stack = tuple(shape[i] for i, r in enumerate(roles) if r == "stack")
+        inner = tuple(s for s, r in zip(shape, roles, strict=True) if r != "stack")
+        inner_roles = tuple(r for r in roles if r != "stack")
+        a_shape = (*(s for s, r in zip(inner, inner_roles, strict=True) if r == "in"), rank)
+        b_shape = (rank, *(s for s, r in zip(inner, inner_roles, strict=True) if r == "out"))
+        a = np.zeros(stack + a_shape, dtype)  # layers PEFT left out get a zero update
+        b = np.zeros(stack + b_shape, dtype)
+        for index, module in slices.items():
+            m = modules[module]
+            a[index], b[index] = from_peft(m["A"], m["B"], a_shape, b_shape, swap)
+        factors[kernel] = (a, b)
+        ranks[kernel], alphas[kernel] = rank, alpha
+
+    if not factors:
+        raise ValueError(f"{path!r}: the adapter holds no LoRA factors")
+    config = LoraConfig(
+        rank=r0,
+        alpha=alpha0,
+        targets=tuple(re.escape(k) for k in factors),
+        rank_pattern={re.escape(k): r for k, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(k): a for k, a in alphas.items() if a != alpha0},
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        dtype=np.dtype(dtype).name,
+        dropout=float(cfg.get("lora_dropout") or 0.0),
+        axis_rules=mapping.axis_rules,
+    )
+    params = place_adapters(base_params, factors, f"PEFT adapter {path!r}")
+    resolve_sites(params, config)
+    return params, config
