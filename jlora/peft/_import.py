@@ -103,6 +103,17 @@ def _read_factors(path: str) -> dict[str, dict[str, Any]]:
     return modules
 
 
+def _roles(name: str, shape: tuple[int, ...], config: LoraConfig, mapping: PeftMapping):
+    try:
+        return axis_roles(name, shape, config)
+    except ValueError:
+        raise ValueError(
+            f"kernel {name!r} of shape {shape}: mapping {mapping.name!r} does not say which of its "
+            "axes are 'stack', 'in' and 'out', and jlora has no default for it. Give its "
+            "ModuleRule axes, e.g. ModuleRule(pattern, module, axes=('stack', 'in', 'out'))"
+        ) from None
+
+
 def import_peft(
     path: str | os.PathLike[str], base_params: Any, mapping: PeftMapping
 ) -> tuple[Any, LoraConfig]:
@@ -158,7 +169,7 @@ def import_peft(
             owners[template] = (name, ())
             kernels[name] = (shape, (), axes)
             continue
-        roles = axes or axis_roles(name, shape, roles_config)
+        roles = axes or _roles(name, shape, roles_config, mapping)
         kernels[name] = (shape, roles, axes)
         for index in stack_indices(shape, roles):
             owners[template.replace("{layer}", str(index[0]))] = (name, index)
@@ -184,7 +195,7 @@ def import_peft(
     dtype = next(iter(modules.values()))["A"].dtype if modules else np.dtype(np.float32)
     for kernel, slices in per_kernel.items():
         shape, roles, axes = kernels[kernel]
-        roles = roles or axes or axis_roles(kernel, shape, roles_config)
+        roles = roles or axes or _roles(kernel, shape, roles_config, mapping)
         swap = orientation(kernel, roles, axes or roles)
         rank = alpha = None
         for module in slices.values():
@@ -211,7 +222,8 @@ def import_peft(
                     f"kernel {kernel!r} of shape {shape} (roles {roles}) needs lora_A {want_a} "
                     f"and lora_B {want_b} at rank {got_r}; was it trained on another model size?"
                 )
-        assert rank is not None and alpha is not None  # slices is never empty
+        if rank is None or alpha is None:  # pragma: no cover - slices is never empty
+            raise RuntimeError(f"no modules for kernel {kernel!r}")
         stack = tuple(shape[i] for i, r in enumerate(roles) if r == "stack")
         inner = tuple(s for s, r in zip(shape, roles, strict=True) if r != "stack")
         inner_roles = tuple(r for r in roles if r != "stack")
