@@ -202,3 +202,125 @@ def test_peft_saved_adapter_imports(family, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(ours[key], value, err_msg=key)
+
+
+# ------------------------------------------- stacked N-d kernels on a hand-written model
+
+L, D, H, K, M = 3, 8, 2, 4, 6  # layers, width, heads, head dim, mlp width
+TOY_MAP = jlora.peft.PeftMapping(
+    "toy",
+    (
+        jlora.peft.ModuleRule(r"layers/(query|out)/kernel", r"layers.{layer}.\1"),
+        jlora.peft.ModuleRule(r"layers/mlp/kernel", "layers.{layer}.mlp", ("stack", "in", "out")),
+        jlora.peft.ModuleRule(r"head/kernel", "head", ("out", "in")),
+    ),
+)
+TOY_CFG = jlora.LoraConfig(
+    rank=3,
+    alpha=2.0,
+    rank_pattern={r"layers/out/kernel": 2},
+    alpha_pattern={r"head/kernel": 5.0},
+    axis_rules=TOY_MAP.axis_rules,
+)
+
+
+def _toy_base():
+    ks = jax.random.split(jax.random.key(3), 4)
+    return {
+        "layers": {
+            "query": {"kernel": jax.random.normal(ks[0], (L, D, H, K)) / 3},
+            "out": {"kernel": jax.random.normal(ks[1], (L, H, K, D)) / 3},
+            "mlp": {"kernel": jax.random.normal(ks[2], (L, D, M)) / 3},
+        },
+        "head": {"kernel": jax.random.normal(ks[3], (M, D)) / 3},  # stored (out, in)
+    }
+
+
+def _toy_apply(params, x):
+    p = params["layers"]
+    s = 0.0
+    for i in range(L):
+        q = jnp.tanh(jnp.einsum("btd,dhk->bthk", x, p["query"]["kernel"][i]))
+        x = x + jnp.einsum("bthk,hkd->btd", q, p["out"]["kernel"][i])
+        s = s + jnp.tanh(x @ p["mlp"]["kernel"][i])
+    return x @ params["head"]["kernel"].T + s
+
+
+class _ToyLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = torch.nn.Linear(D, H * K, bias=False)
+        self.out = torch.nn.Linear(H * K, D, bias=False)
+        self.mlp = torch.nn.Linear(D, M, bias=False)
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_ToyLayer() for _ in range(L)])
+        self.head = torch.nn.Linear(D, M, bias=False)
+        t = jax.tree.map(lambda x: torch.tensor(np.array(x)), base)
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                layer.query.weight.copy_(t["layers"]["query"]["kernel"][i].reshape(D, H * K).T)
+                layer.out.weight.copy_(t["layers"]["out"]["kernel"][i].reshape(H * K, D).T)
+                layer.mlp.weight.copy_(t["layers"]["mlp"]["kernel"][i].T)
+            self.head.weight.copy_(t["head"]["kernel"])
+
+    def forward(self, x):
+        s = 0.0
+        for layer in self.layers:
+            x = x + layer.out(torch.tanh(layer.query(x)))
+            s = s + torch.tanh(layer.mlp(x))
+        return self.head(x) + s
+
+
+@pytest.fixture(scope="module")
+def toy():
+    base = _toy_base()
+    x = jax.random.normal(jax.random.key(4), (2, 5, D))
+    model = _Toy(base).eval()
+    with torch.no_grad():
+        out = model(torch.tensor(np.array(x))).numpy()
+    np.testing.assert_allclose(out, _toy_apply(base, x), atol=TOL)
+    return base, x
+
+
+def _torch_out(model, x):
+    with torch.no_grad():
+        return model(torch.tensor(np.array(x))).numpy()
+
+
+def test_stacked_nd_adapter_loads_into_peft(toy, tmp_path):
+    base, x = toy
+    params = jlora.init_lora(jax.random.key(0), base, TOY_CFG)
+    params = jax.tree.map_with_path(
+        lambda p, v: (
+            jax.random.normal(jax.random.key(len(jlora.path_str(p))), v.shape) / 4
+            if jlora.is_adapter_path(p)
+            else v
+        ),
+        params,
+    )
+    jlora.export_peft(tmp_path, params, TOY_CFG, TOY_MAP)
+    model = peft.PeftModel.from_pretrained(_Toy(base).eval(), str(tmp_path))
+    got = _torch_out(model, x)
+    np.testing.assert_allclose(got, _toy_apply(jlora.merge_params(params, TOY_CFG), x), atol=TOL)
+    assert np.abs(got - _toy_apply(base, x)).max() > 1e-3
+
+
+def test_peft_adapter_imports_onto_stacked_nd_kernels(toy, tmp_path):
+    base, x = toy
+    lcfg = peft.LoraConfig(
+        r=3,
+        lora_alpha=4,
+        target_modules=["query", "out", "mlp", "head"],
+        init_lora_weights=False,
+        rank_pattern={"out": 2},
+    )
+    pm = peft.get_peft_model(_Toy(base).eval(), lcfg).eval()
+    pm.save_pretrained(str(tmp_path))
+    params, cfg = jlora.import_peft(tmp_path, base, TOY_MAP)
+    got = _toy_apply(jlora.merge_params(params, cfg), x)
+    np.testing.assert_allclose(got, _torch_out(pm, x), atol=TOL)
+    assert np.abs(got - _toy_apply(base, x)).max() > 1e-3
