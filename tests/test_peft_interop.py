@@ -129,7 +129,7 @@ def _config(fam):
 
 def _train(fam, cfg, steps=4):
     base = fam.flax.params
-    lora, _ = jlora.split(jlora.init_lora(jax.random.key(0), base, cfg))
+    lora, _ = jlora.split(jax.jit(jlora.init_lora, static_argnums=2)(jax.random.key(0), base, cfg))
     ids = jnp.asarray(IDS)
     tx = optax.adam(5e-2)
 
@@ -225,17 +225,16 @@ TOY_CFG = jlora.LoraConfig(
 
 
 def _toy_base():
-    ks = jax.random.split(jax.random.key(3), 4)
-    return {
-        "layers": {
-            "query": {"kernel": jax.random.normal(ks[0], (L, D, H, K)) / 3},
-            "out": {"kernel": jax.random.normal(ks[1], (L, H, K, D)) / 3},
-            "mlp": {"kernel": jax.random.normal(ks[2], (L, D, M)) / 3},
-        },
-        "head": {"kernel": jax.random.normal(ks[3], (M, D)) / 3},  # stored (out, in)
+    rng = np.random.default_rng(3)
+    shapes = {"query": (L, D, H, K), "out": (L, H, K, D), "mlp": (L, D, M)}
+    layers = {
+        k: {"kernel": jnp.asarray(rng.normal(size=v) / 3, jnp.float32)} for k, v in shapes.items()
     }
+    head = jnp.asarray(rng.normal(size=(M, D)) / 3, jnp.float32)  # stored (out, in)
+    return {"layers": layers, "head": {"kernel": head}}
 
 
+@jax.jit
 def _toy_apply(params, x):
     p = params["layers"]
     s = 0.0
@@ -278,7 +277,7 @@ class _Toy(torch.nn.Module):
 @pytest.fixture(scope="module")
 def toy():
     base = _toy_base()
-    x = jax.random.normal(jax.random.key(4), (2, 5, D))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, D)), jnp.float32)
     model = _Toy(base).eval()
     with torch.no_grad():
         out = model(torch.tensor(np.array(x))).numpy()
