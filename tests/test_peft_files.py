@@ -382,3 +382,24 @@ def test_import_kernel_without_axes(exported):
         ValueError, match=r"'layers/mlp/kernel' of shape \(3, 8, 6\): mapping 'no-axes'"
     ):
         jlora.import_peft(path, STACKED, NO_AXES_MAP)
+
+
+def test_transposed_kernel_with_default_roles_swaps_factors(tmp_path):
+    """A (out, in) kernel adapted with jlora's default (in, out) roles still exports exactly."""
+    cfg = jlora.LoraConfig(rank=2, alpha=3.0)  # no axis rule: jlora sees head as (in, out)
+    base = {"head": {"kernel": jnp.ones((6, 8))}}
+    p = _random(jlora.init_lora(jax.random.key(0), base, cfg))
+    mapping = PeftMapping("t", (ModuleRule("head/kernel", "head", ("out", "in")),))
+    jlora.export_peft(tmp_path, p, cfg, mapping)
+    tensors = decode((tmp_path / "adapter_model.safetensors").read_bytes(), "x")
+    lora_a = tensors["base_model.model.head.lora_A.weight"]
+    lora_b = tensors["base_model.model.head.lora_B.weight"]
+    assert lora_a.shape == (2, 8) and lora_b.shape == (6, 2)
+    delta = _dense_delta(jlora.merge_params(p, cfg), base)["head"]["kernel"]
+    np.testing.assert_allclose(lora_b @ lora_a * 1.5, delta, rtol=1e-5, atol=1e-6)
+    params, config = jlora.import_peft(tmp_path, base, mapping)  # back with the mapping's roles
+    np.testing.assert_allclose(
+        jlora.merge_params(params, config)["head"]["kernel"],
+        jlora.merge_params(p, cfg)["head"]["kernel"],
+        rtol=1e-6,
+    )

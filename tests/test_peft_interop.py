@@ -323,3 +323,22 @@ def test_peft_adapter_imports_onto_stacked_nd_kernels(toy, tmp_path):
     got = _toy_apply(jlora.merge_params(params, cfg), x)
     np.testing.assert_allclose(got, _torch_out(pm, x), atol=TOL)
     assert np.abs(got - _toy_apply(base, x)).max() > 1e-3
+
+
+def test_gpt2_adapter_with_default_roles_loads_into_peft(tmp_path):
+    """Flax GPT-2 kernels are (out, in); adapted with jlora's default roles, A and B swap."""
+    fam = _build("gpt2")
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*/c_attn/kernel")  # no axis_rules
+    params = jax.jit(jlora.init_lora, static_argnums=2)(jax.random.key(0), fam.flax.params, cfg)
+    rng = np.random.default_rng(5)
+    params = jax.tree.map_with_path(
+        lambda p, v: (
+            jnp.asarray(rng.normal(size=v.shape) / 4, v.dtype) if jlora.is_adapter_path(p) else v
+        ),
+        params,
+    )
+    jlora.export_peft(tmp_path, params, cfg, fam.mapping)
+    model = peft.PeftModel.from_pretrained(fam.fresh_torch(), str(tmp_path))
+    got = fam.torch_logits(model)
+    np.testing.assert_allclose(got, fam.flax_logits(jlora.merge_params(params, cfg)), atol=TOL)
+    assert np.abs(got - fam.torch_logits(fam.torch)).max() > 1e-3
