@@ -89,8 +89,8 @@ class TrainSection:
       keep_checkpoints: how many recent checkpoints to keep.
       log_every: write a training-loss line to ``metrics.jsonl`` every this many steps.
       seed: seeds adapter init, data order and sampling; the run is deterministic given it.
-      train_step: ``"merge"`` (``W + s·A·B`` formed inside the loss) or ``"factorised"``
-        (``x·W + s·(x·A)·B`` through ``jlora.lora``, when that exists).
+      train_step: ``"factorised"`` (``x·W + s·(x·A)·B`` through ``jlora.lora``; no W-sized
+        weight or gradient) or ``"merge"`` (``W + s·A·B`` formed inside the loss).
       progress: show a tqdm progress bar.
     """
 
@@ -105,7 +105,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
-    train_step: str = "merge"
+    train_step: str = "factorised"
     progress: bool = True
 
 

@@ -43,9 +43,15 @@ def weights_path(spec: str) -> str:
     return path
 
 
-@functools.partial(jax.jit, static_argnames=("model", "start", "steps"))
+@functools.partial(jax.jit, static_argnames=("model", "steps"))
 def _sample(
-    model: Llama, params: Any, buf: jax.Array, start: int, steps: int, key: jax.Array, temp: float
+    model: Llama,
+    params: Any,
+    buf: jax.Array,
+    start: jax.Array,
+    steps: int,
+    key: jax.Array,
+    temp: jax.Array,
 ) -> jax.Array:
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         buf, key = carry
@@ -77,7 +83,15 @@ class LanguageModelTask:
             )
         train, val = split_tokens(encode(load_text(config.data.source)), config.data.val_fraction)
         self.batches = LMBatches(train, seq, batch, config.train.seed)
-        self.val = eval_windows(val, seq, config.train.eval_batches * batch)
+        windows = eval_windows(val, seq, config.train.eval_batches * batch)
+        # Whole batches only, so evaluation compiles once (at least one batch, padded by reuse).
+        self.val = np.resize(windows, (max(len(windows) // batch, 1) * batch, seq + 1))
+        model = self.model
+
+        def eval_loss(params: Any, batch: jax.Array) -> jax.Array:
+            return lm_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+
+        self._eval_loss = jax.jit(eval_loss)
         self.units_per_batch = batch * seq
 
     def loss(self, params: Any, extra: Any, batch: jax.Array) -> jax.Array:
@@ -91,13 +105,10 @@ class LanguageModelTask:
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         """Validation loss (nats per byte) over the held-out windows."""
-        fn = jax.jit(self.loss)
         bs = self.config.train.batch_size
-        losses = [
-            float(fn(params, extra, self.val[i : i + bs])) for i in range(0, len(self.val), bs)
-        ]
-        sizes = [len(self.val[i : i + bs]) for i in range(0, len(self.val), bs)]
-        return {"eval_loss": float(np.average(losses, weights=sizes))}
+        chunks = range(0, len(self.val), bs)
+        losses = [float(self._eval_loss(params, self.val[i : i + bs])) for i in chunks]
+        return {"eval_loss": float(np.mean(losses))}
 
     def generate(
         self, params: Any, prompt: str, max_new_tokens: int, temperature: float, seed: int
@@ -113,7 +124,8 @@ class LanguageModelTask:
         steps = min(max_new_tokens, room)
         buf = jnp.zeros(self.model_config.max_len, jnp.int32).at[: len(tokens)].set(tokens)
         key = jax.random.key(seed)
-        out = _sample(self.model, params, buf, len(tokens), steps, key, float(temperature))
+        start, temp = jnp.int32(len(tokens)), jnp.float32(temperature)
+        out = _sample(self.model, params, buf, start, steps, key, temp)
         return decode(np.asarray(out[: len(tokens) + steps]))
 
     def show(self, params: Any, extra: Any) -> dict[str, Any]:

@@ -43,6 +43,14 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
     )
 
 
+def _factorised_lora() -> Any:
+    try:  # the factorised path, before jlora/__init__.py exports it
+        from jlora._factorised import lora
+    except ImportError:
+        return None
+    return lora
+
+
 def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
     """``loss(trainable, base, batch)`` with the adapters applied as ``mode`` says.
 
@@ -50,7 +58,7 @@ def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
     ``"factorised"`` runs the model through ``jlora.lora`` (``x·W + s·(x·A)·B``).
     """
     if mode == "factorised":
-        lora_fn = getattr(jlora, "lora", None)
+        lora_fn = getattr(jlora, "lora", None) or _factorised_lora()
         if lora_fn is None:
             raise ValueError(
                 "train.train_step='factorised' needs jlora.lora, which this jlora does not have; "
@@ -58,8 +66,8 @@ def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
             )
 
         def factorised(trainable: Any, base: Any, batch: Any) -> jax.Array:
-            run = lora_fn(lambda p: task.loss(p, trainable["extra"], batch), cfg)
-            return run(jlora.combine(trainable["lora"], base))
+            run = lora_fn(task.loss, cfg)
+            return run(jlora.combine(trainable["lora"], base), trainable["extra"], batch)
 
         return factorised
 
@@ -131,7 +139,10 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
                 f"{ckpt_dir!r}). Lower train.learning_rate and re-run the same command to resume"
             )
         window.append(loss)
-        units += task.units_per_batch
+        if step == start + 1:  # throughput excludes the first step's compilation
+            tic, units = time.perf_counter(), 0
+        else:
+            units += task.units_per_batch
         rate = units / max(time.perf_counter() - tic, 1e-9)
         bar.set_postfix(loss=f"{loss:.3f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
         bar.update(1)
