@@ -20,12 +20,14 @@ from jlora._merge import merge_params, unmerge_params
 from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
+from jlora._sharding import adapter_specs, lora_shardings
 from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
     "LoraConfig",
     "Restored",
+    "adapter_specs",
     "axis_roles",
     "checkpoint_steps",
     "combine",
@@ -37,6 +39,7 @@ __all__ = [
     "lora",
     "lora_labels",
     "lora_optimizer",
+    "lora_shardings",
     "merge_params",
     "path_str",
     "restore_checkpoint",

@@ -13,6 +13,7 @@ from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._layout import adapter_keys, adapter_shapes, axes_of
 from jlora._paths import KeyPath, path_seed, path_str
+from jlora._sharding import constrain, derive_adapter_specs
 from jlora._targets import select_kernels
 from jlora._tree import rebuild
 
@@ -56,7 +57,7 @@ def _factors(
     return a, jnp.zeros(b_shape, dtype)
 
 
-def init_lora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
+def init_lora(key: jax.Array, params: Any, config: LoraConfig, *, shardings: Any = None) -> Any:
     """Adds LoRA factors A and B beside every kernel that ``config`` selects.
 
     Each selected kernel ``W`` at ``.../k`` gets siblings ``k_lora_a`` (A) and ``k_lora_b`` (B),
@@ -70,6 +71,11 @@ def init_lora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
       params: a tree of nested dicts / ``FrozenDict`` holding the kernels (any other
         containers may sit above them).
       config: what to adapt and how.
+      shardings: optional tree like ``params`` of ``PartitionSpec`` / ``NamedSharding`` /
+        ``None``. Each A and B is then created already laid out by the spec derived from its
+        kernel's (see :func:`jlora.lora_shardings`); under ``jax.jit`` that means no host round
+        trip and no replicated copy. Bare ``PartitionSpec``s need an active mesh
+        (``jax.sharding.use_mesh``).
 
     Returns:
       A new tree: ``params`` with the adapter leaves added; no input leaf is changed.
@@ -87,6 +93,7 @@ def init_lora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
       >>> p["dense"]["kernel_lora_a"].shape, p["dense"]["kernel_lora_b"].shape
       ((4, 2), (2, 3))
     """
+    specs = {} if shardings is None else derive_adapter_specs(params, shardings, config)
     planned: dict[KeyPath, tuple[jax.Array, jax.Array]] = {}
     for path, leaf in select_kernels(params, config):
         name = path_str(path)
@@ -94,9 +101,9 @@ def init_lora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
         roles = axis_roles(name, shape, config)
         rank = config.rank_for(name)
         _check_rank(name, shape, roles, rank)
-        planned[tuple(path)] = _factors(
-            jax.random.fold_in(key, path_seed(path)), name, shape, roles, rank, config
-        )
+        a, b = _factors(jax.random.fold_in(key, path_seed(path)), name, shape, roles, rank, config)
+        spec_a, spec_b = specs.get(tuple(path), (None, None))
+        planned[tuple(path)] = constrain(a, spec_a), constrain(b, spec_b)
 
     done = set()
 

@@ -17,6 +17,7 @@ from jlora._config import LoraConfig
 from jlora._layout import adapter_keys, delta
 from jlora._paths import KeyPath
 from jlora._resolve import resolve_sites
+from jlora._sharding import constrain
 from jlora._tree import rebuild, sites_in
 
 # (kernel path, axis roles, scale, sharding to keep or None) per adapted kernel.
@@ -32,14 +33,6 @@ def _plan(params: Any, config: LoraConfig) -> _Plan:
     return tuple(plan)
 
 
-def _constrain(x: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
-    # Explicit mesh axes carry sharding in the type and are moved with `reshard`; Auto axes
-    # only accept a constraint.
-    if any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types):
-        return jax.sharding.reshard(x, sharding)
-    return jax.lax.with_sharding_constraint(x, sharding)
-
-
 @functools.partial(jax.jit, static_argnames=("plan", "sign", "keep_adapters"))
 def _fold(params: Any, plan: _Plan, sign: float, keep_adapters: bool) -> Any:
     table = {path: rest for path, *rest in plan}
@@ -53,7 +46,7 @@ def _fold(params: Any, plan: _Plan, sign: float, keep_adapters: bool) -> Any:
                 w.dtype
             )
             if sharding is not None:
-                new = _constrain(new, sharding)
+                new = constrain(new, sharding)
             items[site.key] = new
             if not keep_adapters:
                 for k in adapter_keys(site.key):
