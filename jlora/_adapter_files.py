@@ -150,6 +150,18 @@ def _read_manifest(path: str) -> dict[str, Any]:
     for key in ("weights", "lora_config", "adapters"):
         if key not in manifest:
             raise ValueError(f"{where} is missing the key {key!r}; the file is corrupted")
+    entries = manifest["adapters"]
+    fields = ("kernel", "kernel_shape", "a", "b")
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict)
+        and all(k in e for k in fields)
+        and all(isinstance(e[w], dict) and {"name", "shape", "dtype"} <= set(e[w]) for w in "ab")
+        for e in entries
+    ):
+        raise ValueError(
+            f"{where}: 'adapters' must be a list of entries with keys {fields}, A and B each "
+            "with 'name', 'shape' and 'dtype'; the file is corrupted"
+        )
     return manifest
 
 

@@ -258,6 +258,13 @@ def test_manifest_missing_key(saved):
         jlora.load_adapter(path, base)
 
 
+def test_manifest_malformed_entries(saved):
+    path, base = saved
+    _rewrite(path, lambda m: m["adapters"][0].pop("kernel_shape"))
+    with pytest.raises(ValueError, match="'adapters' must be a list of entries"):
+        jlora.load_adapter(path, base)
+
+
 def test_invalid_weights_name(saved):
     path, base = saved
     _rewrite(path, lambda m: m["weights"].update(file="../evil.safetensors"))

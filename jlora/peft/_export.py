@@ -20,7 +20,9 @@ from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key
 from jlora.peft._mapping import PeftMapping
 
 
-def _module_names(name: str, template: str, shape: tuple[int, ...], roles: tuple[str, ...]):
+def _module_names(
+    name: str, template: str, shape: tuple[int, ...], roles: tuple[str, ...]
+) -> list[tuple[tuple[int, ...], str]]:
     indices = stack_indices(shape, roles)
     stacked = indices != [()]
     if stacked != ("{layer}" in template):

@@ -103,7 +103,9 @@ def _read_factors(path: str) -> dict[str, dict[str, Any]]:
     return modules
 
 
-def _roles(name: str, shape: tuple[int, ...], config: LoraConfig, mapping: PeftMapping):
+def _roles(
+    name: str, shape: tuple[int, ...], config: LoraConfig, mapping: PeftMapping
+) -> tuple[str, ...]:
     try:
         return axis_roles(name, shape, config)
     except ValueError:
@@ -197,7 +199,7 @@ def import_peft(
         shape, roles, axes = kernels[kernel]
         roles = roles or axes or _roles(kernel, shape, roles_config, mapping)
         swap = orientation(kernel, roles, axes or roles)
-        rank = alpha = None
+        rank, alpha = 0, 0.0
         for module in slices.values():
             want_r = int(pattern_value(rank_pattern, module, r0))
             got_r = modules[module]["A"].shape[0]
@@ -208,7 +210,7 @@ def import_peft(
                     f"{module!r} rank {want_r} (r / rank_pattern); the files do not belong "
                     "together"
                 )
-            if rank is not None and got_r != rank:
+            if rank and got_r != rank:
                 raise ValueError(
                     f"{path!r}: the layers of stacked kernel {kernel!r} have ranks {rank} and "
                     f"{got_r}; one jlora kernel holds one rank"
@@ -222,8 +224,6 @@ def import_peft(
                     f"kernel {kernel!r} of shape {shape} (roles {roles}) needs lora_A {want_a} "
                     f"and lora_B {want_b} at rank {got_r}; was it trained on another model size?"
                 )
-        if rank is None or alpha is None:  # pragma: no cover - slices is never empty
-            raise RuntimeError(f"no modules for kernel {kernel!r}")
         stack = tuple(shape[i] for i, r in enumerate(roles) if r == "stack")
         inner = tuple(s for s, r in zip(shape, roles, strict=True) if r != "stack")
         inner_roles = tuple(r for r in roles if r != "stack")
