@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from jlora._atomic import atomic_write, fsync_dir
 from jlora._axes import axis_roles
@@ -33,6 +34,7 @@ from jlora._layout import adapter_keys, adapter_shapes
 from jlora._partition import is_adapter_path
 from jlora._paths import KeyPath, join_paths, path_str, some_paths
 from jlora._resolve import resolve_sites
+from jlora._sharding import adapter_specs
 from jlora._tensorfile import decode, encode
 from jlora._tree import rebuild
 
@@ -212,8 +214,10 @@ def _check_tensors(path: str, entries: list[dict[str, Any]], tensors: dict[str, 
 
 def _check_base(
     path: str, entries: list[dict[str, Any]], config: LoraConfig, base_params: Any
-) -> None:
+) -> dict[str, tuple[str, ...]]:
+    """Checks every entry against the base; returns each kernel's axis roles under ``config``."""
     base = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
+    roles: dict[str, tuple[str, ...]] = {}
     for entry in entries:
         kernel = entry["kernel"]
         if kernel not in base:
@@ -230,13 +234,15 @@ def _check_base(
                 "belongs to a model of another size"
             )
         rank = config.rank_for(kernel)
-        want = adapter_shapes(shape, axis_roles(kernel, shape, config), rank)
+        roles[kernel] = axis_roles(kernel, shape, config)
+        want = adapter_shapes(shape, roles[kernel], rank)
         got = (tuple(entry["a"]["shape"]), tuple(entry["b"]["shape"]))
         if got != want:
             raise ValueError(
                 f"adapter {path!r}: {kernel!r} has A {got[0]} and B {got[1]}, but its config "
                 f"(rank {rank}) expects A {want[0]} and B {want[1]}; the file is inconsistent"
             )
+    return roles
 
 
 def check_unadapted(base_params: Any) -> None:
@@ -253,8 +259,17 @@ def check_unadapted(base_params: Any) -> None:
         )
 
 
-def place_adapters(base_params: Any, factors: dict[str, tuple[Any, Any]], where: str) -> Any:
+def place_adapters(
+    base_params: Any,
+    factors: dict[str, tuple[Any, Any]],
+    roles: dict[str, tuple[str, ...]],
+    where: str,
+) -> Any:
     """A new tree: ``base_params`` with ``(A, B)`` beside each kernel named in ``factors``.
+
+    A kernel placed with a ``NamedSharding`` gets A and B sharded to match (its in / out axes'
+    mesh axes, the rank axis replicated: ``jlora.adapter_specs``); others go to the default
+    device.
 
     Raises:
       ValueError: if a named kernel is not held by a dict (adapters cannot sit beside it).
@@ -267,7 +282,13 @@ def place_adapters(base_params: Any, factors: dict[str, tuple[Any, Any]], where:
             if name not in factors or not isinstance(k, str):
                 continue
             a_key, b_key = adapter_keys(k)
-            items[a_key], items[b_key] = (jnp.asarray(x) for x in factors[name])
+            a, b = factors[name]
+            sharding = getattr(items[k], "sharding", None)
+            if isinstance(sharding, NamedSharding):
+                spec_a, spec_b = adapter_specs(sharding, roles[name], name)
+                items[a_key], items[b_key] = jax.device_put(a, spec_a), jax.device_put(b, spec_b)
+            else:
+                items[a_key], items[b_key] = jnp.asarray(a), jnp.asarray(b)
             placed.add(name)
         return items
 
@@ -323,10 +344,11 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, L
     _check_tensors(path, entries, tensors)
 
     check_unadapted(base_params)
-    _check_base(path, entries, config, base_params)
+    roles = _check_base(path, entries, config, base_params)
     params = place_adapters(
         base_params,
         {e["kernel"]: (tensors[e["a"]["name"]], tensors[e["b"]["name"]]) for e in entries},
+        roles,
         f"adapter {path!r}",
     )
     resolve_sites(params, config)

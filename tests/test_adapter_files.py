@@ -90,6 +90,29 @@ def test_bfloat16_adapters_and_list_containers(tmp_path):
     assert loaded["layers"][0]["kernel_lora_a"].dtype == jnp.bfloat16
 
 
+def test_adapters_follow_a_sharded_kernel(tmp_path):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh(
+        (1, 1), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2
+    )
+    cfg = jlora.LoraConfig(rank=2)
+    base = {"d": {"kernel": jnp.ones((4, 6))}}
+    jlora.save_adapter(tmp_path, _trained(base, cfg), cfg)
+    sharded = {
+        "d": {
+            "kernel": jax.device_put(
+                base["d"]["kernel"], NamedSharding(mesh, PartitionSpec("data", "model"))
+            )
+        }
+    }
+    loaded, _ = jlora.load_adapter(tmp_path, sharded)
+    assert loaded["d"]["kernel_lora_a"].sharding == NamedSharding(mesh, PartitionSpec("data", None))
+    assert loaded["d"]["kernel_lora_b"].sharding == NamedSharding(
+        mesh, PartitionSpec(None, "model")
+    )
+
+
 def test_base_is_untouched(tmp_path):
     base, _ = _base()
     before = jax.tree.map(np.array, base)

@@ -403,3 +403,18 @@ def test_transposed_kernel_with_default_roles_swaps_factors(tmp_path):
         jlora.merge_params(p, cfg)["head"]["kernel"],
         rtol=1e-6,
     )
+
+
+def test_import_shards_adapters_like_their_kernel(exported):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    path, _, _ = exported
+    mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = NamedSharding(mesh, PartitionSpec(None, None, "model", None))
+    base = jax.tree.map(lambda x: x, STACKED)
+    base["layers"]["attn"]["query"]["kernel"] = jax.device_put(
+        STACKED["layers"]["attn"]["query"]["kernel"], spec
+    )
+    params, _ = jlora.import_peft(path, base, STACKED_MAP)
+    b = params["layers"]["attn"]["query"]["kernel_lora_b"]
+    assert b.sharding == NamedSharding(mesh, PartitionSpec(None, None, "model", None))

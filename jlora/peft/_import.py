@@ -192,6 +192,7 @@ def import_peft(
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    kernel_roles: dict[str, tuple[str, ...]] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dtype = next(iter(modules.values()))["A"].dtype if modules else np.dtype(np.float32)
@@ -235,6 +236,7 @@ def import_peft(
             m = modules[module]
             a[index], b[index] = from_peft(m["A"], m["B"], a_shape, b_shape, swap)
         factors[kernel] = (a, b)
+        kernel_roles[kernel] = roles
         ranks[kernel], alphas[kernel] = rank, alpha
 
     if not factors:
@@ -250,6 +252,6 @@ def import_peft(
         dropout=float(cfg.get("lora_dropout") or 0.0),
         axis_rules=mapping.axis_rules,
     )
-    params = place_adapters(base_params, factors, f"PEFT adapter {path!r}")
+    params = place_adapters(base_params, factors, kernel_roles, f"PEFT adapter {path!r}")
     resolve_sites(params, config)
     return params, config
