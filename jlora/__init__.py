@@ -16,6 +16,7 @@ from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, sa
 from jlora._config import LoraConfig
 from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
+from jlora._loraplus import loraplus_labels
 from jlora._merge import merge_params, unmerge_params
 from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
@@ -40,6 +41,7 @@ __all__ = [
     "lora_labels",
     "lora_optimizer",
     "lora_shardings",
+    "loraplus_labels",
     "merge_params",
     "path_str",
     "restore_checkpoint",
