@@ -342,3 +342,73 @@ def test_gpt2_adapter_with_default_roles_loads_into_peft(tmp_path):
     got = fam.torch_logits(model)
     np.testing.assert_allclose(got, fam.flax_logits(jlora.merge_params(params, cfg)), atol=TOL)
     assert np.abs(got - fam.torch_logits(fam.torch)).max() > 1e-3
+
+
+# ------------------------------------------- jlora's own BERT (all-MiniLM-L6-v2) <-> BertModel
+
+
+def test_builtin_bert_adapter_serves_from_pytorch_both_ways(tmp_path):
+    bert = pytest.importorskip("jlora.models.bert")
+    hf_cfg = transformers.BertConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=40,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(hf_cfg, add_pooling_layer=False).save_pretrained(tmp_path / "base")
+
+    def torch_base():
+        return transformers.BertModel.from_pretrained(
+            tmp_path / "base", add_pooling_layer=False
+        ).eval()
+
+    base, cfg = bert.load_bert(str(tmp_path / "base"))  # the runner's torch-free loader
+    ids = IDS
+    mask = np.ones_like(ids)
+    mask[1, -2:] = 0
+
+    def jax_out(params):
+        return np.asarray(bert.Bert(cfg).apply({"params": params}, jnp.asarray(ids), mask))
+
+    def torch_out(model):
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+        return out.last_hidden_state.numpy()
+
+    np.testing.assert_allclose(jax_out(base), torch_out(torch_base()), atol=TOL)
+    mapping = jlora.peft.BUILTIN_BERT
+
+    # JAX -> PEFT
+    lcfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=r"layer_\d+/attention/(query|value|out)/kernel|layer_\d+/output/kernel"
+        r"|word_embeddings/embedding",
+    )
+    params = jax.jit(jlora.init_lora, static_argnums=2)(jax.random.key(0), base, lcfg)
+    rng = np.random.default_rng(6)
+    params = jax.tree.map_with_path(
+        lambda p, v: (
+            jnp.asarray(rng.normal(size=v.shape) / 4, v.dtype) if jlora.is_adapter_path(p) else v
+        ),
+        params,
+    )
+    jlora.export_peft(tmp_path / "jax", params, lcfg, mapping)
+    served = peft.PeftModel.from_pretrained(torch_base(), str(tmp_path / "jax"))
+    got = torch_out(served)
+    np.testing.assert_allclose(got, jax_out(jlora.merge_params(params, lcfg)), atol=TOL)
+    assert np.abs(got - jax_out(base)).max() > 1e-3
+
+    # PEFT -> JAX
+    pcfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["query", "value", "dense"], init_lora_weights=False
+    )
+    pm = peft.get_peft_model(torch_base(), pcfg).eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    imported, icfg = jlora.import_peft(tmp_path / "peft", base, mapping)
+    got = jax_out(jlora.merge_params(imported, icfg))
+    np.testing.assert_allclose(got, torch_out(pm), atol=TOL)
+    assert np.abs(got - jax_out(base)).max() > 1e-3

@@ -10,12 +10,14 @@ Example:
   >>> params, config = jlora.peft.import_peft(d, base, LLAMA)
 """
 
+from jlora.peft._builtin import BUILTIN_BERT
 from jlora.peft._export import export_peft
 from jlora.peft._import import import_peft
 from jlora.peft._mapping import BERT, GPT2, LLAMA, ModuleRule, PeftMapping, hf_mapping
 
 __all__ = [
     "BERT",
+    "BUILTIN_BERT",
     "GPT2",
     "LLAMA",
     "ModuleRule",

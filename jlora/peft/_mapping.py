@@ -111,6 +111,22 @@ class PeftMapping:
                 return module, rule.axes
         return None
 
+    def with_prefix(self, prefix: str) -> PeftMapping:
+        """The same mapping with ``prefix`` put before every module name.
+
+        For a PyTorch model that wraps the mapped one, e.g. ``BertForSequenceClassification``
+        holding a ``BertModel`` as ``bert``.
+
+        Example:
+          >>> LLAMA.with_prefix("model.").module_for("fc/kernel")
+          ('model.fc', None)
+        """
+        rules = tuple(
+            dataclasses.replace(r, module=prefix.replace("\\", "\\\\") + r.module)
+            for r in self.rules
+        )
+        return dataclasses.replace(self, name=f"{prefix}{self.name}", rules=rules)
+
     @property
     def axis_rules(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """``LoraConfig.axis_rules`` that make jlora factorise kernels as PEFT does.
