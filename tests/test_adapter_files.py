@@ -397,3 +397,26 @@ def test_decode_rejects_garbage_and_unknown_dtype():
 
 def test_module_constants():
     assert _adapter_files.CONFIG_FILE == "adapter_config.json"
+
+
+def test_every_config_field_round_trips(tmp_path):
+    cfg = jlora.LoraConfig(
+        rank=3,
+        alpha=5.0,
+        targets=[r"a/kernel", r"b/kernel"],
+        exclude=r"c/.*",
+        rank_pattern={"b/kernel": 1},
+        alpha_pattern={"a/kernel": 2.0},
+        use_rslora=True,
+        init="gaussian",
+        dtype="bfloat16",
+        dropout=0.1,
+        axis_rules=[("b/kernel", ("stack", "out", "in"))],
+    )
+    base = {"a": {"kernel": jnp.ones((4, 5))}, "b": {"kernel": jnp.ones((2, 3, 4))}}
+    p = _trained(base, cfg)
+    jlora.save_adapter(tmp_path, p, cfg)
+    loaded, got = jlora.load_adapter(tmp_path, base)
+    assert got == cfg
+    _same(loaded, p)
+    _same(jlora.merge_params(loaded, got), jlora.merge_params(p, cfg))
