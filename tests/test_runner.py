@@ -1,6 +1,5 @@
 """The `jlora finetune` runner end to end: outputs, subcommands, kill-and-resume, determinism."""
 
-import dataclasses
 import json
 import os
 import signal
@@ -10,51 +9,26 @@ import time
 
 import numpy as np
 import pytest
+from runner_helpers import DEFAULT, ROOT, tiny_overrides, write_tiny_weights
 
 from jlora.cli import main
-from jlora.models.llama import LlamaConfig, init_params
-from jlora.models.weights import save_params
 from jlora.runner.config import load_config
 from jlora.runner.loop import finetune
 from jlora.runner.rundir import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
-TINY = LlamaConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=64)
 STEPS = 10
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("w") / "tiny.safetensors")
-    meta = {"model": "llama", "config": json.dumps(dataclasses.asdict(TINY))}
-    save_params(path, init_params(TINY, seed=1), meta)
-    return path
-
-
-def tiny_overrides(run_dir, weights, steps=4, **extra):
-    kv = {
-        "run_dir": run_dir,
-        "model.weights": weights,
-        "data.seq_len": 32,
-        "train.steps": steps,
-        "train.batch_size": 4,
-        "train.eval_every": 2,
-        "train.eval_batches": 1,
-        "train.checkpoint_every": 2,
-        "train.log_every": 1,
-        "train.progress": False,
-        "generate.max_new_tokens": 8,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in kv.items()]
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors")
 
 
 def train_losses(run_dir):
     return {r["step"]: r["train_loss"] for r in read_metrics(str(run_dir)) if "train_loss" in r}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_weights):
     """An uninterrupted tiny run of STEPS steps (factorised train step), done in-process."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"

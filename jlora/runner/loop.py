@@ -90,9 +90,8 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         holding a different run.
       FloatingPointError: if the training loss becomes NaN or infinite (checkpoints kept).
     """
-    resuming = rundir.prepare_run_dir(config)
     run_dir, t = config.run_dir, config.train
-    task = make_task(config)
+    task = make_task(config)  # every input is checked before the run directory is touched
     cfg = lora_config(config)
     key = jax.random.key(t.seed)
     params = jlora.init_lora(jax.random.fold_in(key, 0), task.base, cfg)
@@ -100,6 +99,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     trainable = {"lora": lora, "extra": task.extra}
     tx = make_optimizer(config)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
+    resuming = rundir.prepare_run_dir(config)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     before_path = os.path.join(run_dir, "before.json")
     start = 0
