@@ -137,6 +137,11 @@ class LanguageModelTask:
         ]
         return {**self.evaluate(params, extra), "samples": samples}
 
+    def initial_extra(self, params: Any) -> dict[str, Any]:
+        """No head: an empty tree."""
+        del params
+        return {}
+
     def save_extra(self, run_dir: str, extra: Any) -> None:
         """Nothing to save: the language model trains adapters only."""
         del run_dir, extra

@@ -110,9 +110,11 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         log(f"resuming {run_dir} from the checkpoint of step {start}")
     else:
         rundir.rewind_metrics(run_dir, 0)
+        trainable = {"lora": lora, "extra": task.initial_extra(task.base)}
+        state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
     if not os.path.isfile(before_path):
         log("evaluating the base model ...")
-        rundir.write_json(before_path, task.show(task.base, task.extra))
+        rundir.write_json(before_path, task.show(task.base, state["trainable"]["extra"]))
     before = _read_json(before_path)
 
     loss_fn = make_loss(task, cfg, t.train_step)

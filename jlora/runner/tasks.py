@@ -34,6 +34,10 @@ class Task(Protocol):
         """What is reported before and after fine-tuning (scores, samples)."""
         ...
 
+    def initial_extra(self, params: Any) -> Any:
+        """The starting value of ``extra`` for a new run (e.g. a head fitted on ``params``)."""
+        ...
+
     def save_extra(self, run_dir: str, extra: Any) -> None:
         """Saves trainable non-adapter parameters (a head) into ``run_dir``."""
         ...
