@@ -18,6 +18,7 @@ from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._loraplus import loraplus_labels
 from jlora._merge import merge_params, unmerge_params
+from jlora._mesh import Collective, collectives, partition_specs
 from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
@@ -26,11 +27,13 @@ from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
+    "Collective",
     "LoraConfig",
     "Restored",
     "adapter_specs",
     "axis_roles",
     "checkpoint_steps",
+    "collectives",
     "combine",
     "export_peft",
     "import_peft",
@@ -43,6 +46,7 @@ __all__ = [
     "lora_shardings",
     "loraplus_labels",
     "merge_params",
+    "partition_specs",
     "path_str",
     "restore_checkpoint",
     "save_adapter",
