@@ -9,6 +9,7 @@ them: PEFT drops misnamed keys with only a warning, which would otherwise pass s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -64,6 +65,7 @@ class Family:
         return model
 
 
+@functools.cache  # one build per family for the whole module (PyTorch models are copied)
 def _build(name):
     T = transformers
     if name == "gpt2":
