@@ -109,3 +109,62 @@ def test_restore_like_mismatch(tmp_path):
         jlora.restore_checkpoint(tmp_path, {"d": {**lora["d"], "extra": jnp.ones(1)}})
     with pytest.raises(ValueError, match="holds 'd/kernel_lora_b', which `like` lacks"):
         jlora.restore_checkpoint(tmp_path, {"d": {"kernel_lora_a": lora["d"]["kernel_lora_a"]}})
+
+
+_SHARDED_SCRIPT = r"""
+import os, sys, tempfile
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jlora
+
+mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+mesh2 = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+cfg = jlora.LoraConfig(rank=2)
+base = {"d": {"kernel": jnp.arange(64.0).reshape(8, 8)}}
+specs = {"d": {"kernel": NamedSharding(mesh, P(None, "model"))}}
+base = jax.device_put(base, specs)
+params = jlora.init_lora(jax.random.key(0), base, cfg)
+params = jax.tree.map_with_path(lambda p, x: x + 1.0 if jlora.is_adapter_path(p) else x, params)
+lora, _ = jlora.split(params)
+lora = jax.device_put(lora, {"d": {"kernel_lora_a": NamedSharding(mesh, P()),
+                                   "kernel_lora_b": NamedSharding(mesh, P(None, "model"))}})
+tx = optax.adam(1e-2)
+state = {"lora": lora, "opt": tx.init(lora), "rng": jax.random.key(1)}
+d = tempfile.mkdtemp()
+jlora.save_checkpoint(d, 5, state, metadata={"pos": 3})
+
+# restore onto another mesh layout
+to = NamedSharding(mesh2, P("data", "model"))
+rep = NamedSharding(mesh2, P())
+like = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=to if x.ndim == 2 else rep), state
+)
+r = jlora.restore_checkpoint(d, like)
+b = r.state["lora"]["d"]["kernel_lora_b"]
+assert b.sharding == to, b.sharding
+np.testing.assert_array_equal(np.asarray(b), np.asarray(lora["d"]["kernel_lora_b"]))
+assert r.metadata == {"pos": 3}
+
+# jlora adapter files from and onto sharded trees
+jlora.save_adapter(os.path.join(d, "ad"), params, cfg)
+loaded, _ = jlora.load_adapter(os.path.join(d, "ad"), base)
+assert loaded["d"]["kernel_lora_b"].sharding == NamedSharding(mesh, P(None, "model"))
+np.testing.assert_array_equal(np.asarray(loaded["d"]["kernel_lora_b"]),
+                              np.asarray(params["d"]["kernel_lora_b"]))
+print("OK", len(jax.devices()))
+"""
+
+
+def test_sharded_state_on_four_devices(tmp_path):
+    """Sharded save, restore onto another mesh, and adapter files, in a 4-device process."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, "-W", "error", str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK 4" in out.stdout
