@@ -64,7 +64,11 @@ def _strip(
         for adapted in sites:
             found[(*prefix, *adapted.site.path)] = adapted
         stripped.append(split(arg)[1] if sites else arg)
-    return tuple(stripped[: len(args)]), dict(zip(kwargs, stripped[len(args) :])), found
+    return (
+        tuple(stripped[: len(args)]),
+        dict(zip(kwargs, stripped[len(args) :], strict=True)),
+        found,
+    )
 
 
 def lora(

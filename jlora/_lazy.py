@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jlora._layout import ROLES, axes_of, delta
 
 
-class Unsupported(Exception):  # noqa: N818 - internal signal, turned into a ValueError
+class Unsupported(Exception):
     """Raised by a rule that cannot keep an adapted kernel factorised; says why."""
 
 
