@@ -418,3 +418,20 @@ def test_import_shards_adapters_like_their_kernel(exported):
     params, _ = jlora.import_peft(path, base, STACKED_MAP)
     b = params["layers"]["attn"]["query"]["kernel_lora_b"]
     assert b.sharding == NamedSharding(mesh, PartitionSpec(None, None, "model", None))
+
+
+def test_import_per_layer_alpha_of_stacked_kernel_is_folded_into_b(exported):
+    path, p, _ = exported
+    _edit_config(path, alpha_pattern={r"layers\.1\.query": 6.0, "head": 5.0})  # 2x the default
+    params, cfg = jlora.import_peft(path, STACKED, STACKED_MAP)
+    got = _dense_delta(jlora.merge_params(params, cfg), STACKED)["layers"]["attn"]["query"]
+    want = _dense_delta(jlora.merge_params(p, STACKED_CFG), STACKED)["layers"]["attn"]["query"]
+    np.testing.assert_allclose(got["kernel"][0], want["kernel"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["kernel"][1], 2 * want["kernel"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_import_layer_placeholder_on_unstacked_kernel(small_peft):
+    path, base = small_peft
+    mapping = PeftMapping("m", (ModuleRule(r"(fc|other)/kernel", r"\1.{layer}"),))
+    with pytest.raises(ValueError, match=r"'fc/kernel' has no stack axis .* has a '\{layer\}'"):
+        jlora.import_peft(path, base, mapping)

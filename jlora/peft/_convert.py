@@ -76,3 +76,29 @@ def from_peft(
     if swap:
         return lora_b.reshape(a_shape), lora_a.reshape(b_shape)
     return lora_a.T.reshape(a_shape), lora_b.T.reshape(b_shape)
+
+
+def module_names(
+    name: str, template: str, shape: tuple[int, ...], roles: tuple[str, ...]
+) -> list[tuple[tuple[int, ...], str]]:
+    """``(stack index, module name)`` for every PyTorch module a kernel maps to.
+
+    Raises:
+      ValueError: if ``{layer}`` is in the module name but the kernel has no stack axis (or the
+        reverse), or the kernel has more than one stack axis.
+    """
+    indices = stack_indices(shape, roles)
+    stacked = indices != [()]
+    if stacked != ("{layer}" in template):
+        need = "holds a stack axis" if stacked else "has no stack axis"
+        raise ValueError(
+            f"kernel {name!r} {need} (roles {roles}), but its mapped module name {template!r} "
+            f"{'lacks' if stacked else 'has'} a '{{layer}}' placeholder; a stacked kernel maps to "
+            "one PyTorch module per layer, e.g. 'encoder.layer.{layer}.attention.self.query'"
+        )
+    if len(indices[0]) > 1:
+        raise ValueError(
+            f"kernel {name!r} has {len(indices[0])} stack axes (roles {roles}); PEFT files "
+            "support one"
+        )
+    return [(idx, template.replace("{layer}", str(idx[0])) if idx else template) for idx in indices]

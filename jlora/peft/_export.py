@@ -15,29 +15,9 @@ from jlora._atomic import atomic_write
 from jlora._config import LoraConfig
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import encode
-from jlora.peft._convert import orientation, stack_indices, to_peft
+from jlora.peft._convert import module_names, orientation, to_peft
 from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key
 from jlora.peft._mapping import PeftMapping
-
-
-def _module_names(
-    name: str, template: str, shape: tuple[int, ...], roles: tuple[str, ...]
-) -> list[tuple[tuple[int, ...], str]]:
-    indices = stack_indices(shape, roles)
-    stacked = indices != [()]
-    if stacked != ("{layer}" in template):
-        need = "holds a stack axis" if stacked else "has no stack axis"
-        raise ValueError(
-            f"kernel {name!r} {need} (roles {roles}), but its mapped module name {template!r} "
-            f"{'lacks' if stacked else 'has'} a '{{layer}}' placeholder; a stacked kernel maps to "
-            "one PyTorch module per layer, e.g. 'encoder.layer.{layer}.attention.self.query'"
-        )
-    if len(indices[0]) > 1:
-        raise ValueError(
-            f"kernel {name!r} has {len(indices[0])} stack axes (roles {roles}); PEFT export "
-            "supports one"
-        )
-    return [(idx, template.replace("{layer}", str(idx[0])) if idx else template) for idx in indices]
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -107,7 +87,7 @@ def export_peft(
         embedding = re.fullmatch(config.embed_pattern, name) is not None
         a = np.asarray(jax.device_get(item.site.a))
         b = np.asarray(jax.device_get(item.site.b))
-        for index, module in _module_names(name, template, shape, item.roles):
+        for index, module in module_names(name, template, shape, item.roles):
             if module in origin:
                 raise ValueError(
                     f"export_peft: kernels {origin[module]!r} and {name!r} both map to module "

@@ -22,7 +22,7 @@ from jlora._config import LoraConfig
 from jlora._paths import path_str
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import decode
-from jlora.peft._convert import from_peft, orientation, peft_shapes, stack_indices
+from jlora.peft._convert import from_peft, module_names, orientation, peft_shapes
 from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key, parse_key, pattern_value
 from jlora.peft._mapping import PeftMapping
 
@@ -173,8 +173,8 @@ def import_peft(
             continue
         roles = axes or _roles(name, shape, roles_config, mapping)
         kernels[name] = (shape, roles, axes)
-        for index in stack_indices(shape, roles):
-            owners[template.replace("{layer}", str(index[0]))] = (name, index)
+        for index, module in module_names(name, template, shape, roles):
+            owners[module] = (name, index)
 
     per_kernel: dict[str, dict[tuple[int, ...], str]] = {}
     for module, entry in modules.items():
@@ -201,6 +201,7 @@ def import_peft(
         roles = roles or axes or _roles(kernel, shape, roles_config, mapping)
         swap = orientation(kernel, roles, axes or roles)
         rank, alpha = 0, 0.0
+        slice_alpha: dict[str, float] = {}
         for module in slices.values():
             want_r = int(pattern_value(rank_pattern, module, r0))
             got_r = modules[module]["A"].shape[0]
@@ -216,7 +217,8 @@ def import_peft(
                     f"{path!r}: the layers of stacked kernel {kernel!r} have ranks {rank} and "
                     f"{got_r}; one jlora kernel holds one rank"
                 )
-            rank, alpha = got_r, float(pattern_value(alpha_pattern, module, alpha0))
+            slice_alpha[module] = float(pattern_value(alpha_pattern, module, alpha0))
+            rank, alpha = got_r, alpha or slice_alpha[module]
             want_a, want_b = peft_shapes(shape, roles, swap, got_r)
             got = (modules[module]["A"].shape, modules[module]["B"].shape)
             if got != (want_a, want_b):
@@ -235,6 +237,8 @@ def import_peft(
         for index, module in slices.items():
             m = modules[module]
             a[index], b[index] = from_peft(m["A"], m["B"], a_shape, b_shape, swap)
+            if slice_alpha[module] != alpha:  # one alpha per jlora kernel: fold the ratio into B
+                b[index] *= np.asarray(slice_alpha[module] / alpha, dtype)
         factors[kernel] = (a, b)
         kernel_roles[kernel] = roles
         ranks[kernel], alphas[kernel] = rank, alpha
