@@ -109,13 +109,16 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         rundir.rewind_metrics(run_dir, start)
         log(f"resuming {run_dir} from the checkpoint of step {start}")
     else:
-        rundir.rewind_metrics(run_dir, 0)
+        rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
         trainable = {"lora": lora, "extra": task.initial_extra(task.base)}
         state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
     if not os.path.isfile(before_path):
         log("evaluating the base model ...")
         rundir.write_json(before_path, task.show(task.base, state["trainable"]["extra"]))
     before = _read_json(before_path)
+    if start == 0:  # the base's scores start the eval curve
+        scores = {k: v for k, v in before.items() if isinstance(v, float)}
+        rundir.append_metrics(run_dir, {"step": 0, **scores})
 
     loss_fn = make_loss(task, cfg, t.train_step)
 

@@ -1,0 +1,46 @@
+"""Every example runs, on tiny settings, and shows LoRA doing its job."""
+
+import os
+import runpy
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def example(name):
+    return runpy.run_path(os.path.join(EXAMPLES, f"{name}.py"), run_name="example")["main"]
+
+
+def test_linen_finetune():
+    r = example("linen_finetune")(steps=30)
+    assert r["after"] < r["before"]
+
+
+def test_nnx_finetune():
+    r = example("nnx_finetune")(steps=30)
+    assert r["after"] < r["before"]
+
+
+def test_jax_mlp():
+    r = example("jax_mlp")(steps=30)
+    assert r["after"] < r["before"] and r["unchanged"]
+
+
+def test_merge_export(tmp_path):
+    r = example("merge_export")(steps=2, out=str(tmp_path))
+    assert r["gap"] < 1e-3
+    assert (tmp_path / "merged.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_article_1000x10000_rank_10():
+    r = example("lora_article")(steps=3)
+    assert r["trainable"] == 110_000  # 1000*10 + 10*10000: 1.1% of 10M
+    assert r["last"] < r["first"]
+
+
+@pytest.mark.parametrize("name", ["nnx_finetune", "jax_mlp", "merge_export", "lora_article"])
+def test_examples_document_how_to_run(name):
+    with open(os.path.join(EXAMPLES, f"{name}.py")) as f:
+        assert f"Run: python examples/{name}.py" in f.read()
