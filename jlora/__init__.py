@@ -11,14 +11,17 @@ Example:
 """
 
 from jlora._adapter_files import load_adapter, save_adapter
+from jlora._adapters import Adapter, add_adapter, delete_adapter, select_adapter
 from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
+from jlora._combination import combine_adapters
 from jlora._config import LoraConfig
 from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._loraplus import loraplus_labels
 from jlora._merge import merge_params, unmerge_params
 from jlora._mesh import Collective, collectives, partition_specs
+from jlora._mixed import mixed_batch
 from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
@@ -27,14 +30,18 @@ from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
+    "Adapter",
     "Collective",
     "LoraConfig",
     "Restored",
     "adapter_specs",
+    "add_adapter",
     "axis_roles",
     "checkpoint_steps",
     "collectives",
     "combine",
+    "combine_adapters",
+    "delete_adapter",
     "export_peft",
     "import_peft",
     "init_lora",
@@ -46,11 +53,13 @@ __all__ = [
     "lora_shardings",
     "loraplus_labels",
     "merge_params",
+    "mixed_batch",
     "partition_specs",
     "path_str",
     "restore_checkpoint",
     "save_adapter",
     "save_checkpoint",
+    "select_adapter",
     "split",
     "summary",
     "unmerge_params",

@@ -15,6 +15,11 @@ Design note (the one place this is decided):
       delta_W = scale * einsum(A, B over r), laid back in W's axis order.
 
   For a 2-D ``(in, out)`` Dense kernel this is the paper's ``W + s * A @ B``.
+* Several named adapters on one base never put a name into a key: each is its own ``lora``
+  tree (the adapter half of ``split``, with these same ``k_lora_a`` / ``k_lora_b`` keys) kept in
+  a mapping ``{name: Adapter}`` (``_adapters``); the active one is the one combined into the
+  params. So every function works on any of them unchanged, and a mixed batch stacks them along
+  a new leading axis of A and B.
 """
 
 from __future__ import annotations
