@@ -420,3 +420,46 @@ def test_every_config_field_round_trips(tmp_path):
     assert got == cfg
     _same(loaded, p)
     _same(jlora.merge_params(loaded, got), jlora.merge_params(p, cfg))
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from jlora._layout import adapter_shapes  # noqa: E402
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("in", "out"), ("stack", "in", "out"), ("in", "out", "out")]),
+            st.lists(st.integers(1, 4), min_size=3, max_size=3),
+            st.integers(1, 3),
+            st.sampled_from(["float32", "bfloat16", "float16"]),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_save_load_round_trip_is_exact(tmp_path_factory, kernels):
+    rng = np.random.default_rng(0)
+    base, params, rules, ranks = {}, {}, [], {}
+    for i, (roles, sizes, rank, dtype) in enumerate(kernels):
+        shape = tuple(sizes[: len(roles)])
+        base[f"k{i}"] = {"kernel": np.zeros(shape, np.float32)}
+        rules.append((f"k{i}/kernel", roles))
+        ranks[f"k{i}/kernel"] = rank
+        a_shape, b_shape = adapter_shapes(shape, roles, rank)
+        params[f"k{i}"] = {
+            "kernel": base[f"k{i}"]["kernel"],
+            "kernel_lora_a": jnp.asarray(rng.normal(size=a_shape), dtype),
+            "kernel_lora_b": jnp.asarray(rng.normal(size=b_shape), dtype),
+        }
+    cfg = jlora.LoraConfig(rank=1, rank_pattern=ranks, axis_rules=rules)
+    path = tmp_path_factory.mktemp("prop")
+    jlora.save_adapter(path, params, cfg)
+    loaded, got = jlora.load_adapter(path, base)
+    assert got == cfg
+    _same(loaded, params)

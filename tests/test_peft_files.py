@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora._layout import adapter_shapes
 from jlora._tensorfile import decode, encode
 from jlora.peft import ModuleRule, PeftMapping
 from jlora.peft._convert import orientation
@@ -435,3 +436,63 @@ def test_import_layer_placeholder_on_unstacked_kernel(small_peft):
     mapping = PeftMapping("m", (ModuleRule(r"(fc|other)/kernel", r"\1.{layer}"),))
     with pytest.raises(ValueError, match=r"'fc/kernel' has no stack axis .* has a '\{layer\}'"):
         jlora.import_peft(path, base, mapping)
+
+
+# ---------------------------------------------------------------- properties
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _kernels(draw):
+    """A tree of 1-3 kernels: 2-D, DenseGeneral-like 3-D, optionally stacked, with ranks."""
+    kernels, rules, ranks = {}, [], {}
+    for i in range(draw(st.integers(1, 3))):
+        n_in = draw(st.integers(1, 2))
+        n_out = draw(st.integers(1, 3 - n_in))
+        stacked = draw(st.booleans())
+        roles = ("stack",) * stacked + ("in",) * n_in + ("out",) * n_out
+        shape = tuple(draw(st.integers(1, 4)) for _ in roles)
+        kernels[f"k{i}"] = {"kernel": np.zeros(shape, np.float32)}
+        rules.append((f"k{i}/kernel", roles))
+        fan = min(
+            int(np.prod([s for s, r in zip(shape, roles, strict=True) if r == "in"])),
+            int(np.prod([s for s, r in zip(shape, roles, strict=True) if r == "out"])),
+        )
+        ranks[f"k{i}/kernel"] = draw(st.integers(1, fan))
+    return kernels, tuple(rules), ranks
+
+
+@settings(max_examples=20, deadline=None)
+@given(_kernels(), st.floats(0.5, 16.0), st.booleans())
+def test_export_import_round_trip_is_exact(tmp_path_factory, tree, alpha, rslora):
+    base, rules, ranks = tree
+    cfg = jlora.LoraConfig(
+        rank=1,
+        alpha=alpha,
+        rank_pattern=ranks,
+        use_rslora=rslora,
+        axis_rules=rules,
+        init="gaussian",
+    )
+    mapping = PeftMapping(  # axes as jlora's roles; import needs them for 3-D kernels
+        "prop",
+        tuple(
+            ModuleRule(p, p.replace("/kernel", "") + (".{layer}" if r[0] == "stack" else ""), r)
+            for p, r in rules
+        ),
+    )
+    rng = np.random.default_rng(0)
+    p = {}  # adapters drawn with numpy: no per-shape compilation
+    for key, leaf in base.items():
+        roles = dict(rules)[f"{key}/kernel"]
+        a_shape, b_shape = adapter_shapes(leaf["kernel"].shape, roles, ranks[f"{key}/kernel"])
+        a, b = rng.normal(size=a_shape), rng.normal(size=b_shape)
+        p[key] = {**leaf, "kernel_lora_a": np.float32(a), "kernel_lora_b": np.float32(b)}
+    path = tmp_path_factory.mktemp("prop")
+    jlora.export_peft(path, p, cfg, mapping)
+    params, got = jlora.import_peft(path, base, mapping)
+    _same(params, p)
+    for name in ranks:
+        assert got.scale_for(name) == pytest.approx(cfg.scale_for(name), rel=1e-12)
