@@ -25,6 +25,7 @@ from jlora._mixed import mixed_batch
 from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
+from jlora._pissa import init_pissa, pissa_to_lora
 from jlora._sharding import adapter_specs, lora_shardings
 from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
@@ -45,6 +46,7 @@ __all__ = [
     "export_peft",
     "import_peft",
     "init_lora",
+    "init_pissa",
     "is_adapter_path",
     "load_adapter",
     "lora",
@@ -56,6 +58,7 @@ __all__ = [
     "mixed_batch",
     "partition_specs",
     "path_str",
+    "pissa_to_lora",
     "restore_checkpoint",
     "save_adapter",
     "save_checkpoint",
