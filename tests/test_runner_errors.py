@@ -104,7 +104,9 @@ def test_data_too_short_and_bad_model_shapes(tmp_path, tiny_weights):
 
 def test_target_regex_matching_nothing_fails_before_the_run_dir_exists(tmp_path, tiny_weights):
     over = tiny_overrides(tmp_path / "r", tiny_weights, **{"lora.targets": "['.*/qkv/kernel']"})
-    with pytest.raises(ValueError, match=r"(?s)match no kernel; regexes are fullmatched .*layer_0/attn"):
+    with pytest.raises(
+        ValueError, match=r"(?s)match no kernel; regexes are fullmatched .*layer_0/attn"
+    ):
         finetune(load_config(DEFAULT, over))
     assert not (tmp_path / "r").exists()
 

@@ -178,4 +178,4 @@ def lm_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def init_params(config: LlamaConfig, seed: int = 0) -> dict[str, Any]:
     """Randomly initialised parameters (the ``"params"`` collection) for ``config``."""
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return Llama(config).init(jax.random.key(seed), tokens)["params"]
+    return jax.jit(Llama(config).init)(jax.random.key(seed), tokens)["params"]
