@@ -295,11 +295,35 @@ def test_import_truncated_weights(small_peft):
 
 def test_import_extra_key(small_peft):
     path, base = small_peft
-    _edit_tensors(
-        path, lambda t: t.update({"base_model.model.fc.base_layer.weight": t[next(iter(t))]})
-    )
-    with pytest.raises(ValueError, match=r"key 'base_model\.model\.fc\.base_layer\.weight' is not"):
+    _edit_tensors(path, lambda t: t.update({"base_model.model.fc.weight": t[next(iter(t))]}))
+    with pytest.raises(ValueError, match=r"key 'base_model\.model\.fc\.weight' is not a LoRA"):
         jlora.import_peft(path, base, jlora.peft.LLAMA)
+
+
+def test_import_refuses_base_weights_of_a_linear(small_peft):
+    path, base = small_peft
+    key = "base_model.model.fc.base_layer.weight"
+    _edit_tensors(path, lambda t: t.update({key: np.ones((3, 4), np.float32)}))
+    with pytest.raises(ValueError, match=r"fc\.base_layer\.weight' holds full base weights"):
+        jlora.import_peft(path, base, jlora.peft.LLAMA)
+
+
+def test_import_embedding_copy_must_be_the_base(tmp_path):
+    cfg = jlora.LoraConfig(rank=2, targets=r"emb/embedding")
+    base = {"emb": {"embedding": jnp.arange(15.0).reshape(5, 3)}}
+    p = _random(jlora.init_lora(jax.random.key(0), base, cfg))
+    jlora.export_peft(tmp_path, p, cfg, jlora.peft.LLAMA)
+    key = "base_model.model.emb.base_layer.weight"
+    _edit_tensors(
+        tmp_path, lambda t: t.update({key: np.arange(15.0, dtype=np.float32).reshape(5, 3)})
+    )
+    params, _ = jlora.import_peft(tmp_path, base, jlora.peft.LLAMA)  # the base's own copy: fine
+    _same(params, p)
+    _edit_tensors(tmp_path, lambda t: t.update({key: np.zeros((6, 3), np.float32)}))
+    with pytest.raises(
+        ValueError, match=r"copy of the embedding table 'emb/embedding' that differs"
+    ):
+        jlora.import_peft(tmp_path, base, jlora.peft.LLAMA)
 
 
 def test_import_factor_not_2d(small_peft):
@@ -352,7 +376,9 @@ def test_import_stacked_ranks_differ(exported):
             }
         ),
     )
-    with pytest.raises(ValueError, match="stacked kernel 'layers/attn/out/kernel' have ranks 1"):
+    with pytest.raises(
+        ValueError, match=r"stacked kernel 'layers/attn/out/kernel' have ranks (1 and 2|2 and 1)"
+    ):
         jlora.import_peft(path, STACKED, STACKED_MAP)
 
 

@@ -23,8 +23,17 @@ from jlora._paths import path_str
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import decode
 from jlora.peft._convert import from_peft, module_names, orientation, peft_shapes
-from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key, parse_key, pattern_value
+from jlora.peft._format import (
+    CONFIG_FILE,
+    PREFIX,
+    WEIGHTS_FILE,
+    factor_key,
+    parse_key,
+    pattern_value,
+)
 from jlora.peft._mapping import PeftMapping
+
+BASE_SUFFIX = ".base_layer.weight"
 
 # Options that add something a LoRA A/B pair cannot hold: refused, never silently dropped.
 _UNSUPPORTED = {
@@ -68,7 +77,7 @@ def _read_config(path: str) -> dict[str, Any]:
     return cfg
 
 
-def _read_factors(path: str) -> dict[str, dict[str, Any]]:
+def _read_factors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     where = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(where):
         pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
@@ -82,7 +91,11 @@ def _read_factors(path: str) -> dict[str, dict[str, Any]]:
     with open(where, "rb") as f:
         tensors = decode(f.read(), where)
     modules: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
+    base_copies: dict[str, np.ndarray] = {}  # PEFT's save_embedding_layers copies
+    for key, value in sorted(tensors.items()):  # file order is not meaningful
+        if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
+            base_copies[key[len(PREFIX) : -len(BASE_SUFFIX)]] = value
+            continue
         parsed = parse_key(key)
         if parsed is None:
             raise ValueError(
@@ -100,7 +113,35 @@ def _read_factors(path: str) -> dict[str, dict[str, Any]]:
             if which not in entry:
                 key = factor_key(module, which, entry["embedding"])
                 raise ValueError(f"{where}: {key!r} is missing; module {module!r} needs A and B")
-    return modules
+    return modules, base_copies
+
+
+def _check_base_copies(
+    path: str,
+    base_copies: dict[str, np.ndarray],
+    modules: dict[str, dict[str, Any]],
+    owners: dict[str, tuple[str, tuple[int, ...]]],
+    base: dict[str, Any],
+) -> None:
+    """Accepts PEFT's copies of adapted embedding tables only if they are the base's own."""
+    for module, value in base_copies.items():
+        key = PREFIX + module + BASE_SUFFIX
+        if module not in modules or not modules[module]["embedding"] or module not in owners:
+            raise ValueError(
+                f"{path!r}: key {key!r} holds full base weights, not LoRA factors; jlora imports "
+                "LoRA adapters only (PEFT writes these for adapted embeddings; any other module's "
+                "weights would be trained weights a LoRA adapter cannot hold)"
+            )
+        kernel = owners[module][0]
+        ours = np.asarray(base[kernel], np.float32)
+        theirs = value.astype(np.float32)
+        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-2, atol=1e-3):
+            raise ValueError(
+                f"{path!r}: key {key!r} is a copy of the embedding table {kernel!r} that differs "
+                f"from base_params' (shape {theirs.shape} vs {ours.shape}): the vocabulary was "
+                "resized or the table trained, which a LoRA adapter cannot hold. Import onto the "
+                "matching base, or save the adapter without that change"
+            )
 
 
 def _roles(
@@ -154,7 +195,7 @@ def import_peft(
     """
     path = os.fspath(path)
     cfg = _read_config(path)
-    modules = _read_factors(path)
+    modules, base_copies = _read_factors(path)
     check_unadapted(base_params)
 
     roles_config = LoraConfig(axis_rules=mapping.axis_rules)
@@ -188,6 +229,10 @@ def import_peft(
             )
         kernel, index = owners[module]
         per_kernel.setdefault(kernel, {})[index] = module
+
+    if base_copies:
+        leaves = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
+        _check_base_copies(path, base_copies, modules, owners, leaves)
 
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
