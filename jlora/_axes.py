@@ -60,8 +60,8 @@ def axis_roles(path: str, shape: Sequence[int], config: LoraConfig) -> tuple[str
                     "role per axis or narrow the regex"
                 )
             return tuple(roles)
-    roles = _default_roles(path, ndim)
-    if roles is None:
+    default = _default_roles(path, ndim)
+    if default is None:
         example = ("stack",) + ("in",) * (ndim - 2) + ("out",) if ndim > 2 else ("in", "out")
         raise ValueError(
             f"kernel {path!r} has shape {tuple(shape)}, and no axis rule says which of its "
@@ -69,4 +69,4 @@ def axis_roles(path: str, shape: Sequence[int], config: LoraConfig) -> tuple[str
             f"LoraConfig(axis_rules=[({re.escape(path)!r}, {example})]), or exclude it from "
             "targets"
         )
-    return roles
+    return default

@@ -7,7 +7,7 @@ import difflib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,11 @@ Selector = Union[str, Predicate]
 Selectors = Union[Selector, Sequence[Selector]]
 
 INITS = ("kaiming", "gaussian")
+
+
+def selectors(value: Selectors) -> tuple[Selector, ...]:
+    """A validated config's ``targets`` / ``exclude`` as the tuple it is stored as."""
+    return cast(tuple[Selector, ...], value)
 
 
 def _selectors(value: Any, field: str) -> tuple[Selector, ...]:
@@ -220,14 +225,14 @@ class LoraConfig:
           ValueError: if ``targets`` or ``exclude`` holds a Python predicate.
         """
         for field in ("targets", "exclude"):
-            if any(callable(s) for s in getattr(self, field)):
+            if any(callable(s) for s in selectors(getattr(self, field))):
                 raise ValueError(
                     f"LoraConfig.{field} holds a Python predicate, which cannot be saved as "
                     "JSON; express it as a regex to save this config"
                 )
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["targets"] = list(self.targets)
-        out["exclude"] = list(self.exclude)
+        out["targets"] = list(selectors(self.targets))
+        out["exclude"] = list(selectors(self.exclude))
         out["axis_rules"] = [[p, list(r)] for p, r in self.axis_rules]
         out["rank_pattern"] = dict(self.rank_pattern)
         out["alpha_pattern"] = dict(self.alpha_pattern)

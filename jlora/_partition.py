@@ -97,7 +97,7 @@ def _overlay(lora: Any, base: Any, path: KeyPath) -> Any:
                     f"combine: lora has {path_str(sub)!r}, which is neither an adapter leaf nor "
                     "in base; were these halves split from the same tree?"
                 )
-        return items if type(base) is dict else type(base)(items)
+        return items if type(base) is dict else type(base)(items)  # type: ignore[call-arg]
     lora_children, lora_def = jax.tree_util.tree_flatten_with_path(
         lora, is_leaf=lambda x: x is not lora
     )
@@ -109,7 +109,7 @@ def _overlay(lora: Any, base: Any, path: KeyPath) -> Any:
     base_children, base_def = jax.tree_util.tree_flatten_with_path(
         base, is_leaf=lambda x: x is not base
     )
-    if lora_def != base_def:
+    if str(lora_def) != str(base_def):
         raise ValueError(
             f"combine: at {path_str(path)!r} lora is {lora_def} but base is {base_def}; were "
             "these halves split from the same tree?"

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from jlora._config import LoraConfig, Selector
+from jlora._config import LoraConfig, Selector, selectors
 from jlora._layout import adapter_owner
 from jlora._paths import KeyPath, path_str, some_paths
 
@@ -52,7 +52,8 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
         if adapter_owner(getattr(path[-1], "key", None)) is not None:
             continue
         name = path_str(path)
-        if not _matches(config.targets, name, leaf) or _matches(config.exclude, name, leaf):
+        wanted = _matches(selectors(config.targets), name, leaf)
+        if not wanted or _matches(selectors(config.exclude), name, leaf):
             continue
         shape = getattr(leaf, "shape", None)
         if shape is None or len(shape) < 2:
@@ -64,7 +65,8 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
         chosen.append((path, leaf))
     if not chosen:
         raise ValueError(
-            f"LoraConfig targets {list(config.targets)} (exclude {list(config.exclude)}) match "
+            f"LoraConfig targets {list(selectors(config.targets))} (exclude "
+            f"{list(selectors(config.exclude))}) match "
             f"no kernel; regexes are fullmatched against paths such as:\n{some_paths(params)}"
         )
     return chosen

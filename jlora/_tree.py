@@ -22,7 +22,7 @@ DictHook = Callable[[KeyPath, dict[Any, Any]], dict[Any, Any]]
 
 
 def _remake(node: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
-    return items if type(node) is dict else type(node)(items)
+    return items if type(node) is dict else type(node)(items)  # type: ignore[call-arg]
 
 
 def rebuild(tree: Any, hook: DictHook, path: KeyPath = ()) -> Any:
