@@ -89,8 +89,8 @@ class Bert(nn.Module):
       >>> cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
       ...                  num_attention_heads=2, intermediate_size=32)
       >>> ids = jnp.ones((2, 5), jnp.int32)
-      >>> params = Bert(cfg).init(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
-      >>> Bert(cfg).apply({"params": params}, ids, jnp.ones_like(ids)).shape
+      >>> params = jax.jit(Bert(cfg).init)(jax.random.key(0), ids, jnp.ones_like(ids))["params"]
+      >>> jax.jit(Bert(cfg).apply)({"params": params}, ids, jnp.ones_like(ids)).shape
       (2, 5, 16)
     """
 

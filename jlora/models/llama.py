@@ -145,8 +145,8 @@ class Llama(nn.Module):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = Llama(LlamaConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=64))
-      >>> params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-      >>> model.apply({"params": params}, jnp.zeros((2, 8), jnp.int32)).shape
+      >>> params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+      >>> jax.jit(model.apply)({"params": params}, jnp.zeros((2, 8), jnp.int32)).shape
       (2, 8, 256)
     """
 
