@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora._paths import path_str
@@ -185,6 +186,8 @@ def restore_checkpoint(
         raise FileNotFoundError(
             f"restore_checkpoint: no checkpoint for step {step} in {where!r}; found steps {steps}"
         )
+    # Python / numpy scalars in `like` (counters, data positions) are restored as 0-d arrays.
+    like = jax.tree.map(lambda x: x if hasattr(x, "shape") else np.asarray(x), like)
     with _manager(directory) as manager:
         saved = manager.item_metadata(step)["state"]
         _check_like(f"step {step} of {where!r}", saved, like)

@@ -168,3 +168,9 @@ def test_sharded_state_on_four_devices(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 4" in out.stdout
+
+
+def test_python_scalars_in_state(tmp_path):
+    jlora.save_checkpoint(tmp_path, 1, {"w": jnp.ones(2), "position": 5, "lr": np.float32(0.5)})
+    r = jlora.restore_checkpoint(tmp_path, {"w": jnp.ones(2), "position": 0, "lr": np.float32(0)})
+    assert int(r.state["position"]) == 5 and float(r.state["lr"]) == 0.5
