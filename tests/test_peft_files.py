@@ -522,3 +522,29 @@ def test_export_import_round_trip_is_exact(tmp_path_factory, tree, alpha, rslora
     _same(params, p)
     for name in ranks:
         assert got.scale_for(name) == pytest.approx(cfg.scale_for(name), rel=1e-12)
+
+
+def test_export_to_new_directory_is_all_or_nothing(tmp_path, monkeypatch):
+    from jlora import _atomic
+
+    p, cfg, _ = _small()
+    real = _atomic.os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("adapter_config.json"):
+            raise OSError("simulated crash")
+        real(src, dst)
+
+    monkeypatch.setattr(_atomic.os, "replace", replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        jlora.export_peft(tmp_path / "new", p, cfg, jlora.peft.LLAMA)
+    monkeypatch.undo()
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []  # no half-written directory
+    jlora.export_peft(tmp_path / "new", p, cfg, jlora.peft.LLAMA)
+    jlora.export_peft(tmp_path / "new", p, cfg, jlora.peft.LLAMA)  # over an existing one
+    assert sorted(f.name for f in (tmp_path / "new").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]

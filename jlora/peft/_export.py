@@ -6,12 +6,14 @@ import collections
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
-from jlora._atomic import atomic_write
+from jlora._atomic import atomic_write, fsync_dir
 from jlora._config import LoraConfig
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import encode
@@ -36,8 +38,8 @@ def export_peft(
     ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by exact module names.
 
     Args:
-      path: output directory (created if missing); ``adapter_model.safetensors`` and
-        ``adapter_config.json`` are each written atomically.
+      path: output directory. A new one appears complete or not at all; over an existing one,
+        ``adapter_model.safetensors`` and ``adapter_config.json`` are each replaced atomically.
       params: an adapted tree (from :func:`jlora.init_lora`, trained).
       config: its LoraConfig.
       mapping: kernel paths to PyTorch module names (e.g. ``jlora.peft.LLAMA``).
@@ -122,8 +124,26 @@ def export_peft(
         "base_model_name_or_path": None,
         "revision": None,
     }
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, WEIGHTS_FILE), encode(tensors))
-    atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(peft_config, indent=2).encode())
+    _write(os.fspath(path), encode(tensors), json.dumps(peft_config, indent=2).encode())
     return modules
+
+
+def _write(path: str, weights: bytes, config: bytes) -> None:
+    # PEFT's file names are fixed, so a save over an existing adapter replaces the two files one
+    # at a time (each atomically). A new directory is built beside its final name and renamed
+    # into place: all or nothing.
+    if os.path.isdir(path):
+        atomic_write(os.path.join(path, WEIGHTS_FILE), weights)
+        atomic_write(os.path.join(path, CONFIG_FILE), config)
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        atomic_write(os.path.join(tmp, WEIGHTS_FILE), weights)
+        atomic_write(os.path.join(tmp, CONFIG_FILE), config)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
