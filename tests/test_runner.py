@@ -67,9 +67,12 @@ def test_kill_at_any_moment_then_rerun_resumes_with_identical_losses(
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "jlora.cli", "finetune", DEFAULT]
     cmd += tiny_overrides(run_dir, tiny_weights, STEPS)
+    # Both processes share a compilation cache: the resumed one skips recompiling.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     log = tmp_path / "killed.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         ckpts = run_dir / "checkpoints"
         deadline = time.monotonic() + 240
         # Kill as soon as step 4 is saved: the process is then training or writing step 6.
@@ -85,7 +88,7 @@ def test_kill_at_any_moment_then_rerun_resumes_with_identical_losses(
     torn.mkdir()
     (torn / "garbage").write_text("half a checkpoint")
 
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"resuming {run_dir} from the checkpoint of step {steps[-1]}" in done.stdout
     resumed, full = train_losses(run_dir), train_losses(finished_run)
