@@ -27,8 +27,8 @@ def format_results(results: dict[str, Any], run_dir: str, seconds: float | None 
     ]
     for key in sorted(k for k in after if isinstance(after[k], float)):
         lines.append(f"{key}: before {before[key]:.4f} -> after {after[key]:.4f}")
-    if "head_only" in results:
-        lines.append(f"accuracy with a trained head only (no LoRA): {results['head_only']:.4f}")
+    if "accuracy" in before:
+        lines.append("(before: a head trained alone on the frozen encoder; after: LoRA + head)")
     for i, (b, a) in enumerate(
         zip(before.get("samples", []), after.get("samples", []), strict=False)
     ):
