@@ -234,8 +234,12 @@ def memory(fn: Any, fn_args: tuple) -> dict[str, int]:
 
 def measure(run: dict[str, tuple[Callable, tuple]], rounds: int, warmup: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in run}
+    names = list(run)
     for r in range(rounds + warmup):
-        for name, (fn, fn_args) in run.items():  # interleaved: drift hits every row alike
+        # Interleaved, and the order rotated every round, so drift and whichever step ran just
+        # before (cache state) hit every row alike.
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, fn_args = run[name]
             start = time.perf_counter()
             jax.block_until_ready(fn(*fn_args))
             if r >= warmup:

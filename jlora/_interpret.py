@@ -110,7 +110,7 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
 # ---- packing adapted kernels into plain arrays for higher-order primitives -------------------
 
 
-def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
+def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[..., list[Any]]]:
     """Flattens ``vals`` to arrays (each LoraValue to w, a, b) and returns the inverse."""
     arrays: list[Any] = []
     shells: list[Any] = []
@@ -189,10 +189,10 @@ def _while(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
         raise Unsupported("a kernel in a while-loop carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
 
-    def cond(carry: tuple[Any, ...]) -> Any:
+    def cond(carry: Any) -> Any:
         return interpret(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
 
-    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
+    def body(carry: Any) -> Any:
         outs = interpret(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
         return tuple(concrete(outs, ctx, "while"))
 
