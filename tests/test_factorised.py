@@ -478,3 +478,28 @@ def test_grad_has_no_kernel_sized_weight_gradient():
         jax.grad(lambda a: loss(jlora.merge_params(jlora.combine(a, base), CFG)))
     )(lora_half)
     assert kernel_shapes & set(_dot_shapes(merged.jaxpr))
+
+
+def test_value_and_grad_with_aux_and_the_whole_tree_form():
+    p = plain_params()
+
+    def loss(q, x):
+        y = _mlp(q, x)
+        return jnp.mean(y**2), y.shape
+
+    (_, shape), grads = jlora.value_and_grad(loss, CFG, has_aux=True)(p, X)
+    assert shape == (2, 5, 8) and sorted(grads) == [
+        "stack_lora_a",
+        "stack_lora_b",
+        "w2_lora_a",
+        "w2_lora_b",
+        "w_lora_a",
+        "w_lora_b",
+    ]
+    # Documented alternative: a whole-tree gradient with lora_optimizer freezing the base.
+    tx = jlora.lora_optimizer(optax.sgd(0.1), p)
+    full = jax.grad(lambda q: jlora.lora(loss, CFG)(q, X)[0])(p)
+    updates, _ = tx.update(full, tx.init(p), p)
+    new = optax.apply_updates(p, updates)
+    np.testing.assert_array_equal(new["w"], p["w"])
+    close(new["w_lora_a"], p["w_lora_a"] - 0.1 * grads["w_lora_a"])
