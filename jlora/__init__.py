@@ -16,6 +16,7 @@ from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
 from jlora._combination import combine_adapters
 from jlora._config import LoraConfig
+from jlora._dora import add_magnitudes, init_dora
 from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._loraplus import loraplus_labels
@@ -37,6 +38,7 @@ __all__ = [
     "Restored",
     "adapter_specs",
     "add_adapter",
+    "add_magnitudes",
     "axis_roles",
     "checkpoint_steps",
     "collectives",
@@ -45,6 +47,7 @@ __all__ = [
     "delete_adapter",
     "export_peft",
     "import_peft",
+    "init_dora",
     "init_lora",
     "init_pissa",
     "is_adapter_path",

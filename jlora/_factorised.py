@@ -19,6 +19,7 @@ from jax.tree_util import DictKey, SequenceKey
 
 from jlora import _rules
 from jlora._config import LoraConfig
+from jlora._dora import with_magnitude
 from jlora._interpret import Context, concrete, interpret
 from jlora._lazy import LoraValue
 from jlora._partition import combine, split
@@ -149,16 +150,15 @@ def lora(
             if adapted is None:
                 inputs.append(leaf)
                 continue
-            inputs.append(
-                LoraValue(
-                    leaf,
-                    adapted.site.a,
-                    adapted.site.b,
-                    adapted.roles,
-                    adapted.scale,
-                    adapted.site.name,
-                )
+            value = LoraValue(
+                leaf,
+                adapted.site.a,
+                adapted.site.b,
+                adapted.roles,
+                adapted.scale,
+                adapted.site.name,
             )
+            inputs.append(with_magnitude(value, adapted.site.m))
         ctx = Context(on_unsupported, _rules.Dropout(dropout.rate, dropout.key))
         outs = concrete(interpret(closed.jaxpr, closed.consts, inputs, ctx), ctx, "output")
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)

@@ -20,6 +20,9 @@ Design note (the one place this is decided):
   a mapping ``{name: Adapter}`` (``_adapters``); the active one is the one combined into the
   params. So every function works on any of them unchanged, and a mixed batch stacks them along
   a new leading axis of A and B.
+* DoRA adds a third sibling, ``f"{k}_lora_m"``: the magnitude ``m``, one entry per output unit
+  (shape ``S + O``), so the adapted kernel is ``m * (W + s*A*B) / ||W + s*A*B||`` with the norm
+  over the ``in`` axes (``_dora``). It is an adapter leaf like A and B (trained, split off).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ ROLES: tuple[str, ...] = ("stack", "in", "out")
 
 A_SUFFIX = "_lora_a"
 B_SUFFIX = "_lora_b"
+M_SUFFIX = "_lora_m"
 
 
 def adapter_keys(kernel_key: str) -> tuple[str, str]:
@@ -48,8 +52,18 @@ def adapter_keys(kernel_key: str) -> tuple[str, str]:
     return kernel_key + A_SUFFIX, kernel_key + B_SUFFIX
 
 
+def magnitude_key(kernel_key: str) -> str:
+    """The dict key of the DoRA magnitude for a kernel stored under ``kernel_key``.
+
+    Example:
+      >>> magnitude_key("kernel")
+      'kernel_lora_m'
+    """
+    return kernel_key + M_SUFFIX
+
+
 def adapter_owner(key: object) -> tuple[str, str] | None:
-    """For an adapter key, ``(kernel_key, "a" | "b")``; ``None`` for any other key.
+    """For an adapter key, ``(kernel_key, "a" | "b" | "m")``; ``None`` for any other key.
 
     Example:
       >>> adapter_owner("kernel_lora_b"), adapter_owner("kernel")
@@ -57,7 +71,7 @@ def adapter_owner(key: object) -> tuple[str, str] | None:
     """
     if not isinstance(key, str):
         return None
-    for suffix, which in ((A_SUFFIX, "a"), (B_SUFFIX, "b")):
+    for suffix, which in ((A_SUFFIX, "a"), (B_SUFFIX, "b"), (M_SUFFIX, "m")):
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], which
     return None
@@ -66,6 +80,16 @@ def adapter_owner(key: object) -> tuple[str, str] | None:
 def axes_of(roles: Sequence[str], role: str) -> tuple[int, ...]:
     """Indices of the kernel axes that have ``role``."""
     return tuple(i for i, r in enumerate(roles) if r == role)
+
+
+def magnitude_shape(kernel_shape: Sequence[int], roles: Sequence[str]) -> tuple[int, ...]:
+    """Shape of a kernel's DoRA magnitude: its ``stack`` then ``out`` axes.
+
+    Example:
+      >>> magnitude_shape((2, 64, 4, 16), ("stack", "in", "out", "out"))
+      (2, 4, 16)
+    """
+    return tuple(kernel_shape[i] for i in axes_of(roles, "stack") + axes_of(roles, "out"))
 
 
 def adapter_shapes(

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._dora import dense_kernel
 from jlora._layout import ROLES, axes_of, delta
 
 
@@ -39,6 +40,7 @@ class LoraValue:
     roles: tuple[str, ...]
     scale: float
     name: str
+    dora: bool = False  # DoRA: the magnitude rides in the last rank slot of B (see _dora)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -55,6 +57,8 @@ class LoraValue:
 
     def materialise(self) -> jax.Array:
         """``w + s·A·B`` as a dense array in the view's layout and ``w``'s dtype."""
+        if self.dora:
+            return dense_kernel(self)
         wide = jnp.promote_types(self.w.dtype, self.a.dtype)
         d = delta(self.a, self.b, self.roles, self.scale)
         return (self.w.astype(wide) + d.astype(wide)).astype(self.w.dtype)

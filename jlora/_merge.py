@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._layout import adapter_keys, delta
+from jlora._dora import rescale
+from jlora._layout import adapter_keys, delta, magnitude_key
 from jlora._paths import KeyPath
 from jlora._resolve import resolve_sites
 from jlora._sharding import constrain
@@ -42,15 +43,17 @@ def _fold(params: Any, plan: _Plan, sign: float, keep_adapters: bool) -> Any:
             roles, scale, sharding = table[site.path]
             w = site.kernel
             wide = jnp.promote_types(w.dtype, site.a.dtype)
-            new = (w.astype(wide) + delta(site.a, site.b, roles, sign * scale).astype(wide)).astype(
-                w.dtype
-            )
+            new = w.astype(wide) + delta(site.a, site.b, roles, sign * scale).astype(wide)
+            if site.m is not None:  # DoRA: fold m / ||W + s·A·B|| in (merge only, see unmerge)
+                new = rescale(new, site.m, roles)
+            new = new.astype(w.dtype)
             if sharding is not None:
                 new = constrain(new, sharding)
             items[site.key] = new
             if not keep_adapters:
                 for k in adapter_keys(site.key):
                     del items[k]
+                items.pop(magnitude_key(site.key), None)
         return items
 
     return rebuild(params, fold)
@@ -58,6 +61,8 @@ def _fold(params: Any, plan: _Plan, sign: float, keep_adapters: bool) -> Any:
 
 def merge_params(params: Any, config: LoraConfig) -> Any:
     """Folds every adapter into its kernel: ``W <- W + s·A·B``, adapters removed.
+
+    DoRA kernels (with a ``k_lora_m`` magnitude) become ``m · (W + s·A·B) / ||W + s·A·B||``.
 
     Args:
       params: an adapted tree (from :func:`jlora.init_lora`, possibly trained).
@@ -110,4 +115,11 @@ def unmerge_params(merged: Any, lora: Any, config: LoraConfig) -> Any:
     from jlora._partition import combine
 
     params = combine(lora, merged)
+    dora = [s.site.name for s in resolve_sites(params, config) if s.site.m is not None]
+    if dora:
+        raise ValueError(
+            f"unmerge_params: {dora} are DoRA kernels; a DoRA merge rescales W by "
+            "m / ||W + s·A·B||, whose norm cannot be recovered from the merged kernel. Keep the "
+            "base tree and combine(lora, base) instead of unmerging"
+        )
     return _fold(params, _plan(params, config), -1.0, True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
-from jlora._layout import adapter_shapes
+from jlora._layout import adapter_shapes, magnitude_shape
 from jlora._tree import Site, find_sites
 
 
@@ -29,7 +29,8 @@ def resolve(site: Site, config: LoraConfig) -> Adapted:
     """Checks a site's adapter shapes against ``config`` and returns its roles, rank and scale.
 
     Raises:
-      ValueError: if A or B does not have the shape ``config`` implies for this kernel.
+      ValueError: if A or B (or a DoRA magnitude) does not have the shape ``config`` implies
+        for this kernel.
     """
     name = site.name
     shape = tuple(site.kernel.shape)
@@ -42,6 +43,12 @@ def resolve(site: Site, config: LoraConfig) -> Adapted:
             f"adapters of {name!r} do not fit this config: found A {got_a} and B {got_b}, but a "
             f"kernel of shape {shape} with roles {roles} at rank {rank} needs A {want_a} and B "
             f"{want_b}. Pass the LoraConfig the tree was initialised with"
+        )
+    if site.m is not None and tuple(site.m.shape) != magnitude_shape(shape, roles):
+        raise ValueError(
+            f"DoRA magnitude of {name!r} has shape {tuple(site.m.shape)}, but a kernel of shape "
+            f"{shape} with roles {roles} needs {magnitude_shape(shape, roles)} (its stack and "
+            "out axes); recreate it with jlora.add_magnitudes"
         )
     return Adapted(site, roles, rank, config.scale_for(name, rank))
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlora._dora import output_scale, split_magnitude
 from jlora._lazy import LoraValue, Unsupported
 
 
@@ -71,6 +72,7 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
     if on_left and isinstance(rhs, LoraValue):
         raise Unsupported("a product of two adapted kernels")
     v, x = (lhs, rhs) if on_left else (rhs, lhs)
+    v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
     kc, kb, xc, xb = (lc, lb, rc, rb) if on_left else (rc, rb, lc, lb)
     base = lax.dot_general_p.bind(*((v.w, x) if on_left else (x, v.w)), **params)
     if set(kb) != set(v.group("stack")):
@@ -84,6 +86,8 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
         f2 = v.b  # stack + (r,) + out
         f1_axis = {ax: ns + i for i, ax in enumerate(first)}
     elif set(kc) == set(v.group("out")):
+        if mag is not None:
+            raise Unsupported("a DoRA kernel used transposed (its 'out' axes contracted)")
         first, second = v.group("out"), v.group("in")
         f1 = jnp.moveaxis(v.b, ns, -1)  # stack + out + (r,)
         f2 = jnp.moveaxis(v.a, -1, ns)  # stack + (r,) + in
@@ -126,6 +130,9 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
     if on_left:
         nb, nx = len(kb), len(x_free)
         y = jnp.transpose(y, [*range(nb), *range(nb + nx, y.ndim), *range(nb, nb + nx)])
+    if mag is not None:
+        out = base + y.astype(base.dtype)
+        return out * output_scale(mag, kb, len(x_free), on_left).astype(out.dtype)
     return base + y.astype(base.dtype)
 
 
@@ -133,6 +140,7 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
     """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``."""
     if isinstance(x, LoraValue) or not isinstance(v, LoraValue):
         raise Unsupported("an adapted kernel as the input (lhs) of a convolution")
+    v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
     base = lax.conv_general_dilated_p.bind(x, v.w, **params)
     dn = params["dimension_numbers"]
     out_axis, out_feature = dn.rhs_spec[0], dn.out_spec[1]
@@ -158,6 +166,10 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
         preferred_element_type=params.get("preferred_element_type"),
     )
     y = jnp.moveaxis(y.reshape(*lead, -1), -1, out_feature)
+    if mag is not None:
+        out = base + y.astype(base.dtype)
+        shape = [-1 if d == out_feature else 1 for d in range(out.ndim)]
+        return out * mag.reshape(shape).astype(out.dtype)
     return base + y.astype(base.dtype)
 
 
@@ -175,6 +187,8 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     """
     if not isinstance(v, LoraValue) or isinstance(indices, LoraValue):
         raise Unsupported("an adapted kernel used as gather indices")
+    if v.dora:
+        raise Unsupported("a DoRA kernel in a lookup (DoRA cannot normalise a looked-up table)")
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     base = lax.gather_p.bind(v.w, indices, **params)
     outs = v.group("out")

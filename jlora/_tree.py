@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey
 
-from jlora._layout import adapter_keys, adapter_owner
+from jlora._layout import adapter_keys, adapter_owner, magnitude_key
 from jlora._paths import KeyPath, path_str
 
 DictHook = Callable[[KeyPath, dict[Any, Any]], dict[Any, Any]]
@@ -43,13 +43,14 @@ def rebuild(tree: Any, hook: DictHook, path: KeyPath = ()) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """One adapted kernel: its dict, the kernel's key there, and the three arrays."""
+    """One adapted kernel: its dict, the kernel's key there, the arrays (``m``: DoRA or None)."""
 
     parent: KeyPath
     key: str
     kernel: Any
     a: Any
     b: Any
+    m: Any = None
 
     @property
     def path(self) -> KeyPath:
@@ -88,7 +89,8 @@ def sites_in(parent: KeyPath, items: Mapping[Any, Any]) -> list[Site]:
                 f"adapter {where!r} has no partner {partner!r}; a LoRA kernel needs both A and B"
             )
         if which == "a":
-            found.append(Site(parent, kernel_key, items[kernel_key], items[a_key], items[b_key]))
+            m = items.get(magnitude_key(kernel_key))
+            found.append(Site(parent, kernel_key, items[kernel_key], items[a_key], items[b_key], m))
     return found
 
 

@@ -1,0 +1,158 @@
+"""DoRA: magnitude per output unit, detached norm; merge path == factorised path, errors."""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from zoo import zoo
+
+import jlora
+from jlora._dora import dense_norm, factorised_norm
+
+ZOO = ("linen_attention", "linen_scan", "linen_conv", "nnx_mlp", "plain_dict")
+
+
+@functools.cache
+def models():
+    return {m.name: m for m in zoo()}
+
+
+def close(got, want, tol=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, np.abs(want).max()))
+
+
+def randomize(p, seed=7, scale=0.3):
+    def fill(path, x):
+        key = path[-1].key if hasattr(path[-1], "key") else ""
+        if not jlora.is_adapter_path(path):
+            return x
+        k = jax.random.fold_in(jax.random.key(seed), zlib.crc32(jlora.path_str(path).encode()))
+        noise = jax.random.normal(k, x.shape, x.dtype) * scale
+        return x * (1 + noise) if key.endswith("_lora_m") else noise
+
+    return jax.tree.map_with_path(fill, p)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_unchanged_at_init_and_merge_equals_factorised_with_grads(name):
+    m = models()[name]
+    p0 = jlora.init_dora(jax.random.key(0), m.params, m.config)
+    want = m.apply(m.params, m.x)
+    close(m.apply(jlora.merge_params(p0, m.config), m.x), want, 1e-6)
+    close(jlora.lora(m.apply, m.config)(p0, m.x), want, 1e-6)
+
+    p = randomize(p0)
+    merged_out = m.apply(jlora.merge_params(p, m.config), m.x)
+    close(jax.jit(jlora.lora(m.apply, m.config))(p, m.x), merged_out)
+    assert not np.allclose(merged_out, want, atol=1e-3)
+
+    lora, base = jlora.split(p)
+    assert any(k.endswith("_lora_m") for k in map(jlora.path_str, _paths(lora)))
+
+    def merged_loss(a):
+        return jnp.sum(jnp.sin(m.apply(jlora.merge_params(jlora.combine(a, base), m.config), m.x)))
+
+    def loss(q, x):
+        return jnp.sum(jnp.sin(m.apply(q, x)))
+
+    v1, g1 = jax.jit(jlora.value_and_grad(loss, m.config))(p, m.x)
+    v2, g2 = jax.value_and_grad(merged_loss)(lora)
+    close(v1, v2, 1e-4)
+    jax.tree.map(lambda a, b: close(a, b, 1e-4), g1, g2)
+    # The magnitude gets gradients.
+    for path, g in jax.tree.leaves_with_path(g1):
+        if jlora.path_str(path).endswith("_lora_m"):
+            assert np.abs(np.asarray(g)).max() > 0
+
+
+def _paths(tree):
+    return [p for p, _ in jax.tree.leaves_with_path(tree)]
+
+
+def test_matches_the_paper_formula_with_detached_norm():
+    k = jax.random.split(jax.random.key(1), 4)
+    w, a, b = (
+        jax.random.normal(k[0], (6, 5)),
+        jax.random.normal(k[1], (6, 2)),
+        jax.random.normal(k[2], (2, 5)),
+    )
+    mag = jnp.abs(jax.random.normal(k[3], (5,))) + 1
+    cfg = jlora.LoraConfig(rank=2, alpha=3.0, targets="w")
+    p = {"w": w, "w_lora_a": a, "w_lora_b": b, "w_lora_m": mag}
+    x = jax.random.normal(jax.random.key(2), (4, 6))
+    summed = np.asarray(w) + 1.5 * np.asarray(a) @ np.asarray(b)
+    want = x @ (np.asarray(mag) * summed / np.linalg.norm(summed, axis=0))
+    close(jlora.lora(lambda q, x: x @ q["w"], cfg)(p, x), want)
+    close(
+        jlora.merge_params(p, cfg)["w"], np.asarray(mag) * summed / np.linalg.norm(summed, axis=0)
+    )
+
+    # Detached: d/dA only through the numerator (the paper's / PEFT's choice).
+    def f(a_):
+        q = {**p, "w_lora_a": a_}
+        return jnp.sum(jlora.lora(lambda q, x: x @ q["w"], cfg)(q, x))
+
+    def ref(a_):
+        s = w + 1.5 * a_ @ b
+        return jnp.sum(x @ (mag * s / jax.lax.stop_gradient(jnp.linalg.norm(s, axis=0))))
+
+    close(jax.grad(f)(a), jax.grad(ref)(a), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, roles",
+    [
+        ((6, 5), ("in", "out")),
+        ((6, 2, 3), ("in", "out", "out")),
+        ((2, 3, 4), ("in", "in", "out")),
+        ((3, 6, 5), ("stack", "in", "out")),
+        ((4, 2, 3, 5), ("stack", "in", "out", "out")),
+    ],
+)
+def test_factorised_norm_equals_the_dense_norm(shape, roles):
+    from jlora._layout import adapter_shapes, delta
+
+    a_shape, b_shape = adapter_shapes(shape, roles, 2)
+    k = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(k[0], shape)
+    a, b = jax.random.normal(k[1], a_shape), jax.random.normal(k[2], b_shape)
+    close(factorised_norm(w, a, b, roles, 0.7), dense_norm(w + delta(a, b, roles, 0.7), roles))
+
+
+def test_magnitude_is_trained_and_in_the_loraplus_b_group():
+    m = models()["plain_dict"]
+    p = jlora.init_dora(jax.random.key(0), m.params, m.config)
+    assert jlora.lora_labels(p)["mlp"]["w_in_lora_m"] == "lora"
+    assert jlora.loraplus_labels(p)["mlp"]["w_in_lora_m"] == "lora_b"
+    tx = jlora.lora_optimizer(optax.sgd(0.1), p)
+    g = jax.grad(lambda q: jnp.sum(m.apply(jlora.merge_params(q, m.config), m.x) ** 2))(p)
+    u, _ = tx.update(g, tx.init(p), p)
+    assert np.abs(np.asarray(u["mlp"]["w_in_lora_m"])).max() > 0
+    assert not np.any(u["mlp"]["w_in"])
+
+
+def test_errors():
+    emb = models()["linen_embed"]
+    with pytest.raises(ValueError, match=r"DoRA cannot normalise 'params/Embed_0/embedding'"):
+        jlora.init_dora(jax.random.key(0), emb.params, emb.config)
+    m = models()["plain_dict"]
+    p = jlora.init_dora(jax.random.key(0), m.params, m.config)
+    with pytest.raises(ValueError, match=r"'mlp/w_in' already has a magnitude"):
+        jlora.add_magnitudes(p, m.config)
+    lora, _ = jlora.split(p)
+    with pytest.raises(ValueError, match=r"unmerge_params: \['mlp/w_in', 'mlp/w_out'\] are DoRA"):
+        jlora.unmerge_params(jlora.merge_params(p, m.config), lora, m.config)
+    bad = {**p, "mlp": {**p["mlp"], "w_in_lora_m": jnp.ones(3)}}
+    with pytest.raises(
+        ValueError, match=r"magnitude of 'mlp/w_in' has shape \(3,\).*needs \(20,\)"
+    ):
+        jlora.merge_params(bad, m.config)
+    # A use DoRA cannot scale per output unit: the kernel contracted over its 'out' axis.
+    tied = lambda q, x: x @ q["mlp"]["w_in"].T  # noqa: E731
+    with pytest.raises(ValueError, match=r"DoRA kernel used transposed"):
+        jlora.lora(tied, m.config)(p, jnp.ones((2, 20)))
