@@ -115,3 +115,14 @@ def test_merge_train_step_matches_factorised(tmp_path, tiny_weights, finished_ru
     np.testing.assert_allclose(
         [merged[s] for s in range(1, 3)], [factorised[s] for s in range(1, 3)], rtol=1e-5
     )
+
+
+def test_lora_dropout_changes_training_once_b_is_nonzero(tmp_path, tiny_weights):
+    losses = {}
+    for rate in (0.0, 0.5):
+        over = tiny_overrides(tmp_path / str(rate), tiny_weights, 3, **{"lora.dropout": rate})
+        finetune(load_config(DEFAULT, over), log=lambda _: 0)
+        losses[rate] = train_losses(tmp_path / str(rate))
+    # Warm-up makes update 1 zero, so B = 0 through step 2: dropout cannot matter yet.
+    assert [losses[0.5][s] for s in (1, 2)] == [losses[0.0][s] for s in (1, 2)]
+    assert losses[0.5][3] != losses[0.0][3]

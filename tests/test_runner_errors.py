@@ -168,9 +168,9 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_factorised_step_without_jlora_lora_is_refused(monkeypatch, tmp_path, tiny_weights):
-    monkeypatch.delattr(jlora, "lora", raising=False)
-    monkeypatch.setattr(loop, "_factorised_lora", lambda: None)
-    cfg = load_config(DEFAULT, tiny_overrides(tmp_path / "r", tiny_weights))
-    with pytest.raises(ValueError, match=r"use train\.train_step=merge"):
-        loop.make_loss(make_task(cfg), loop.lora_config(cfg), "factorised")
+def test_dropout_with_the_merge_step_is_refused(tmp_path, tiny_weights):
+    extra = {"lora.dropout": 0.1, "train.train_step": "merge"}
+    cfg = load_config(DEFAULT, tiny_overrides(tmp_path / "r", tiny_weights, **extra))
+    with pytest.raises(ValueError, match=r"lora\.dropout=0\.1 needs train\.train_step=factorised"):
+        finetune(cfg)
+    assert not (tmp_path / "r").exists()

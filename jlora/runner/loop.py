@@ -43,35 +43,31 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
     )
 
 
-def _factorised_lora() -> Any:
-    try:  # the factorised path, before jlora/__init__.py exports it
-        from jlora._factorised import lora
-    except ImportError:
-        return None
-    return lora
-
-
 def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
-    """``loss(trainable, base, batch)`` with the adapters applied as ``mode`` says.
+    """``loss(trainable, base, batch, rng)`` with the adapters applied as ``mode`` says.
 
-    ``"merge"`` forms ``W + s·A·B`` inside the loss and differentiates only the adapters;
-    ``"factorised"`` runs the model through ``jlora.lora`` (``x·W + s·(x·A)·B``).
+    ``"factorised"`` runs the model through ``jlora.lora`` (``x·W + s·(x·A)·B``, LoRA dropout
+    on the adapters' input drawn from ``rng``); ``"merge"`` forms ``W + s·A·B`` inside the loss.
+    Either way only the adapters (and ``extra``) are differentiated.
+
+    Raises:
+      ValueError: for ``"merge"`` with ``dropout > 0`` (dropout needs the factorised path).
     """
     if mode == "factorised":
-        lora_fn = getattr(jlora, "lora", None) or _factorised_lora()
-        if lora_fn is None:
-            raise ValueError(
-                "train.train_step='factorised' needs jlora.lora, which this jlora does not have; "
-                "use train.train_step=merge"
-            )
 
-        def factorised(trainable: Any, base: Any, batch: Any) -> jax.Array:
-            run = lora_fn(task.loss, cfg)
+        def factorised(trainable: Any, base: Any, batch: Any, rng: jax.Array) -> jax.Array:
+            run = jlora.lora(task.loss, cfg, dropout_rng=rng, deterministic=False)
             return run(jlora.combine(trainable["lora"], base), trainable["extra"], batch)
 
         return factorised
+    if cfg.dropout > 0:
+        raise ValueError(
+            f"lora.dropout={cfg.dropout} needs train.train_step=factorised (dropout acts on the "
+            "adapters' input, which the merge step never sees); set lora.dropout=0 or switch"
+        )
 
-    def merged(trainable: Any, base: Any, batch: Any) -> jax.Array:
+    def merged(trainable: Any, base: Any, batch: Any, rng: jax.Array) -> jax.Array:
+        del rng
         params = jlora.merge_params(jlora.combine(trainable["lora"], base), cfg)
         return task.loss(params, trainable["extra"], batch)
 
@@ -99,6 +95,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     trainable = {"lora": lora, "extra": task.extra}
     tx = make_optimizer(config)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
+    loss_fn = make_loss(task, cfg, t.train_step)
     resuming = rundir.prepare_run_dir(config)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     before_path = os.path.join(run_dir, "before.json")
@@ -120,11 +117,12 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         scores = {k: v for k, v in before.items() if isinstance(v, float)}
         rundir.append_metrics(run_dir, {"step": 0, **scores})
 
-    loss_fn = make_loss(task, cfg, t.train_step)
-
     @jax.jit
-    def step_fn(state: dict[str, Any], base: Any, batch: Any) -> tuple[dict[str, Any], Any]:
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch)
+    def step_fn(
+        state: dict[str, Any], base: Any, batch: Any, step: jax.Array
+    ) -> tuple[dict[str, Any], Any]:
+        rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         return {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}, loss
@@ -133,7 +131,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     window: list[float] = []
     tic, units = time.perf_counter(), 0
     for step in range(start + 1, t.steps + 1):
-        state, loss = step_fn(state, base, task.train_batch(step - 1))
+        state, loss = step_fn(state, base, task.train_batch(step - 1), step)
         loss = float(loss)
         if not math.isfinite(loss):
             bar.close()
