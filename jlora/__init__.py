@@ -27,6 +27,7 @@ from jlora._optim import lora_optimizer
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
 from jlora._pissa import init_pissa, pissa_to_lora
+from jlora._quantize import Quantized, dequantize, merge_quantized, quantize
 from jlora._sharding import adapter_specs, lora_shardings
 from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
@@ -35,6 +36,7 @@ __all__ = [
     "Adapter",
     "Collective",
     "LoraConfig",
+    "Quantized",
     "Restored",
     "adapter_specs",
     "add_adapter",
@@ -45,6 +47,7 @@ __all__ = [
     "combine",
     "combine_adapters",
     "delete_adapter",
+    "dequantize",
     "export_peft",
     "import_peft",
     "init_dora",
@@ -58,10 +61,12 @@ __all__ = [
     "lora_shardings",
     "loraplus_labels",
     "merge_params",
+    "merge_quantized",
     "mixed_batch",
     "partition_specs",
     "path_str",
     "pissa_to_lora",
+    "quantize",
     "restore_checkpoint",
     "save_adapter",
     "save_checkpoint",

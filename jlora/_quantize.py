@@ -1,0 +1,225 @@
+"""QLoRA bases: blockwise int8 / NF4 quantisation of the frozen kernels, dequantised at use.
+
+``quantize`` replaces each kernel that the config's ``targets``/``exclude`` select by a
+:class:`Quantized` node: the kernel flattened (in its own layout, so stacked and N-d kernels
+need nothing special) into blocks of ``block_size`` values, one float32 absmax scale per block,
+and per value an int8 code (``round(127·x/absmax)``, 8 bits) or a 4-bit index into the NF4
+levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. Training runs on
+:func:`dequantize` of the tree inside the jitted step: the stored base stays quantised, the
+dense kernels are temporaries of the step, and only adapters get gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._config import LoraConfig, Selectors
+from jlora._paths import path_str
+from jlora._targets import select_kernels
+
+KINDS = ("int8", "nf4")
+# The 16 NF4 levels (quantiles of N(0, 1) scaled to [-1, 1], exact zero), as in bitsandbytes.
+NF4 = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    np.float32,
+)  # fmt: skip
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A blockwise-quantised kernel: codes, one scale per block, and how to undo it."""
+
+    codes: jax.Array
+    scales: jax.Array
+    kind: str = dataclasses.field(metadata={"static": True})
+    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
+    dtype: str = dataclasses.field(metadata={"static": True})
+    block_size: int = dataclasses.field(metadata={"static": True})
+
+    @property
+    def ndim(self) -> int:
+        """Rank of the original kernel."""
+        return len(self.shape)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Storage bits per kernel value, scales included (int8: 8 + 32/block; NF4: 4 + ...)."""
+        return 8 * (self.codes.nbytes + self.scales.nbytes) / math.prod(self.shape)
+
+    def dequantize(self) -> jax.Array:
+        """The kernel back in its original dtype (up to the quantisation error)."""
+        if self.kind == "int8":
+            values = self.codes.astype(jnp.float32) / 127.0
+        else:
+            idx = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=-1).reshape(
+                self.scales.shape[0], -1
+            )
+            values = jnp.asarray(NF4)[idx]
+        return (values * self.scales[:, None]).reshape(self.shape).astype(self.dtype)
+
+
+def _quantize(name: str, w: jax.Array, kind: str, block_size: int) -> Quantized:
+    size = math.prod(w.shape)
+    if size % block_size:
+        fits = [b for b in (256, 128, 64, 32, 16, 8, 4, 2) if size % b == 0 and b < block_size]
+        hint = f"e.g. block_size={fits[0]}" if fits else "or exclude it from the targets"
+        raise ValueError(
+            f"quantize: kernel {name!r} of shape {tuple(w.shape)} has {size} values, not a "
+            f"multiple of block_size={block_size}; pick a block size that divides it ({hint})"
+        )
+    blocks = w.astype(jnp.float32).reshape(-1, block_size)
+    scales = jnp.max(jnp.abs(blocks), axis=1)
+    normed = blocks / jnp.where(scales == 0, 1.0, scales)[:, None]
+    if kind == "int8":
+        codes = jnp.round(normed * 127).astype(jnp.int8)
+    else:
+        mids = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
+        idx = jnp.searchsorted(mids, normed).astype(jnp.uint8).reshape(-1, 2)
+        codes = (idx[:, 0] << 4 | idx[:, 1]).reshape(scales.shape[0], -1)
+    return Quantized(codes, scales, kind, tuple(w.shape), jnp.dtype(w.dtype).name, block_size)
+
+
+def quantize(
+    params: Any, targets: LoraConfig | Selectors, *, kind: str = "nf4", block_size: int = 64
+) -> Any:
+    """Replaces every selected kernel by a blockwise-quantised :class:`Quantized` node.
+
+    Args:
+      params: a tree (with or without adapters; adapter leaves are never quantised).
+      targets: a :class:`jlora.LoraConfig` (its ``targets``/``exclude`` select, the same rules
+        as ``init_lora``) or the selectors themselves (regex, predicate or a list).
+      kind: ``"nf4"`` (4-bit NormalFloat, QLoRA's) or ``"int8"`` (absmax int8).
+      block_size: values per scale; must divide each selected kernel's size (even for NF4).
+
+    Returns:
+      The tree with the selected kernels quantised; every other leaf unchanged.
+
+    Raises:
+      ValueError: for an unknown kind, a bad block size, or a kernel whose size the block
+        does not divide; as ``init_lora`` for targets that match nothing.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = quantize({"d": {"kernel": jnp.ones((8, 16))}}, r".*kernel", kind="int8")
+      >>> q["d"]["kernel"].bits_per_parameter
+      8.5
+      >>> bool(jnp.allclose(dequantize(q)["d"]["kernel"], 1.0))
+      True
+    """
+    if kind not in KINDS:
+        raise ValueError(f"quantize: kind must be one of {KINDS}; got {kind!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"quantize: block_size must be an int >= 2; got {block_size!r}")
+    if kind == "nf4" and block_size % 2:
+        raise ValueError(
+            f"quantize: NF4 packs two 4-bit codes per byte, so block_size must be even; got "
+            f"{block_size}"
+        )
+    config = targets if isinstance(targets, LoraConfig) else LoraConfig(targets=targets)
+    chosen = {tuple(p) for p, _ in select_kernels(params, config)}
+
+    def one(path: Sequence[Any], leaf: Any) -> Any:
+        if tuple(path) not in chosen:
+            return leaf
+        return _quantize(path_str(path), leaf, kind, block_size)
+
+    return jax.tree.map_with_path(one, params)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, Quantized)
+
+
+def dequantize(params: Any) -> Any:
+    """``params`` with every :class:`Quantized` node replaced by its dense kernel.
+
+    Call it inside the jitted step (``value_and_grad(loss, cfg)(dequantize(q), x)``): the stored
+    base stays quantised and the dense kernels are temporaries of that step.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = quantize({"w": jnp.linspace(-1, 1, 64).reshape(8, 8)}, "w", block_size=16)
+      >>> float(jnp.abs(dequantize(q)["w"] - jnp.linspace(-1, 1, 64).reshape(8, 8)).max()) < 0.15
+      True
+    """
+    return jax.tree.map(
+        lambda x: x.dequantize() if _is_quantized(x) else x, params, is_leaf=_is_quantized
+    )
+
+
+STORES = ("float", "requantize")
+
+
+def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None) -> Any:
+    """Merges adapters into a quantised base: dequantise, add ``s·A·B``, store as asked.
+
+    There is no exact way to keep a merged kernel quantised, so the caller says how it is
+    stored: ``"float"`` keeps ``W_q + s·A·B`` dense in the kernel's original dtype (exactly the
+    model that was trained; float memory for those kernels), ``"requantize"`` quantises it again
+    with the base's kind and block size (the base's memory, but the adapter's change is rounded
+    with the base, so outputs move by about the quantisation error). Quantised kernels without
+    adapters are kept as they are. DoRA magnitudes are folded in as by ``merge_params``.
+
+    Args:
+      params: a tree with :class:`Quantized` kernels and adapters.
+      config: the adapters' config.
+      store: ``"float"`` or ``"requantize"`` (required).
+
+    Returns:
+      The merged tree without adapters.
+
+    Raises:
+      ValueError: if ``store`` is missing or unknown (the message explains both choices).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 16))}}, cfg)
+      >>> q = quantize(p, cfg, kind="int8")
+      >>> merge_quantized(q, cfg, store="float")["d"]["kernel"].dtype
+      dtype('float32')
+      >>> type(merge_quantized(q, cfg, store="requantize")["d"]["kernel"]).__name__
+      'Quantized'
+    """
+    if store not in STORES:
+        raise ValueError(
+            "merge_quantized: say how the merged kernels are stored: store='float' keeps "
+            "W + s·A·B dense in the original dtype (exact, float memory), store='requantize' "
+            "quantises it again like the base (base memory, the adapter's change rounded with "
+            f"it); got store={store!r}"
+        )
+    from jlora._merge import merge_params
+    from jlora._tree import find_sites
+
+    nodes = {
+        tuple(p): x
+        for p, x in jax.tree.flatten_with_path(params, is_leaf=_is_quantized)[0]
+        if _is_quantized(x)
+    }
+    adapted = {tuple(s.path) for s in find_sites(params) if _is_quantized(s.kernel)}
+    merged = merge_params(dequantize(params), config)
+
+    def put_back(path: Sequence[Any], leaf: Any) -> Any:
+        node = nodes.get(tuple(path))
+        if node is None:
+            return leaf
+        if tuple(path) not in adapted:
+            return node
+        if store == "requantize":
+            return _quantize(path_str(path), leaf, node.kind, node.block_size)
+        return leaf
+
+    return jax.tree.map_with_path(put_back, merged)

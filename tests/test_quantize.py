@@ -1,0 +1,122 @@
+"""QLoRA: int8 / NF4 blockwise bases, training adapters on them, merging into them, errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from zoo import zoo
+
+import jlora
+from jlora._quantize import NF4
+
+
+@functools.cache
+def models():
+    return {m.name: m for m in zoo()}
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def test_nf4_picks_the_nearest_level_and_int8_rounds():
+    w = jax.random.normal(jax.random.key(0), (3, 8, 16))  # a stacked kernel
+    q = jlora.quantize({"w": w}, "w", kind="nf4", block_size=32)["w"]
+    blocks = np.asarray(w).reshape(-1, 32)
+    absmax = np.abs(blocks).max(axis=1, keepdims=True)
+    nearest = NF4[np.abs((blocks / absmax)[..., None] - NF4).argmin(-1)] * absmax
+    np.testing.assert_allclose(q.dequantize(), nearest.reshape(w.shape), rtol=1e-6, atol=1e-7)
+    assert q.dequantize().shape == w.shape and q.dequantize().dtype == w.dtype
+    i8 = jlora.quantize({"w": w}, "w", kind="int8", block_size=32)["w"]
+    want = np.round(blocks / absmax * 127) / 127 * absmax
+    np.testing.assert_allclose(i8.dequantize(), want.reshape(w.shape), rtol=1e-6, atol=1e-7)
+    assert q.bits_per_parameter == 4 + 32 / 32 and i8.bits_per_parameter == 8 + 32 / 32
+
+
+@pytest.mark.parametrize("kind, bound", [("int8", 0.02), ("nf4", 0.2)])
+@pytest.mark.parametrize("name", ["linen_attention", "linen_scan"])
+def test_output_error_against_the_float_base_is_small(name, kind, bound):
+    m = models()[name]
+    q = jlora.quantize(m.params, m.config, kind=kind, block_size=16)
+    kernels = [x for x in jax.tree.leaves(q, is_leaf=lambda x: hasattr(x, "codes"))]
+    assert any(hasattr(x, "codes") for x in kernels)
+    err = rel_err(m.apply(jlora.dequantize(q), m.x), m.apply(m.params, m.x))
+    assert 0 < err < bound, err
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_train_adapters_on_a_quantised_base_through_the_factorised_path(kind):
+    m = models()["linen_scan"]  # stacked N-d attention kernels and stacked Dense kernels
+    p = jlora.init_lora(jax.random.key(0), m.params, m.config)
+    q = jlora.quantize(p, m.config, kind=kind, block_size=16)
+    target = jnp.sin(m.apply(m.params, m.x))
+    tx = optax.adam(1e-2)
+
+    def loss(params, x):
+        return jnp.mean((m.apply(params, x) - target) ** 2)
+
+    grad = jlora.value_and_grad(loss, m.config)
+
+    @jax.jit
+    def step(q, state):
+        value, g = grad(jlora.dequantize(q), m.x)  # dequantised inside the step only
+        lora, base = jlora.split(q)
+        updates, state = tx.update(g, state, lora)
+        return jlora.combine(optax.apply_updates(lora, updates), base), state, value
+
+    state = tx.init(jlora.split(q)[0])
+    start = q
+    losses = []
+    for _ in range(5):
+        q, state, value = step(q, state)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    # The quantised base never changed; only adapters did.
+    before, after = jlora.split(start)[1], jlora.split(q)[1]
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Factorised on the quantised base == merge path on the dequantised base.
+    deq = jlora.dequantize(q)
+    got = jlora.lora(m.apply, m.config)(deq, m.x)
+    want = m.apply(jlora.merge_params(deq, m.config), m.x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_into_a_quantised_base_dequantises_adds_and_stores_as_asked():
+    m = models()["plain_dict"]
+    cfg = jlora.LoraConfig(rank=2, targets="mlp/w_in")
+    p = jlora.init_lora(jax.random.key(0), m.params, cfg)
+    p["mlp"]["w_in_lora_b"] = jnp.full_like(p["mlp"]["w_in_lora_b"], 0.1)
+    q = jlora.quantize(p, r"mlp/w_(in|out)", kind="int8", block_size=20)
+    as_float = jlora.merge_quantized(q, cfg, store="float")
+    want = jlora.merge_params(jlora.dequantize(q), cfg)
+    np.testing.assert_array_equal(as_float["mlp"]["w_in"], want["mlp"]["w_in"])
+    assert as_float["mlp"]["w_out"] is q["mlp"]["w_out"]  # not adapted: kept quantised
+    again = jlora.merge_quantized(q, cfg, store="requantize")
+    assert again["mlp"]["w_in"].kind == "int8" and again["mlp"]["w_in"].block_size == 20
+    assert rel_err(again["mlp"]["w_in"].dequantize(), want["mlp"]["w_in"]) < 1e-2
+    with pytest.raises(ValueError, match=r"say how the merged kernels are stored.*got store=None"):
+        jlora.merge_quantized(q, cfg)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kind="int4"), r"kind must be one of \('int8', 'nf4'\); got 'int4'"),
+        (dict(block_size=1), r"block_size must be an int >= 2; got 1"),
+        (dict(block_size=7, kind="nf4"), r"NF4 packs two 4-bit codes per byte.*got 7"),
+        (
+            dict(block_size=64),
+            r"kernel 'mlp/w_in' of shape \(10, 20\) has 200 values, not a multiple of "
+            r"block_size=64; pick a block size that divides it \(e.g. block_size=8\)",
+        ),
+    ],
+)
+def test_errors(kwargs, match):
+    m = models()["plain_dict"]
+    with pytest.raises(ValueError, match=match):
+        jlora.quantize(m.params, m.config, **kwargs)
