@@ -12,12 +12,13 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 
 import jlora
 from jlora.runner import rundir
-from jlora.runner.config import load_config
+from jlora.runner.config import RunConfig, load_config
 from jlora.runner.report import format_results
 
 # Errors that are the user's input, printed as one clear message instead of a traceback.
@@ -41,7 +42,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(format_results(results, config.run_dir, time.perf_counter() - tic))
 
 
-def _restore(run_dir: str) -> tuple[object, object, object, jlora.LoraConfig]:
+def _restore(run_dir: str) -> tuple[RunConfig, Any, Any, jlora.LoraConfig]:
     from jlora.runner.tasks import make_task
 
     config = rundir.load_run_config(run_dir)

@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +142,8 @@ class ClassificationTask:
         return {"head": {"kernel": jnp.zeros((h, n)), "bias": jnp.zeros(n)}}
 
     def _features(self, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        return mean_pool(self.model.apply({"params": params}, ids, mask), mask)
+        hidden = cast(jax.Array, self.model.apply({"params": params}, ids, mask))
+        return mean_pool(hidden, mask)
 
     def logits(self, params: Any, extra: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
         """Class scores ``[b, labels]``."""

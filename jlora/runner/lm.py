@@ -6,7 +6,7 @@ import functools
 import importlib.resources
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def _sample(
 ) -> jax.Array:
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         buf, key = carry
-        logits = model.apply({"params": params}, buf[None])[0, start + i - 1]
+        logits = cast(jax.Array, model.apply({"params": params}, buf[None]))[0, start + i - 1]
         key, sub = jax.random.split(key)
         token = jax.random.categorical(sub, logits / temp)
         return buf.at[start + i].set(token.astype(buf.dtype)), key
@@ -89,7 +89,8 @@ class LanguageModelTask:
         model = self.model
 
         def eval_loss(params: Any, batch: jax.Array) -> jax.Array:
-            return lm_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+            logits = cast(jax.Array, model.apply({"params": params}, batch[:, :-1]))
+            return lm_loss(logits, batch[:, 1:])
 
         self._eval_loss = jax.jit(eval_loss)
         self.units_per_batch = batch * seq
@@ -97,7 +98,8 @@ class LanguageModelTask:
     def loss(self, params: Any, extra: Any, batch: jax.Array) -> jax.Array:
         """Mean next-token cross-entropy of ``batch`` ``[b, seq + 1]``."""
         del extra
-        return lm_loss(self.model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+        logits = cast(jax.Array, self.model.apply({"params": params}, batch[:, :-1]))
+        return lm_loss(logits, batch[:, 1:])
 
     def train_batch(self, position: int) -> np.ndarray:
         """The training batch at data position ``position``."""

@@ -14,9 +14,13 @@ class Task(Protocol):
     """A model plus data: the runner trains adapters on ``base`` and any ``extra`` (a head)."""
 
     base: Any  # frozen parameters, the tree LoRA adapts
-    extra: Any  # trainable parameters that are not adapters ({} for none)
     unit: str  # what throughput counts: "tok" or "ex"
     units_per_batch: int
+
+    @property
+    def extra(self) -> Any:
+        """Trainable parameters that are not adapters, e.g. a head (``{}`` for none)."""
+        ...
 
     def loss(self, params: Any, extra: Any, batch: Any) -> jax.Array:
         """Scalar training loss of ``batch`` under (merged) ``params`` and ``extra``."""
