@@ -18,7 +18,6 @@ import optax
 from tqdm import tqdm
 
 import jlora
-from jlora._checkpoint import checkpoint_steps, restore_checkpoint, save_checkpoint
 from jlora.runner import rundir
 from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.plots import plot_losses
@@ -100,8 +99,8 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     before_path = os.path.join(run_dir, "before.json")
     start = 0
-    if resuming and checkpoint_steps(ckpt_dir):
-        restored = restore_checkpoint(ckpt_dir, jax.eval_shape(lambda: state))
+    if resuming and jlora.checkpoint_steps(ckpt_dir):
+        restored = jlora.restore_checkpoint(ckpt_dir, jax.eval_shape(lambda: state))
         state, start = restored.state, int(restored.metadata["step"])
         rundir.rewind_metrics(run_dir, start)
         log(f"resuming {run_dir} from the checkpoint of step {start}")
@@ -135,7 +134,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         loss = float(loss)
         if not math.isfinite(loss):
             bar.close()
-            done = checkpoint_steps(ckpt_dir)
+            done = jlora.checkpoint_steps(ckpt_dir)
             kept = f"the last good checkpoint is step {done[-1]}" if done else "no checkpoint yet"
             raise FloatingPointError(
                 f"training loss is {loss} at step {step}; stopped without saving ({kept} in "
@@ -165,7 +164,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 or step == t.steps:
             meta = {"step": step, "data_position": step, "config": to_dict(config)}
-            save_checkpoint(ckpt_dir, step, state, metadata=meta, keep=t.keep_checkpoints)
+            jlora.save_checkpoint(ckpt_dir, step, state, metadata=meta, keep=t.keep_checkpoints)
     bar.close()
     return _finish(config, task, cfg, state, base, before)
 
