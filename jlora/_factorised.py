@@ -24,6 +24,7 @@ from jlora._interpret import Context, concrete, interpret
 from jlora._lazy import LoraValue
 from jlora._partition import combine, split
 from jlora._paths import KeyPath
+from jlora._quantize import dequantize
 from jlora._resolve import resolve_sites
 
 ON_UNSUPPORTED = ("raise", "merge")
@@ -127,6 +128,8 @@ def lora(
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
+        # QLoRA bases: quantised kernels become dense only inside this (traced) call.
+        args, kwargs = dequantize((args, kwargs))
         base_args, base_kwargs, found = _strip(args, kwargs, config)
         if not found:
             return fn(*args, **kwargs)

@@ -17,6 +17,7 @@ from jlora._config import LoraConfig
 from jlora._dora import rescale
 from jlora._layout import adapter_keys, delta, magnitude_key
 from jlora._paths import KeyPath
+from jlora._quantize import Quantized
 from jlora._resolve import resolve_sites
 from jlora._sharding import constrain
 from jlora._tree import rebuild, sites_in
@@ -28,6 +29,14 @@ _Plan = tuple[tuple[KeyPath, tuple[str, ...], float, Any], ...]
 def _plan(params: Any, config: LoraConfig) -> _Plan:
     plan = []
     for adapted in resolve_sites(params, config):
+        if isinstance(adapted.site.kernel, Quantized):
+            raise ValueError(
+                f"merge_params: kernel {adapted.site.name!r} is quantised "
+                f"({adapted.site.kernel.kind}); merging into it must dequantise and then either "
+                "keep the sum in float or "
+                "quantise it again. Use jlora.merge_quantized(params, config, store='float' or "
+                "'requantize')"
+            )
         sharding = getattr(adapted.site.kernel, "sharding", None)
         keep = sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
         plan.append((adapted.site.path, adapted.roles, adapted.scale, keep))

@@ -4,9 +4,12 @@
 :class:`Quantized` node: the kernel flattened (in its own layout, so stacked and N-d kernels
 need nothing special) into blocks of ``block_size`` values, one float32 absmax scale per block,
 and per value an int8 code (``round(127·x/absmax)``, 8 bits) or a 4-bit index into the NF4
-levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. Training runs on
-:func:`dequantize` of the tree inside the jitted step: the stored base stays quantised, the
-dense kernels are temporaries of the step, and only adapters get gradients.
+levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. ``jlora.lora``
+and ``jlora.value_and_grad`` take such trees as they are and dequantise inside the traced call
+(:func:`dequantize`): the stored base stays quantised, the dense kernels are temporaries of the
+jitted step (XLA schedules them; a scan-stacked kernel is dequantised whole, not per layer), and
+only adapters get gradients. ``merge_params`` refuses them; :func:`merge_quantized` asks how
+the merged kernels are to be stored.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ def quantize(
     def one(path: Sequence[Any], leaf: Any) -> Any:
         if tuple(path) not in chosen:
             return leaf
-        return _quantize(path_str(path), leaf, kind, block_size)
+        return _quantize(path_str(tuple(path)), leaf, kind, block_size)
 
     return jax.tree.map_with_path(one, params)
 
@@ -155,6 +158,8 @@ def dequantize(params: Any) -> Any:
       >>> float(jnp.abs(dequantize(q)["w"] - jnp.linspace(-1, 1, 64).reshape(8, 8)).max()) < 0.15
       True
     """
+    if not any(map(_is_quantized, jax.tree.leaves(params, is_leaf=_is_quantized))):
+        return params  # nothing to do: the very same tree, no container rebuilt
     return jax.tree.map(
         lambda x: x.dequantize() if _is_quantized(x) else x, params, is_leaf=_is_quantized
     )
@@ -219,7 +224,7 @@ def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None
         if tuple(path) not in adapted:
             return node
         if store == "requantize":
-            return _quantize(path_str(path), leaf, node.kind, node.block_size)
+            return _quantize(path_str(tuple(path)), leaf, node.kind, node.block_size)
         return leaf
 
     return jax.tree.map_with_path(put_back, merged)

@@ -1,6 +1,7 @@
 """DoRA: magnitude per output unit, detached norm; merge path == factorised path, errors."""
 
 import functools
+import tempfile
 import zlib
 
 import jax
@@ -13,7 +14,7 @@ from zoo import zoo
 import jlora
 from jlora._dora import dense_norm, factorised_norm
 
-ZOO = ("linen_attention", "linen_scan", "linen_conv", "nnx_mlp", "plain_dict")
+ZOO = ("linen_attention", "linen_scan", "linen_conv", "plain_dict")
 
 
 @functools.cache
@@ -152,7 +153,40 @@ def test_errors():
         ValueError, match=r"magnitude of 'mlp/w_in' has shape \(3,\).*needs \(20,\)"
     ):
         jlora.merge_params(bad, m.config)
+    with pytest.raises(ValueError, match=r"save_adapter: \['mlp/w_in', 'mlp/w_out'\] carry DoRA"):
+        jlora.save_adapter(tempfile.mkdtemp(), p, m.config)
+    with pytest.raises(ValueError, match=r"export_peft: .* carry DoRA magnitudes"):
+        jlora.export_peft(tempfile.mkdtemp(), p, m.config, jlora.peft.LLAMA)
     # A use DoRA cannot scale per output unit: the kernel contracted over its 'out' axis.
     tied = lambda q, x: x @ q["mlp"]["w_in"].T  # noqa: E731
     with pytest.raises(ValueError, match=r"DoRA kernel used transposed"):
         jlora.lora(tied, m.config)(p, jnp.ones((2, 20)))
+
+
+CONSTRUCT_CFG = jlora.LoraConfig(
+    rank=2, targets="w|s", axis_rules=[("s", ("stack", "in", "out", "out"))]
+)
+CONSTRUCTS = {
+    "kernel_on_the_left": lambda q, x: jax.lax.dot_general(q["w"], x, (((0,), (1,)), ((), ()))),
+    "stacked_batched_einsum": lambda q, x: jnp.einsum(
+        "sbi,sihd->sbhd", jnp.broadcast_to(x, (3, *x.shape)), q["s"]
+    ),
+    "stacked_on_the_left": lambda q, x: jax.lax.dot_general(
+        q["s"], jnp.broadcast_to(x, (3, *x.shape)), (((1,), (2,)), ((0,), (0,)))
+    ),
+    "scan_over_layers": lambda q, x: jax.lax.scan(
+        lambda c, w: (c, jnp.einsum("bi,ihd->bhd", x, w)), 0.0, q["s"]
+    )[1],
+    "reshape_then_slice": lambda q, x: x @ q["s"].reshape(3, 6, 8)[1],
+    "double_transpose": lambda q, x: x @ q["w"].T.T,
+}
+
+
+@pytest.mark.parametrize("name", CONSTRUCTS)
+def test_factorised_constructs_move_the_magnitude_with_the_kernel(name):
+    k = jax.random.split(jax.random.key(0), 3)
+    base = {"w": jax.random.normal(k[0], (6, 5)), "s": jax.random.normal(k[1], (3, 6, 2, 4))}
+    p = randomize(jlora.init_dora(jax.random.key(1), base, CONSTRUCT_CFG))
+    x = jax.random.normal(k[2], (7, 6))
+    f = CONSTRUCTS[name]
+    close(jlora.lora(f, CONSTRUCT_CFG)(p, x), f(jlora.merge_params(p, CONSTRUCT_CFG), x))

@@ -63,7 +63,7 @@ def test_train_adapters_on_a_quantised_base_through_the_factorised_path(kind):
 
     @jax.jit
     def step(q, state):
-        value, g = grad(jlora.dequantize(q), m.x)  # dequantised inside the step only
+        value, g = grad(q, m.x)  # jlora.lora dequantises inside the traced call only
         lora, base = jlora.split(q)
         updates, state = tx.update(g, state, lora)
         return jlora.combine(optax.apply_updates(lora, updates), base), state, value
@@ -81,7 +81,7 @@ def test_train_adapters_on_a_quantised_base_through_the_factorised_path(kind):
         np.testing.assert_array_equal(a, b)
     # Factorised on the quantised base == merge path on the dequantised base.
     deq = jlora.dequantize(q)
-    got = jlora.lora(m.apply, m.config)(deq, m.x)
+    got = jlora.lora(m.apply, m.config)(q, m.x)
     want = m.apply(jlora.merge_params(deq, m.config), m.x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -101,6 +101,10 @@ def test_merging_into_a_quantised_base_dequantises_adds_and_stores_as_asked():
     assert rel_err(again["mlp"]["w_in"].dequantize(), want["mlp"]["w_in"]) < 1e-2
     with pytest.raises(ValueError, match=r"say how the merged kernels are stored.*got store=None"):
         jlora.merge_quantized(q, cfg)
+    with pytest.raises(
+        ValueError, match=r"kernel 'mlp/w_in' is quantised \(int8\).*merge_quantized"
+    ):
+        jlora.merge_params(q, cfg)
 
 
 @pytest.mark.parametrize(

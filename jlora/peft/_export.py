@@ -64,6 +64,13 @@ def export_peft(
             "export_peft: params hold no LoRA adapters; pass the tree returned by "
             "jlora.init_lora (trained), not the base params"
         )
+    dora = [item.site.name for item in adapted if item.site.m is not None]
+    if dora:
+        raise ValueError(
+            f"export_peft: {dora} carry DoRA magnitudes ('*_lora_m'); exporting them as PEFT's "
+            "lora_magnitude_vector is not supported yet, and dropping them would silently change "
+            "the model. Export the merged model (merge_params) instead"
+        )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
