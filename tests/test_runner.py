@@ -75,9 +75,16 @@ def test_kill_at_any_moment_then_rerun_resumes_with_identical_losses(
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
         ckpts = run_dir / "checkpoints"
         deadline = time.monotonic() + 240
-        # Kill as soon as step 4 is saved: the process is then training or writing step 6.
-        while not (ckpts / "4").is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+
+        def mid_save():  # orbax writes a step into a temporary directory, then renames it
+            return ckpts.is_dir() and any("tmp" in d for d in os.listdir(ckpts))
+
+        # Once step 4 is saved, kill during the next save if we catch one in the act, else as
+        # soon as step 6 exists (then the process is training step 7).
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (ckpts / "4").is_dir() and (mid_save() or (ckpts / "6").is_dir()):
+                break
+            time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()
@@ -85,7 +92,7 @@ def test_kill_at_any_moment_then_rerun_resumes_with_identical_losses(
     assert steps and steps[-1] < STEPS
     # A save torn by a kill is left as orbax's temporary directory; it must be ignored.
     torn = ckpts / f"{steps[-1] + 2}.orbax-checkpoint-tmp-1"
-    torn.mkdir()
+    torn.mkdir(exist_ok=True)
     (torn / "garbage").write_text("half a checkpoint")
 
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
