@@ -130,14 +130,25 @@ def sites_of(base: Any, adapter: Adapter) -> dict[KeyPath, Adapted]:
 
 
 def sites_by_name(
-    base: Any, adapters: Mapping[str, Adapter]
+    base: Any, adapters: Mapping[str, Adapter], what: str
 ) -> tuple[dict[str, dict[KeyPath, Adapted]], dict[KeyPath, tuple[str, ...]]]:
     """Every adapter's sites, and the union of kernel paths with their (agreed) axis roles.
 
+    Only plain (additive) adapters can be re-expressed as factors: ``what`` names the caller
+    in the error for a DoRA adapter.
+
     Raises:
-      ValueError: if two adapters give one kernel different axis roles.
+      ValueError: if two adapters give one kernel different axis roles, or one is DoRA.
     """
     per = {name: sites_of(base, adapter) for name, adapter in adapters.items()}
+    for name, sites in per.items():
+        dora = [a.site.name for a in sites.values() if a.site.m is not None]
+        if dora:
+            raise ValueError(
+                f"{what}: adapter {name!r} is DoRA at {dora} (it has '*_lora_m' magnitudes); "
+                "a DoRA kernel is renormalised, not W + s·A·B, so its factors cannot be added or "
+                "stacked with others. Merge it (merge_params) or use plain LoRA adapters"
+            )
     roles: dict[KeyPath, tuple[str, ...]] = {}
     owner: dict[KeyPath, str] = {}
     for name, sites in per.items():

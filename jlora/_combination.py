@@ -95,7 +95,8 @@ def combine_adapters(
 
     Raises:
       ValueError: for an unknown method, a missing/extra ``rank``, ``linear`` over different
-        ranks (naming the kernel and both ranks), or adapters that lay a kernel out differently.
+        ranks (naming the kernel and both ranks), adapters that lay a kernel out differently,
+        or DoRA adapters (renormalised kernels do not add).
       KeyError: for a weight naming no adapter.
       TypeError: for weights that are not a mapping of numbers.
 
@@ -111,7 +112,7 @@ def combine_adapters(
     """
     _check(adapters, weights, method, rank)
     chosen = {name: adapters[name] for name in weights}
-    per, roles = sites_by_name(base, chosen)
+    per, roles = sites_by_name(base, chosen, "combine_adapters")
     factors: dict[KeyPath, tuple[jax.Array, jax.Array]] = {}
     plan: dict[KeyPath, tuple[tuple[str, ...], int]] = {}
     for path, kernel_roles in roles.items():

@@ -34,7 +34,7 @@ def _pad(x: jax.Array, axis: int, rank: int) -> jax.Array:
 
 def _stacked(base: Any, adapters: Mapping[str, Adapter]) -> tuple[Any, Any]:
     """A lora tree whose leaves stack every adapter (then a zero 'base' adapter) on axis 0."""
-    per, roles = sites_by_name(base, adapters)
+    per, roles = sites_by_name(base, adapters, "mixed_batch with traced indices")
     factors: dict[KeyPath, tuple[jax.Array, jax.Array]] = {}
     plan = {}
     for path, kernel_roles in roles.items():
@@ -127,7 +127,8 @@ def mixed_batch(
       fn: the model, ``fn(params, *args)``, as for :func:`jlora.lora`.
       base: the base params shared by all adapters.
       adapters: ``{name: Adapter}``; any ranks, scales and subsets of targets (kernels an
-        adapter does not adapt are left alone for its rows).
+        adapter does not adapt are left alone for its rows). DoRA adapters work with rows
+        known at trace time (names or concrete indices), not with traced indices.
       rows: per row, an adapter name or ``None``; or a 1-D int array of indices into
         ``list(adapters)``, ``-1`` for the base (traceable; under ``jax.jit`` an out-of-range
         index cannot be refused and gives a NaN row).
@@ -139,7 +140,8 @@ def mixed_batch(
     Raises:
       KeyError: for a row naming no adapter.
       IndexError: for a concrete index outside ``[-1, len(adapters))``.
-      ValueError: if ``args`` do not have ``len(rows)`` rows, or ``adapters`` is empty.
+      ValueError: if ``args`` do not have ``len(rows)`` rows, ``adapters`` is empty, or a DoRA
+        adapter meets traced indices.
       TypeError: for rows that are neither names nor a 1-D int array.
 
     Example:

@@ -144,7 +144,8 @@ def pissa_to_lora(params: Any, initial: Any, config: LoraConfig) -> Adapter:
       An :class:`jlora.Adapter` to combine with the ORIGINAL base (e.g. for ``export_peft``).
 
     Raises:
-      ValueError: if ``initial`` does not line up with ``params`` or does not fit ``config``.
+      ValueError: if ``initial`` does not line up with ``params`` or does not fit ``config``,
+        or a kernel is DoRA.
 
     Example:
       >>> import jax.numpy as jnp, jlora
@@ -163,6 +164,12 @@ def pissa_to_lora(params: Any, initial: Any, config: LoraConfig) -> Adapter:
             f"pissa_to_lora: the initial adapters cover {sorted(map(path_str, start))} but the "
             f"trained tree {sorted(map(path_str, trained))}; pass split(init_pissa(...))[0] "
             "from the same init"
+        )
+    dora = [p.site.name for p in trained.values() if p.site.m is not None]
+    if dora:
+        raise ValueError(
+            f"pissa_to_lora: {dora} are DoRA kernels ('*_lora_m' magnitudes); a renormalised "
+            "kernel has no plain rank-2r form. Export the merged model (merge_params) instead"
         )
     factor = math.sqrt(2.0) if config.use_rslora else 2.0
     doubled = dataclasses.replace(

@@ -212,3 +212,23 @@ def test_mixed_batch_errors(rows, error, match):
         jlora.mixed_batch(m.apply, base, adapters, rows, m.x)
     with pytest.raises(ValueError, match=r"no adapters given"):
         jlora.mixed_batch(m.apply, base, {}, [None], m.x[:1])
+
+
+def test_dora_adapters_mix_by_name_but_do_not_combine():
+    m = models()["plain_dict"]
+    p = jlora.init_dora(jax.random.key(0), m.params, m.config)
+    p = randomize(p, 4)
+    p = jax.tree.map_with_path(
+        lambda q, x: jnp.abs(x) + 1 if jlora.path_str(q).endswith("_lora_m") else x, p
+    )
+    lora, base = jlora.split(p)
+    bank = jlora.add_adapter({}, "d", lora, m.config)
+    rows = ["d", None, "d", "d", None, "d"]
+    got = jlora.mixed_batch(m.apply, base, bank, rows, m.x)
+    want = m.apply(jlora.merge_params(p, m.config), m.x)
+    close(got[0], want[0])
+    close(got[1], m.apply(base, m.x[1:2])[0])
+    with pytest.raises(ValueError, match=r"combine_adapters: adapter 'd' is DoRA at \['mlp/w_in'"):
+        jlora.combine_adapters(base, bank, {"d": 1.0})
+    with pytest.raises(ValueError, match=r"mixed_batch with traced indices: adapter 'd' is DoRA"):
+        jax.jit(lambda i: jlora.mixed_batch(m.apply, base, bank, i, m.x))(jnp.zeros(6, int))

@@ -103,3 +103,15 @@ def test_errors():
     only_d = {"d": jlora.split(two)[0]["d"]}
     with pytest.raises(ValueError, match=r"initial adapters cover \['d/kernel'\] but the trained"):
         jlora.pissa_to_lora(two, only_d, cfg)
+
+
+def test_dora_on_pissa_cannot_be_converted():
+    params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+    cfg = jlora.LoraConfig(rank=2)
+    p = jlora.add_magnitudes(jlora.init_pissa(params, cfg), cfg)
+    # DoRA over PiSSA starts exactly at the model too (m = current norm).
+    np.testing.assert_allclose(
+        jlora.merge_params(p, cfg)["d"]["kernel"], params["d"]["kernel"], rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"pissa_to_lora: \['d/kernel'\] are DoRA kernels"):
+        jlora.pissa_to_lora(p, jlora.split(p)[0], cfg)
