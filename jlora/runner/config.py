@@ -118,6 +118,35 @@ class GenerateSection:
     temperature: float = 0.7
 
 
+_LLAMA_RULES = (
+    (r".*/attn/(query|key|value)/kernel", "fsdp", "tensor"),
+    (r".*/attn/out/kernel", "tensor", "fsdp"),
+    (r".*/mlp/(gate|up)/kernel", "fsdp", "tensor"),
+    (r".*/mlp/down/kernel", "tensor", "fsdp"),
+    (r"lm_head/kernel", "fsdp", "tensor"),
+    (r"embed/embedding", "none", "fsdp"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Sharded training on a ``(data, fsdp, tensor)`` device mesh; all 1 = one device.
+
+    Attributes:
+      data: data-parallel ways (the batch is split over ``data × fsdp``).
+      fsdp: ways the base kernels' input axes (and their A factors) are split.
+      tensor: ways the base kernels' output axes (and their B factors) are split.
+      rules: ``[regex, axis, ...]`` per base leaf, first match wins, one axis name (``data``,
+        ``fsdp``, ``tensor`` or ``none``) per array axis; unmatched leaves are replicated.
+        Adapters always follow their kernel.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: tuple[tuple[str, ...], ...] = _LLAMA_RULES
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run; ``run_dir`` holds its config, metrics, plots, adapter and checkpoints.
@@ -135,6 +164,7 @@ class RunConfig:
     lora: LoraSection = LoraSection()
     train: TrainSection = TrainSection()
     generate: GenerateSection = GenerateSection()
+    mesh: MeshSection = MeshSection()
 
 
 CHOICES = {
@@ -209,6 +239,9 @@ def from_dict(cls: Any, data: Any, where: str = "") -> Any:
 
 
 _POSITIVE = {
+    "data",
+    "fsdp",
+    "tensor",
     "steps",
     "batch_size",
     "seq_len",

@@ -11,15 +11,19 @@ import json
 import math
 import os
 import time
+from functools import partial
 from typing import Any
 
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
 from jlora.runner import rundir
 from jlora.runner.config import RunConfig, to_dict
+from jlora.runner.mesh import batch_sharding, make_mesh, shard_state
+from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
 from jlora.runner.tasks import Task, lora_config, make_task
 
@@ -88,6 +92,10 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     run_dir, t = config.run_dir, config.train
     task = make_task(config)  # every input is checked before the run directory is touched
     cfg = lora_config(config)
+    mesh = make_mesh(config.mesh)
+    if mesh is not None:
+        mesh_rules(config.mesh)
+        put_batch = partial(jax.device_put, device=batch_sharding(mesh, t.batch_size))
     key = jax.random.key(t.seed)
     params = jlora.init_lora(jax.random.fold_in(key, 0), task.base, cfg)
     lora, base = jlora.split(params)
@@ -116,7 +124,14 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         scores = {k: v for k, v in before.items() if isinstance(v, float)}
         rundir.append_metrics(run_dir, {"step": 0, **scores})
 
-    @jax.jit
+    jit_options: dict[str, Any] = {}
+    if mesh is not None:  # lay everything out on the mesh, and keep it so from step to step
+        base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
+        jit_options["out_shardings"] = (state_shardings, NamedSharding(mesh, PartitionSpec()))
+    else:
+        put_batch = jax.numpy.asarray
+
+    @partial(jax.jit, **jit_options)
     def step_fn(
         state: dict[str, Any], base: Any, batch: Any, step: jax.Array
     ) -> tuple[dict[str, Any], Any]:
@@ -130,7 +145,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     window: list[float] = []
     tic, units = time.perf_counter(), 0
     for step in range(start + 1, t.steps + 1):
-        state, loss = step_fn(state, base, task.train_batch(step - 1), step)
+        state, loss = step_fn(state, base, put_batch(task.train_batch(step - 1)), step)
         loss = float(loss)
         if not math.isfinite(loss):
             bar.close()
