@@ -41,8 +41,12 @@ BATCH = P(("data", "fsdp"), None)
 
 
 def make_mesh(shape: tuple[int, int, int], devices=None) -> jax.sharding.Mesh:
-    devices = np.asarray(devices if devices is not None else jax.devices())
+    """A (data, fsdp, tensor) mesh: topology-aware over all devices, else the first ones."""
     n = int(np.prod(shape))
+    if devices is None and n == jax.device_count():
+        auto = (jax.sharding.AxisType.Auto,) * 3
+        return jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=auto)
+    devices = np.asarray(devices if devices is not None else jax.devices())
     return jax.sharding.Mesh(devices[:n].reshape(shape), ("data", "fsdp", "tensor"))
 
 
