@@ -6,10 +6,11 @@ need nothing special) into blocks of ``block_size`` values, one float32 absmax s
 and per value an int8 code (``round(127·x/absmax)``, 8 bits) or a 4-bit index into the NF4
 levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. ``jlora.lora``
 and ``jlora.value_and_grad`` take such trees as they are and dequantise inside the traced call
-(:func:`dequantize`): the stored base stays quantised, the dense kernels are temporaries of the
-jitted step (XLA schedules them; a scan-stacked kernel is dequantised whole, not per layer), and
-only adapters get gradients. ``merge_params`` refuses them; :func:`merge_quantized` asks how
-the merged kernels are to be stored.
+(:func:`dequantize`): the stored base (the step's arguments) stays quantised and only adapters
+get gradients, but the dense kernels are temporaries of the step that XLA keeps for the
+backward pass (measured on XLA:CPU; a remat policy that re-dequantised them in the backward
+pass did not lower its temporary memory), and a scan-stacked kernel is dequantised whole.
+``merge_params`` refuses them; :func:`merge_quantized` asks how the merged kernels are stored.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def _is_quantized(x: Any) -> bool:
     return isinstance(x, Quantized)
 
 
+def has_quantized(tree: Any) -> bool:
+    """Whether ``tree`` holds any :class:`Quantized` kernel."""
+    return any(map(_is_quantized, jax.tree.leaves(tree, is_leaf=_is_quantized)))
+
+
 def dequantize(params: Any) -> Any:
     """``params`` with every :class:`Quantized` node replaced by its dense kernel.
 
@@ -158,7 +164,7 @@ def dequantize(params: Any) -> Any:
       >>> float(jnp.abs(dequantize(q)["w"] - jnp.linspace(-1, 1, 64).reshape(8, 8)).max()) < 0.15
       True
     """
-    if not any(map(_is_quantized, jax.tree.leaves(params, is_leaf=_is_quantized))):
+    if not has_quantized(params):
         return params  # nothing to do: the very same tree, no container rebuilt
     return jax.tree.map(
         lambda x: x.dequantize() if _is_quantized(x) else x, params, is_leaf=_is_quantized
