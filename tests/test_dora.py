@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from zoo import zoo
 
 import jlora
@@ -190,3 +192,28 @@ def test_factorised_constructs_move_the_magnitude_with_the_kernel(name):
     x = jax.random.normal(k[2], (7, 6))
     f = CONSTRUCTS[name]
     close(jlora.lora(f, CONSTRUCT_CFG)(p, x), f(jlora.merge_params(p, CONSTRUCT_CFG), x))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    stack=st.integers(0, 2),
+    fan_in=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+    fan_out=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+    rank=st.integers(1, 3),
+    scale=st.floats(0.1, 4.0),
+    seed=st.integers(0, 2**16),
+)
+def test_factorised_norm_property(stack, fan_in, fan_out, rank, scale, seed):
+    from jlora._layout import adapter_shapes, delta
+
+    shape = (2,) * stack + tuple(fan_in) + tuple(fan_out)
+    roles = ("stack",) * stack + ("in",) * len(fan_in) + ("out",) * len(fan_out)
+    a_shape, b_shape = adapter_shapes(shape, roles, rank)
+    k = jax.random.split(jax.random.key(seed), 3)
+    w = jax.random.normal(k[0], shape)
+    a, b = jax.random.normal(k[1], a_shape), jax.random.normal(k[2], b_shape)
+    close(
+        factorised_norm(w, a, b, roles, scale),
+        dense_norm(w + delta(a, b, roles, scale), roles),
+        1e-4,
+    )

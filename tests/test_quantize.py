@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from zoo import zoo
 
 import jlora
@@ -124,3 +126,35 @@ def test_errors(kwargs, match):
     m = models()["plain_dict"]
     with pytest.raises(ValueError, match=match):
         jlora.quantize(m.params, m.config, **kwargs)
+
+
+def test_variants_trace_on_a_7b_shaped_tree_without_allocating():
+    big = {
+        f"layer{i}": {
+            "q": {"kernel": jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)},
+            "up": {"kernel": jax.ShapeDtypeStruct((4096, 11008), jnp.bfloat16)},
+        }
+        for i in range(32)
+    }
+    cfg = jlora.LoraConfig(rank=16)
+    dora = jax.eval_shape(lambda p: jlora.init_dora(jax.random.key(0), p, cfg), big)
+    assert dora["layer3"]["up"]["kernel_lora_m"].shape == (11008,)
+    pissa = jax.eval_shape(lambda p: jlora.init_pissa(p, cfg), big)
+    assert pissa["layer3"]["up"]["kernel"].dtype == jnp.bfloat16
+    q = jax.eval_shape(lambda p: jlora.quantize(p, cfg, kind="nf4"), big)
+    assert q["layer3"]["up"]["kernel"].codes.shape == (4096 * 11008 // 64, 32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    blocks=st.integers(1, 6),
+    block=st.sampled_from([2, 4, 16, 64]),
+    scale=st.floats(1e-3, 1e3),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_error_is_at_most_half_a_step_per_block(blocks, block, scale, seed):
+    w = jax.random.normal(jax.random.key(seed), (blocks, block)) * scale
+    q = jlora.quantize({"w": w}, "w", kind="int8", block_size=block)["w"]
+    step = np.abs(np.asarray(w)).max(axis=1, keepdims=True) / 127
+    err = np.abs(np.asarray(q.dequantize()) - np.asarray(w))
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-30).all()
