@@ -29,7 +29,8 @@ import numpy as np
 from jlora._atomic import atomic_write, fsync_dir
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
-from jlora._layout import adapter_keys, adapter_shapes
+from jlora._dora import place_magnitudes
+from jlora._layout import adapter_keys, adapter_shapes, magnitude_key
 from jlora._paths import path_str, some_paths
 from jlora._place import check_unadapted, place_adapters
 from jlora._resolve import resolve_sites
@@ -96,18 +97,21 @@ def save_adapter(path: str | os.PathLike[str], params: Any, config: LoraConfig) 
         b_name = path_str((*site.parent, jax.tree_util.DictKey(b_key)))
         tensors[a_name] = np.asarray(jax.device_get(site.a))
         tensors[b_name] = np.asarray(jax.device_get(site.b))
-        entries.append(
-            {
-                "kernel": site.name,
-                "kernel_shape": list(site.kernel.shape),
-                "kernel_dtype": jnp.dtype(site.kernel.dtype).name,
-                "roles": list(item.roles),
-                "rank": item.rank,
-                "scale": item.scale,
-                "a": _spec(a_name, site.a),
-                "b": _spec(b_name, site.b),
-            }
-        )
+        entry = {
+            "kernel": site.name,
+            "kernel_shape": list(site.kernel.shape),
+            "kernel_dtype": jnp.dtype(site.kernel.dtype).name,
+            "roles": list(item.roles),
+            "rank": item.rank,
+            "scale": item.scale,
+            "a": _spec(a_name, site.a),
+            "b": _spec(b_name, site.b),
+        }
+        if site.m is not None:  # DoRA magnitude
+            m_name = path_str((*site.parent, jax.tree_util.DictKey(magnitude_key(site.key))))
+            tensors[m_name] = np.asarray(jax.device_get(site.m))
+            entry["m"] = _spec(m_name, site.m)
+        entries.append(entry)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"save_adapter: {path!r} is a file; an adapter is saved as a directory")
     os.makedirs(path, exist_ok=True)
@@ -194,7 +198,7 @@ def _read_tensors(path: str, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _check_tensors(path: str, entries: list[dict[str, Any]], tensors: dict[str, Any]) -> None:
-    specs = {e[w]["name"]: e[w] for e in entries for w in ("a", "b")}
+    specs = {e[w]["name"]: e[w] for e in entries for w in ("a", "b", "m") if w in e}
     for name in specs:
         if name not in tensors:
             raise ValueError(
@@ -297,6 +301,9 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, L
         {e["kernel"]: (tensors[e["a"]["name"]], tensors[e["b"]["name"]]) for e in entries},
         roles,
         f"adapter {path!r}",
+    )
+    params = place_magnitudes(
+        params, {e["kernel"]: tensors[e["m"]["name"]] for e in entries if "m" in e}
     )
     resolve_sites(params, config)
     return params, config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -23,7 +23,7 @@ from jax.tree_util import DictKey
 from jlora._config import LoraConfig
 from jlora._init import init_lora
 from jlora._layout import axes_of, delta, magnitude_key
-from jlora._paths import KeyPath
+from jlora._paths import KeyPath, path_str
 from jlora._resolve import resolve_sites
 from jlora._tree import rebuild
 
@@ -119,6 +119,31 @@ def add_magnitudes(params: Any, config: LoraConfig) -> Any:
         return items
 
     return rebuild(params, add)
+
+
+def place_magnitudes(params: Any, magnitudes: Mapping[str, Any]) -> Any:
+    """``params`` with ``k_lora_m = magnitudes[path]`` beside each kernel named by its path.
+
+    Used when loading saved DoRA adapters; the kernels must already have their A and B.
+
+    Raises:
+      ValueError: if a named kernel is not in a dict of ``params``.
+    """
+    placed = set()
+
+    def add(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
+        for k in list(items):
+            name = path_str((*parent, DictKey(k)))
+            if name in magnitudes and isinstance(k, str):
+                items[magnitude_key(k)] = jnp.asarray(magnitudes[name])
+                placed.add(name)
+        return items
+
+    out = rebuild(params, add)
+    missing = sorted(set(magnitudes) - placed)
+    if missing:
+        raise ValueError(f"DoRA magnitudes for {missing} have no kernel in a dict of params")
+    return out
 
 
 def init_dora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
