@@ -40,7 +40,9 @@ def _letters(roles: Sequence[str]) -> dict[str, str]:
 def dense_norm(w: jax.Array, roles: Sequence[str]) -> jax.Array:
     """``||w||`` over the ``in`` axes, laid out ``stack + out``."""
     g = _letters(roles)
-    return jnp.sqrt(jnp.einsum(f"{g['all']},{g['all']}->{g['stack']}{g['out']}", w, w))
+    return jnp.sqrt(
+        jnp.einsum(f"{g['all']},{g['all']}->{g['stack']}{g['out']}", w, w, precision=_HI)
+    )
 
 
 def factorised_norm(
@@ -73,7 +75,7 @@ def rescale(summed: jax.Array, m: jax.Array, roles: Sequence[str]) -> jax.Array:
     """``m · summed / ||summed||`` (norm over ``in``, detached), in ``summed``'s layout."""
     g = _letters(roles)
     c = m.astype(summed.dtype) / jax.lax.stop_gradient(dense_norm(summed, roles))
-    return jnp.einsum(f"{g['all']},{g['stack']}{g['out']}->{g['all']}", summed, c)
+    return jnp.einsum(f"{g['all']},{g['stack']}{g['out']}->{g['all']}", summed, c, precision=_HI)
 
 
 def add_magnitudes(params: Any, config: LoraConfig) -> Any:

@@ -115,3 +115,26 @@ def test_dora_on_pissa_cannot_be_converted():
     )
     with pytest.raises(ValueError, match=r"pissa_to_lora: \['d/kernel'\] are DoRA kernels"):
         jlora.pissa_to_lora(p, jlora.split(p)[0], cfg)
+
+
+def test_converted_adapter_round_trips_through_peft_files():
+    """PEFT's PiSSA export: the rank-2r adapter against the original base, as PEFT files."""
+    import tempfile
+
+    k = jax.random.split(jax.random.key(5), 3)
+    base = {
+        "fc": {"kernel": jax.random.normal(k[0], (8, 6))},
+        "proj": {"kernel": jax.random.normal(k[1], (6, 4))},
+    }
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0)
+    p = jlora.init_pissa(base, cfg)
+    trained = perturb(p)
+    plain = jlora.pissa_to_lora(trained, jlora.split(p)[0], cfg)
+    path = tempfile.mkdtemp()
+    jlora.export_peft(path, jlora.combine(plain.lora, base), plain.config, jlora.peft.LLAMA)
+    loaded, loaded_cfg = jlora.import_peft(path, base, jlora.peft.LLAMA)
+
+    def f(q):
+        return jnp.tanh(jax.random.normal(k[2], (5, 8)) @ q["fc"]["kernel"]) @ q["proj"]["kernel"]
+
+    close(f(jlora.merge_params(loaded, loaded_cfg)), f(jlora.merge_params(trained, cfg)), 1e-6)
