@@ -503,3 +503,67 @@ def test_value_and_grad_with_aux_and_the_whole_tree_form():
     new = optax.apply_updates(p, updates)
     np.testing.assert_array_equal(new["w"], p["w"])
     close(new["w_lora_a"], p["w_lora_a"] - 0.1 * grads["w_lora_a"])
+
+
+XCFG = jlora.LoraConfig(
+    rank=2,
+    targets=r"w|stack|w3|c",
+    axis_rules=[
+        ("stack", ("stack", "in", "out")),
+        ("w3", ("in", "out", "out")),
+        ("c", ("in", "in", "out")),
+    ],
+)
+
+
+def _conv(c, h, groups=1, spec=("NWC", "WIO", "NWC")):
+    return jax.lax.conv_general_dilated(
+        h, c, (1,), "SAME", dimension_numbers=spec, feature_group_count=groups
+    )
+
+
+def _gather_rows(x, w):
+    dnums = jax.lax.GatherDimensionNumbers(
+        offset_dims=(2,), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    indices = w.astype(jnp.int32)[..., None]
+    return jax.lax.gather(x.reshape(-1, 8), indices, dnums, (1, 8))
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (
+            lambda p, x: jnp.einsum("io,io->", p["w"], jnp.ones((8, 6))),
+            r"neither all its 'in' axes",
+        ),
+        (
+            lambda p, x: jax.lax.while_loop(lambda c: c[0, 0] > 1e9, lambda c: c, p["w"]),
+            r"'while'.*kernel in a while-loop carry",
+        ),
+        (lambda p, x: jnp.broadcast_to(p["w"], (2, 8, 6)), r"'broadcast_in_dim'.*broadcasting"),
+        (
+            lambda p, x: x[..., :2] @ p["w3"].transpose(1, 0, 2).reshape(2, 24),
+            r"'reshape'.*not grouped into one contiguous run per role",
+        ),
+        (lambda p, x: _conv(p["c"], x, groups=2), r"'conv_general_dilated'.*grouped convolution"),
+        (
+            lambda p, x: _conv(p["c"], x[..., :6], spec=("NWC", "WOI", "NWC")),
+            r"roles \('in', 'in', 'out'\) do not match the convolution",
+        ),
+        (lambda p, x: _gather_rows(x, p["w"]), r"'gather'.*used as gather indices"),
+        (
+            lambda p, x: jnp.take(p["stack"], jnp.array([0, 1]), axis=1),
+            r"'gather'.*one 'out' axis needed",
+        ),
+    ],
+)
+def test_more_unsupported_uses_raise(fn, match):
+    params = {
+        "w": normal(1, (8, 6)),
+        "stack": normal(3, (4, 8, 8)),
+        "w3": normal(7, (8, 2, 3)),
+        "c": normal(8, (3, 4, 6)),
+    }
+    with pytest.raises(ValueError, match=match):
+        jlora.lora(fn, XCFG)(adapted(params, XCFG), X)
