@@ -100,17 +100,21 @@ def lora(
       on_unsupported: ``"raise"`` (default): a use that cannot be factorised is an error
         naming the primitive and the kernel path. ``"merge"``: merge that kernel at that use
         only, with a warning.
-      dropout_rng: PRNG key for LoRA dropout (``config.dropout``) on the adapters' input;
-        only used when ``deterministic=False``. Pass a new key every step.
+      dropout_rng: PRNG key for LoRA dropout (``config.dropout``) on the adapters' input
+        (products and convolutions; embedding lookups have none); only used when
+        ``deterministic=False``. Pass a new key every step.
       deterministic: ``True`` (default, eval) turns LoRA dropout off; ``False`` (training)
         turns it on when ``config.dropout > 0``. Same key, same masks.
 
     Returns:
       A function with ``fn``'s signature whose parameter arguments may carry adapters.
 
+    Under ``jax.jit`` the tracing and interpretation happen once per compilation; called
+    eagerly, every call traces ``fn`` again, so jit the wrapped function (or the step using it).
+
     Raises:
-      ValueError: (at call time) for a use that cannot be factorised, for adapters that do not
-        fit ``config``, for dropout on without a key, or an unknown ``on_unsupported``.
+      ValueError: here, for an unknown ``on_unsupported`` or dropout on without a key; when
+        called, for a use that cannot be factorised or adapters that do not fit ``config``.
       TypeError: if ``config`` is not a ``LoraConfig`` or ``deterministic`` is not a bool.
 
     Example:
