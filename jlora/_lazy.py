@@ -87,37 +87,55 @@ def transpose(v: LoraValue, perm: Sequence[int]) -> LoraValue:
     )
 
 
-def _runs(roles: Sequence[str], shape: Sequence[int]) -> list[tuple[str, int]]:
-    runs: list[tuple[str, int]] = []
-    for role, size in zip(roles, shape, strict=True):
-        if runs and runs[-1][0] == role:
-            runs[-1] = (role, runs[-1][1] * size)
-        else:
-            runs.append((role, size))
-    if len({r for r, _ in runs}) != len(runs):
-        raise Unsupported(
-            f"a reshape of a kernel whose axis roles {tuple(roles)} are not grouped into one "
-            "contiguous run per role"
-        )
-    return runs
+def _new_roles(roles: Sequence[str], shape: Sequence[int], new: Sequence[int]) -> list[str]:
+    """Roles of the new axes of a reshape, or :class:`Unsupported` if it mixes two roles.
+
+    Old and new axes are cut into the smallest consecutive segments of equal size (the usual
+    reshape decomposition, size-1 axes aside); each segment must lie inside one role, and its
+    new axes get that role. Size-1 new axes take their neighbour's role.
+    """
+    old = [(n, r) for n, r in zip(shape, roles, strict=True) if n != 1]
+    out: list[str | None] = [None] * len(new)
+    mixed = Unsupported(
+        f"a reshape {tuple(shape)} -> {tuple(new)} that mixes the kernel's {tuple(roles)} "
+        "axis groups"
+    )
+    i = j = 0
+    while j < len(new):
+        if new[j] == 1:
+            j += 1
+            continue
+        if i >= len(old):
+            raise mixed
+        prod_old, seg_roles = old[i][0], {old[i][1]}
+        prod_new, seg = new[j], [j]
+        i, j = i + 1, j + 1
+        while prod_old != prod_new:
+            if prod_old < prod_new and i < len(old):
+                prod_old, i = prod_old * old[i][0], i + 1
+                seg_roles.add(old[i - 1][1])
+            elif prod_new < prod_old and j < len(new):
+                prod_new, j = prod_new * new[j], j + 1
+                seg.append(j - 1)
+            else:
+                raise mixed
+        if len(seg_roles) != 1:
+            raise mixed
+        (role,) = seg_roles
+        for k in seg:
+            out[k] = role
+    known = [r for r in out if r is not None]
+    fill = known[0] if known else "in"
+    filled = []
+    for r in out:
+        fill = r if r is not None else fill
+        filled.append(fill)
+    return filled
 
 
 def reshape(v: LoraValue, new_shape: Sequence[int]) -> LoraValue:
-    """The kernel reshaped, allowed when every new axis falls inside one role's run of axes."""
-    runs = _runs(v.roles, v.shape)
-    new_roles: list[str] = []
-    i = 0
-    for k, (role, size) in enumerate(runs):
-        prod = 1
-        while i < len(new_shape) and (prod < size or k == len(runs) - 1):
-            prod *= new_shape[i]
-            new_roles.append(role)
-            i += 1
-        if prod != size:
-            raise Unsupported(
-                f"a reshape {v.shape} -> {tuple(new_shape)} that mixes the kernel's "
-                f"{tuple(v.roles)} axis groups"
-            )
+    """The kernel reshaped, allowed when no new axis mixes two roles (in, out, stack)."""
+    new_roles = _new_roles(v.roles, v.shape, new_shape)
     sizes = {r: [n for n, rr in zip(new_shape, new_roles, strict=True) if rr == r] for r in ROLES}
     rank = v.a.shape[-1]
     return v.replace(

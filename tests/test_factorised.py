@@ -12,6 +12,8 @@ import numpy as np
 import optax
 import pytest
 from conftest import TOLERANCE
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 from zoo import ZOO_NAMES, model
 
@@ -544,7 +546,7 @@ def _gather_rows(x, w):
         (lambda p, x: jnp.broadcast_to(p["w"], (2, 8, 6)), r"'broadcast_in_dim'.*broadcasting"),
         (
             lambda p, x: x[..., :2] @ p["w3"].transpose(1, 0, 2).reshape(2, 24),
-            r"'reshape'.*not grouped into one contiguous run per role",
+            r"'reshape'.*\(2, 8, 3\) -> \(2, 24\) that mixes the kernel's \('out', 'in', 'out'\)",
         ),
         (lambda p, x: _conv(p["c"], x, groups=2), r"'conv_general_dilated'.*grouped convolution"),
         (
@@ -567,3 +569,28 @@ def test_more_unsupported_uses_raise(fn, match):
     }
     with pytest.raises(ValueError, match=match):
         jlora.lora(fn, XCFG)(adapted(params, XCFG), X)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    perm=st.permutations([0, 1, 2]),
+    on_left=st.booleans(),
+    reshape=st.booleans(),
+)
+def test_property_any_axis_order_of_the_kernel_equals_merge_path(perm, on_left, reshape):
+    """Permuting, reshaping and placing the kernel on either side never changes the result."""
+    names = "ihd"  # roles in, out, out
+    cfg = jlora.LoraConfig(rank=2, targets="w3", axis_rules=[("w3", ("in", "out", "out"))])
+    p = adapted({"w3": normal(9, (8, 2, 3))}, cfg)
+    k = "".join(names[a] for a in perm)
+    out = "bt" + "".join(c for c in k if c != "i")
+
+    def fn(q, x):
+        w = q["w3"].transpose(perm)
+        if reshape:  # split and re-merge the in axis: a group-preserving round trip
+            shape = w.shape
+            w = w.reshape(*shape[: perm.index(0)], 2, 4, *shape[perm.index(0) + 1 :]).reshape(shape)
+        spec = f"{k},bti->{out}" if on_left else f"bti,{k}->{out}"
+        return jnp.einsum(spec, *((w, x) if on_left else (x, w)))
+
+    close(jlora.lora(fn, cfg)(p, X), fn(jlora.merge_params(p, cfg), X))
