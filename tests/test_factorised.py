@@ -144,6 +144,10 @@ def _scan_layers(p, x):
     return jax.lax.scan(layer, x, p["stack"])[0]
 
 
+def _per_layer(x):
+    return jnp.concatenate([x, x[::-1]])  # (4, 5, 8): one input per stacked layer / expert
+
+
 def _python_loop(p, x):
     for i in range(p["stack"].shape[0]):
         x = jnp.tanh(x @ p["stack"][i])
@@ -191,6 +195,8 @@ CONSTRUCTS = {
         _mlp, policy=jax.checkpoint_policies.nothing_saveable
     )(p, x),
     "lax_scan_stack": _scan_layers,
+    "stack_as_batch": lambda p, x: jnp.einsum("sti,sio->sto", _per_layer(x), p["stack"]),
+    "stack_as_batch_left": lambda p, x: jnp.einsum("sio,sti->sot", p["stack"], _per_layer(x)),
     "python_loop_slices": _python_loop,
     "traced_index": _traced_index,
     "cond": lambda p, x: jax.lax.cond(x.sum() > 0, _mlp, lambda q, h: -_mlp(q, h), p, x),
