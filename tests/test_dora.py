@@ -192,7 +192,7 @@ def test_factorised_constructs_move_the_magnitude_with_the_kernel(name):
     close(jlora.lora(f, CONSTRUCT_CFG)(p, x), f(jlora.merge_params(p, CONSTRUCT_CFG), x))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     stack=st.integers(0, 2),
     fan_in=st.lists(st.integers(1, 5), min_size=1, max_size=2),

@@ -145,7 +145,7 @@ def test_variants_trace_on_a_7b_shaped_tree_without_allocating():
     assert q["layer3"]["up"]["kernel"].codes.shape == (4096 * 11008 // 64, 32)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     blocks=st.integers(1, 6),
     block=st.sampled_from([2, 4, 16, 64]),
