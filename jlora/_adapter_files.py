@@ -80,13 +80,6 @@ def save_adapter(path: str | os.PathLike[str], params: Any, config: LoraConfig) 
             "save_adapter: params hold no LoRA adapters (no '*_lora_a' / '*_lora_b' leaves); "
             "pass the tree returned by jlora.init_lora, not the base params"
         )
-    dora = [item.site.name for item in adapted if item.site.m is not None]
-    if dora:
-        raise ValueError(
-            f"save_adapter: {dora} carry DoRA magnitudes ('*_lora_m'), which this file format "
-            "does not store yet (saving only A and B would silently change the model). Save the "
-            "split(params)[0] tree with save_checkpoint, or merge_params and save the base"
-        )
     config_dict = config.to_dict()
     tensors: dict[str, np.ndarray] = {}
     entries = []
