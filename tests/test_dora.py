@@ -155,8 +155,9 @@ def test_errors():
         ValueError, match=r"magnitude of 'mlp/w_in' has shape \(3,\).*needs \(20,\)"
     ):
         jlora.merge_params(bad, m.config)
-    with pytest.raises(ValueError, match=r"export_peft: .* carry DoRA magnitudes"):
-        jlora.export_peft(tempfile.mkdtemp(), p, m.config, jlora.peft.LLAMA)
+    half = {**p, "mlp": {k: v for k, v in p["mlp"].items() if k != "w_out_lora_m"}}
+    with pytest.raises(ValueError, match=r"\['mlp/w_in'\] are DoRA kernels but \['mlp/w_out'\]"):
+        jlora.export_peft(tempfile.mkdtemp(), half, m.config, jlora.peft.LLAMA)
     # A use DoRA cannot scale per output unit: the kernel contracted over its 'out' axis.
     tied = lambda q, x: x @ q["mlp"]["w_in"].T  # noqa: E731
     with pytest.raises(ValueError, match=r"DoRA kernel used transposed"):
@@ -226,3 +227,42 @@ def test_save_and_load_keep_the_magnitude():
     assert jax.tree.structure(loaded) == jax.tree.structure(p)
     jax.tree.map(np.testing.assert_array_equal, loaded, p)
     close(jlora.lora(m.apply, cfg)(loaded, m.x), m.apply(jlora.merge_params(p, m.config), m.x))
+
+
+@pytest.mark.peft
+def test_exported_dora_adapter_loads_into_real_peft():
+    """PEFT's DoRA (use_dora, lora_magnitude_vector) computes what jlora computes."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 6, bias=False)
+            self.proj = torch.nn.Linear(6, 4, bias=False)
+
+        def forward(self, x):
+            return self.proj(torch.tanh(self.fc(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    base = {
+        "fc": {"kernel": jnp.asarray(net.fc.weight.detach().numpy().T)},
+        "proj": {"kernel": jnp.asarray(net.proj.weight.detach().numpy().T)},
+    }
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0)
+    p = randomize(jlora.init_dora(jax.random.key(0), base, cfg))
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+
+    def f(q, x):
+        return jnp.tanh(x @ q["fc"]["kernel"]) @ q["proj"]["kernel"]
+
+    want = np.asarray(jlora.lora(f, cfg)(p, jnp.asarray(x)))
+    path = tempfile.mkdtemp()
+    assert jlora.export_peft(path, p, cfg, jlora.peft.LLAMA) == ["fc", "proj"]
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(net, path)(torch.from_numpy(x)).numpy()
+    close(got, want)
+    assert np.abs(want - np.asarray(f(base, jnp.asarray(x)))).max() > 1e-2  # it does something
+    with pytest.raises(ValueError, match=r"sets use_dora=True: DoRA magnitude vectors"):
+        jlora.import_peft(path, base, jlora.peft.LLAMA)

@@ -18,7 +18,7 @@ from jlora._config import LoraConfig
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import encode
 from jlora.peft._convert import module_names, orientation, to_peft
-from jlora.peft._format import CONFIG_FILE, WEIGHTS_FILE, factor_key
+from jlora.peft._format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, factor_key
 from jlora.peft._mapping import PeftMapping
 
 
@@ -49,7 +49,9 @@ def export_peft(
 
     Raises:
       ValueError: if ``params`` holds no adapters, a kernel is left unmapped by ``mapping``, two
-        kernels map to one module, or the mapping's layout cannot express a kernel's factors.
+        kernels map to one module, the mapping's layout cannot express a kernel's factors, or
+        DoRA magnitudes cannot be written (some kernels DoRA and others not; a DoRA kernel
+        whose PyTorch module is laid out the other way round).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -65,11 +67,12 @@ def export_peft(
             "jlora.init_lora (trained), not the base params"
         )
     dora = [item.site.name for item in adapted if item.site.m is not None]
-    if dora:
+    if dora and len(dora) != len(adapted):
         raise ValueError(
-            f"export_peft: {dora} carry DoRA magnitudes ('*_lora_m'); exporting them as PEFT's "
-            "lora_magnitude_vector is not supported yet, and dropping them would silently change "
-            "the model. Export the merged model (merge_params) instead"
+            f"export_peft: {dora} are DoRA kernels but "
+            f"{[i.site.name for i in adapted if i.site.m is None]} are not; PEFT's use_dora is "
+            "one switch for the whole adapter. Add magnitudes to all (jlora.add_magnitudes) or "
+            "to none"
         )
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -96,6 +99,13 @@ def export_peft(
         embedding = re.fullmatch(config.embed_pattern, name) is not None
         a = np.asarray(jax.device_get(item.site.a))
         b = np.asarray(jax.device_get(item.site.b))
+        m = None if item.site.m is None else np.asarray(jax.device_get(item.site.m))
+        if m is not None and swap:
+            raise ValueError(
+                f"export_peft: {name!r} is a DoRA kernel whose PyTorch module has its input and "
+                "output axes the other way round; PEFT would normalise over the other axis, so "
+                "its magnitude has no PEFT form. Export the merged model (merge_params) instead"
+            )
         for index, module in module_names(name, template, shape, item.roles):
             if module in origin:
                 raise ValueError(
@@ -106,6 +116,8 @@ def export_peft(
             lora_a, lora_b = to_peft(a, b, index, swap)
             tensors[factor_key(module, "A", embedding)] = lora_a
             tensors[factor_key(module, "B", embedding)] = lora_b
+            if m is not None:  # DoRA: one magnitude per output feature of the module
+                tensors[PREFIX + module + ".lora_magnitude_vector"] = m[index].reshape(-1)
             ranks[module] = item.rank
             alphas[module] = config.alpha_for(name)
 
@@ -126,7 +138,7 @@ def export_peft(
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "inference_mode": True,
         "base_model_name_or_path": None,
         "revision": None,
