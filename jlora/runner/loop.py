@@ -129,7 +129,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
         jit_options["out_shardings"] = (state_shardings, NamedSharding(mesh, PartitionSpec()))
     else:
-        put_batch = jax.numpy.asarray
+        put_batch = partial(jax.tree.map, jax.numpy.asarray)  # a batch may be a tuple (bert)
 
     @partial(jax.jit, **jit_options)
     def step_fn(
