@@ -148,6 +148,27 @@ def place_magnitudes(params: Any, magnitudes: Mapping[str, Any]) -> Any:
     return out
 
 
+def place_peft_magnitudes(
+    params: Any, config: LoraConfig, given: Mapping[str, Mapping[tuple[int, ...], Any]]
+) -> Any:
+    """PEFT magnitudes (``given[kernel][stack index] = vector``) placed as ``k_lora_m``.
+
+    A stack layer without a vector (PEFT left it out) gets ``||W + s·A·B||``: no change there.
+    """
+    full: dict[str, Any] = {}
+    for adapted in resolve_sites(params, config):
+        site = adapted.site
+        if site.name not in given:
+            continue
+        dtype = jnp.promote_types(site.kernel.dtype, site.a.dtype)
+        m = factorised_norm(site.kernel.astype(dtype), site.a, site.b, adapted.roles, adapted.scale)
+        out = tuple(site.kernel.shape[i] for i in axes_of(adapted.roles, "out"))
+        for index, vector in given[site.name].items():
+            m = m.at[index].set(jnp.asarray(vector, m.dtype).reshape(out))
+        full[site.name] = m.astype(config.dtype)
+    return place_magnitudes(params, full)
+
+
 def init_dora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
     """:func:`jlora.init_lora` plus a DoRA magnitude per output unit (the kernel's norm).
 

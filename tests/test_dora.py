@@ -264,5 +264,21 @@ def test_exported_dora_adapter_loads_into_real_peft():
         got = peft.PeftModel.from_pretrained(net, path)(torch.from_numpy(x)).numpy()
     close(got, want)
     assert np.abs(want - np.asarray(f(base, jnp.asarray(x)))).max() > 1e-2  # it does something
-    with pytest.raises(ValueError, match=r"sets use_dora=True: DoRA magnitude vectors"):
-        jlora.import_peft(path, base, jlora.peft.LLAMA)
+    # And back: PEFT's own DoRA adapter (trained-looking factors and magnitudes) imports.
+    torch.manual_seed(1)
+    model = peft.get_peft_model(
+        Net(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc", "proj"], use_dora=True)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.3 * torch.randn_like(param))
+        want = model(torch.from_numpy(x)).numpy()
+    model.save_pretrained(path)
+    torch_base = {
+        name: {"kernel": jnp.asarray(model.get_submodule(f"{name}.base_layer").weight.T.numpy())}
+        for name in ("fc", "proj")
+    }
+    loaded, loaded_cfg = jlora.import_peft(path, torch_base, jlora.peft.LLAMA)
+    assert "kernel_lora_m" in loaded["fc"]
+    close(jlora.lora(f, loaded_cfg)(loaded, jnp.asarray(x)), want)

@@ -246,7 +246,6 @@ def test_import_other_peft_type(small_peft):
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("use_dora", True),
         ("lora_bias", True),
         ("modules_to_save", ["classifier"]),
         ("layer_replication", [[0, 1]]),
@@ -258,6 +257,13 @@ def test_import_unsupported_option(small_peft, option, value):
     path, base = small_peft
     _edit_config(path, **{option: value})
     with pytest.raises(ValueError, match=f"sets {option}=.*cannot hold"):
+        jlora.import_peft(path, base, jlora.peft.LLAMA)
+
+
+def test_import_dora_config_without_magnitudes(small_peft):
+    path, base = small_peft
+    _edit_config(path, use_dora=True)
+    with pytest.raises(ValueError, match=r"use_dora is True but kernel .* lora_magnitude_vector"):
         jlora.import_peft(path, base, jlora.peft.LLAMA)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
+from jlora._dora import place_peft_magnitudes
 from jlora._paths import path_str
 from jlora._place import check_unadapted, place_adapters
 from jlora._resolve import resolve_sites
@@ -34,10 +35,10 @@ from jlora.peft._format import (
 from jlora.peft._mapping import PeftMapping
 
 BASE_SUFFIX = ".base_layer.weight"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA, one value per output feature
 
 # Options that add something a LoRA A/B pair cannot hold: refused, never silently dropped.
 _UNSUPPORTED = {
-    "use_dora": "DoRA magnitude vectors",
     "lora_bias": "trained LoRA biases",
     "modules_to_save": "fully trained modules (modules_to_save)",
     "layer_replication": "layer replication",
@@ -93,6 +94,10 @@ def _read_factors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, np.nd
     modules: dict[str, dict[str, Any]] = {}
     base_copies: dict[str, np.ndarray] = {}  # PEFT's save_embedding_layers copies
     for key, value in sorted(tensors.items()):  # file order is not meaningful
+        if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):  # DoRA
+            module = key[len(PREFIX) : -len(MAGNITUDE_SUFFIX)]
+            modules.setdefault(module, {"embedding": False})["m"] = value
+            continue
         if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
             base_copies[key[len(PREFIX) : -len(BASE_SUFFIX)]] = value
             continue
@@ -165,7 +170,8 @@ def import_peft(
     The inverse of :func:`jlora.export_peft`: each module's ``lora_A`` ``(r, in)`` and
     ``lora_B`` ``(out, r)`` become A and B beside the kernel that ``mapping`` maps to that
     module, and a LoraConfig with PEFT's ``r``, ``lora_alpha``, per-kernel ranks and alphas
-    and ``use_rslora`` is built, so ``jlora.merge_params`` gives PEFT's merged weights.
+    and ``use_rslora`` is built, so ``jlora.merge_params`` gives PEFT's merged weights. A DoRA
+    adapter (``use_dora``) brings each module's ``lora_magnitude_vector`` as ``k_lora_m``.
 
     Args:
       path: the PEFT adapter directory.
@@ -180,7 +186,8 @@ def import_peft(
       FileNotFoundError: if the directory or a file is missing.
       ValueError: for a corrupted file, unsupported PEFT options, a key that is not a LoRA
         factor or names a module no base kernel maps to, a missing factor, a rank that differs
-        from the config's, or a shape that does not fit the base kernel.
+        from the config's, a shape that does not fit the base kernel, or DoRA magnitudes that
+        are partial or belong to a module laid out the other way round.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -237,6 +244,7 @@ def import_peft(
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    magnitudes: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
     kernel_roles: dict[str, tuple[str, ...]] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -245,6 +253,25 @@ def import_peft(
         shape, roles, axes = kernels[kernel]
         roles = roles or axes or _roles(kernel, shape, roles_config, mapping)
         swap = orientation(kernel, roles, axes or roles)
+        with_m = {
+            index: modules[module]["m"]
+            for index, module in slices.items()
+            if "m" in modules[module]
+        }
+        if bool(with_m) != bool(cfg.get("use_dora")) or (with_m and len(with_m) != len(slices)):
+            raise ValueError(
+                f"{path!r}: use_dora is {bool(cfg.get('use_dora'))} but kernel {kernel!r} has "
+                f"lora_magnitude_vector for {len(with_m)} of its {len(slices)} modules; the files "
+                "do not belong together"
+            )
+        if with_m and swap:
+            raise ValueError(
+                f"{path!r}: kernel {kernel!r} is DoRA, but its PyTorch module is laid out the "
+                "other way round, so PEFT's magnitude normalises over jlora's output axes; jlora "
+                "cannot hold that adapter"
+            )
+        if with_m:
+            magnitudes[kernel] = with_m
         rank, alpha = 0, 0.0
         slice_alpha: dict[str, float] = {}
         for module in slices.values():
@@ -302,5 +329,7 @@ def import_peft(
         axis_rules=mapping.axis_rules,
     )
     params = place_adapters(base_params, factors, kernel_roles, f"PEFT adapter {path!r}")
+    if magnitudes:
+        params = place_peft_magnitudes(params, config, magnitudes)
     resolve_sites(params, config)
     return params, config
