@@ -10,7 +10,7 @@ Example:
   >>> params, config = jlora.peft.import_peft(d, base, LLAMA)
 """
 
-from jlora.peft._builtin import BUILTIN_BERT
+from jlora.peft._builtin import BUILTIN_BERT, BUILTIN_LLAMA, builtin_llama
 from jlora.peft._export import export_peft
 from jlora.peft._import import import_peft
 from jlora.peft._mapping import BERT, GPT2, LLAMA, ModuleRule, PeftMapping, hf_mapping
@@ -18,10 +18,12 @@ from jlora.peft._mapping import BERT, GPT2, LLAMA, ModuleRule, PeftMapping, hf_m
 __all__ = [
     "BERT",
     "BUILTIN_BERT",
+    "BUILTIN_LLAMA",
     "GPT2",
     "LLAMA",
     "ModuleRule",
     "PeftMapping",
+    "builtin_llama",
     "export_peft",
     "hf_mapping",
     "import_peft",

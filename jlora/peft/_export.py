@@ -33,7 +33,8 @@ def export_peft(
 
     Each adapted kernel becomes PyTorch module ``mapping.module_for(path)`` with
     ``lora_A = A`` as ``(r, in)`` and ``lora_B = B`` as ``(out, r)`` (N-d axes flattened in
-    kernel order; factors swapped for kernels stored ``(out, in)``), so that PEFT's
+    kernel order; factors swapped for kernels stored ``(out, in)``; ``lora_B`` rows reordered
+    where the rule has an ``out_permutation``), so that PEFT's
     ``W + (lora_alpha/r)·lora_B@lora_A`` equals jlora's ``W + (alpha/r)·A@B`` exactly. Per-kernel
     ranks and alphas go to ``rank_pattern`` / ``alpha_pattern`` keyed by exact module names.
 
@@ -114,10 +115,15 @@ def export_peft(
                 )
             origin[module] = name
             lora_a, lora_b = to_peft(a, b, index, swap)
+            m_i = None if m is None else m[index].reshape(-1)
+            perm = mapping.permutation(name, lora_b.shape[0])
+            if perm is not None:  # PyTorch orders this module's output features differently
+                lora_b = lora_b[perm]
+                m_i = None if m_i is None else m_i[perm]
             tensors[factor_key(module, "A", embedding)] = lora_a
             tensors[factor_key(module, "B", embedding)] = lora_b
-            if m is not None:  # DoRA: one magnitude per output feature of the module
-                tensors[PREFIX + module + ".lora_magnitude_vector"] = m[index].reshape(-1)
+            if m_i is not None:  # DoRA: one magnitude per output feature of the module
+                tensors[PREFIX + module + ".lora_magnitude_vector"] = m_i
             ranks[module] = item.rank
             alphas[module] = config.alpha_for(name)
 

@@ -236,6 +236,12 @@ def import_peft(
             )
         kernel, index = owners[module]
         per_kernel.setdefault(kernel, {})[index] = module
+        perm = mapping.permutation(kernel, entry["B"].shape[0])
+        if perm is not None:  # back from PyTorch's order of the output features to jlora's
+            inverse = np.argsort(perm)
+            entry["B"] = entry["B"][inverse]
+            if "m" in entry:
+                entry["m"] = entry["m"][inverse]
 
     if base_copies:
         leaves = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}

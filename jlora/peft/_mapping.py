@@ -4,7 +4,9 @@ A :class:`PeftMapping` is a list of :class:`ModuleRule`: a regex ``re.fullmatch`
 kernel's ``"a/b/c"`` path, the PyTorch module name it becomes (``match.expand`` template; every
 ``/`` then turns into ``.``; ``{layer}`` is filled with the index along a stacked ``nn.scan``
 axis), and optionally the PyTorch role (``"in"``, ``"out"``, ``"stack"``) of each kernel axis
-when the JAX kernel is not laid out as jlora's defaults say (Flax GPT-2 stores ``(out, in)``).
+when the JAX kernel is not laid out as jlora's defaults say (Flax GPT-2 stores ``(out, in)``),
+and optionally an ``out_permutation`` for a PyTorch twin that orders a layer's output features
+differently (the built-in Llama's rotary pairs, :data:`jlora.peft.BUILTIN_LLAMA`).
 
 PEFT stores ``lora_A`` as ``(r, in)`` and ``lora_B`` as ``(out, r)``, with an N-d kernel's
 ``in`` axes and ``out`` axes each flattened in kernel order (C order), as a PyTorch ``Linear``
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 _ROLES = ("stack", "in", "out")
 
@@ -37,15 +41,22 @@ class ModuleRule:
       axes: the PyTorch role of each kernel axis (``"in"``, ``"out"``, ``"stack"``), or ``None``
         to use the kernel's jlora axis roles. Also offered to ``LoraConfig.axis_rules`` via
         :attr:`PeftMapping.axis_rules`, so jlora factorises the kernel the way PEFT does.
+      out_permutation: ``None`` when PyTorch orders the module's output features as the JAX
+        kernel does; else a function of the output width giving an index array ``perm``:
+        PyTorch feature ``j`` is jlora's (flattened) output feature ``perm[j]``. Export writes
+        ``lora_B[perm]`` (and a DoRA magnitude ``m[perm]``); import undoes it.
 
     Example:
       >>> ModuleRule(r"(.*)/kernel", r"\1").module_for("encoder/layer/0/query/kernel")
       'encoder.layer.0.query'
+      >>> ModuleRule("q/kernel", "q", out_permutation=lambda n: [1, 0]).permutation(2)
+      array([1, 0])
     """
 
     pattern: str
     module: str
     axes: tuple[str, ...] | None = None
+    out_permutation: Callable[[int], Sequence[int] | np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         """Validates the regex and the axis roles."""
@@ -68,6 +79,27 @@ class ModuleRule:
         if match is None:
             return None
         return match.expand(self.module).replace("/", ".")
+
+    def permutation(self, width: int) -> np.ndarray | None:
+        """``out_permutation(width)`` checked to be a permutation of ``range(width)``.
+
+        Raises:
+          ValueError: if it is not one (wrong length, repeated or out-of-range indices).
+        """
+        if self.out_permutation is None:
+            return None
+        perm = np.asarray(self.out_permutation(width))
+        if (
+            perm.shape != (width,)
+            or perm.dtype.kind not in "iu"
+            or not np.array_equal(np.sort(perm), np.arange(width))
+        ):
+            raise ValueError(
+                f"ModuleRule {self.pattern!r}: out_permutation({width}) must return a "
+                f"permutation of range({width}) (integers); got {perm.tolist()[:8]} (shape "
+                f"{perm.shape}, dtype {perm.dtype})"
+            )
+        return perm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +134,22 @@ class PeftMapping:
                     f"PeftMapping {self.name!r}: rules must be ModuleRule objects; got {rule!r}"
                 )
         object.__setattr__(self, "rules", rules)
+
+    def rule_for(self, path: str) -> ModuleRule | None:
+        """The first rule whose pattern matches ``path``; ``None`` if none does."""
+        return next((r for r in self.rules if re.fullmatch(r.pattern, path)), None)
+
+    def permutation(self, path: str, width: int) -> np.ndarray | None:
+        """The matching rule's :meth:`ModuleRule.permutation` for a module ``width`` wide.
+
+        ``None`` if no rule matches ``path`` or the rule keeps PyTorch's order.
+
+        Example:
+          >>> LLAMA.permutation("fc/kernel", 3) is None
+          True
+        """
+        rule = self.rule_for(path)
+        return None if rule is None else rule.permutation(width)
 
     def module_for(self, path: str) -> tuple[str, tuple[str, ...] | None] | None:
         """``(module name, axes)`` for the kernel at ``path``; ``None`` if no rule matches."""
