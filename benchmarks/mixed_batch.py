@@ -5,43 +5,12 @@ Prints the time of each, measured side by side in one process, and their ratio.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
+from _common import interleaved, mlp, mlp_apply
 
 import jlora
-
-
-def model(d, layers, key):
-    ks = jax.random.split(key, 2 * layers)
-    return {
-        f"layer{i}": {
-            "up": {"kernel": jax.random.normal(ks[2 * i], (d, 4 * d)) / d**0.5},
-            "down": {"kernel": jax.random.normal(ks[2 * i + 1], (4 * d, d)) / (4 * d) ** 0.5},
-        }
-        for i in range(layers)
-    }
-
-
-def apply(p, x):
-    for i in range(len(p)):
-        layer = p[f"layer{i}"]
-        x = x + jax.nn.gelu(x @ layer["up"]["kernel"]) @ layer["down"]["kernel"]
-    return x
-
-
-def interleaved(fns, reps=30):
-    """Best time of each ``(fn, args)``, timed in turn each round so load hits all alike."""
-    for fn, args in fns:
-        jax.block_until_ready(fn(*args))
-    best = [float("inf")] * len(fns)
-    for _ in range(reps):
-        for i, (fn, args) in enumerate(fns):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
 
 
 def main():
@@ -53,7 +22,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     args = ap.parse_args()
-    base = model(args.d, args.layers, jax.random.key(0))
+    base = mlp(args.d, args.layers, jax.random.key(0))
     cfg = jlora.LoraConfig(rank=args.rank, alpha=16.0)
     adapters = {}
     for i in range(args.adapters):
@@ -66,10 +35,10 @@ def main():
     rows = [names[i % len(names)] for i in range(args.rows)]
     x = jax.random.normal(jax.random.key(99), (args.rows, args.seq, args.d))
 
-    mixed = jax.jit(lambda b, ads, x: jlora.mixed_batch(apply, b, ads, rows, x))
+    mixed = jax.jit(lambda b, ads, x: jlora.mixed_batch(mlp_apply, b, ads, rows, x))
     idx = jnp.asarray([names.index(r) for r in rows])
-    traced = jax.jit(lambda b, ads, i, x: jlora.mixed_batch(apply, b, ads, i, x))
-    one = jax.jit(jlora.lora(apply, cfg))
+    traced = jax.jit(lambda b, ads, i, x: jlora.mixed_batch(mlp_apply, b, ads, i, x))
+    one = jax.jit(jlora.lora(mlp_apply, cfg))
 
     def separate(b, ads, x):
         outs = []
@@ -78,15 +47,17 @@ def main():
             outs.append(one(jlora.select_adapter(b, ads, n)[0], x[sel]))
         return outs
 
-    plain = jax.jit(apply)
-    t_base, t_mixed, t_traced, t_sep = interleaved(
-        [
-            (plain, (base, x)),
-            (mixed, (base, adapters, x)),
-            (traced, (base, adapters, idx, x)),
-            (separate, (base, adapters, x)),
-        ]
+    plain = jax.jit(mlp_apply)
+    times = interleaved(
+        {
+            "base": (plain, (base, x)),
+            "mixed": (mixed, (base, adapters, x)),
+            "traced": (traced, (base, adapters, idx, x)),
+            "separate": (separate, (base, adapters, x)),
+        },
+        reps=30,
     )
+    t_base, t_mixed, t_traced, t_sep = times.values()
     print(
         f"{args.rows} rows x {args.seq} tokens, d={args.d}, {args.layers} layers, "
         f"{args.adapters} adapters of rank {args.rank}, {jax.devices()[0].platform}"

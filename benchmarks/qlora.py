@@ -8,36 +8,18 @@ base), and the compiled step's argument and temporary memory.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import interleaved, mlp, mlp_apply
 
 import jlora
 
 
-def model(d, layers, key):
-    ks = jax.random.split(key, 2 * layers)
-    return {
-        f"layer{i}": {
-            "up": {"kernel": jax.random.normal(ks[2 * i], (d, 4 * d)) / d**0.5},
-            "down": {"kernel": jax.random.normal(ks[2 * i + 1], (4 * d, d)) / (4 * d) ** 0.5},
-        }
-        for i in range(layers)
-    }
-
-
-def apply(p, x):
-    for i in range(len(p)):
-        layer = p[f"layer{i}"]
-        x = x + jax.nn.gelu(x @ layer["up"]["kernel"]) @ layer["down"]["kernel"]
-    return x
-
-
 def step_fn(cfg, tx, prepare):
-    grad = jlora.value_and_grad(lambda p, x: jnp.mean(apply(p, x) ** 2), cfg)
+    grad = jlora.value_and_grad(lambda p, x: jnp.mean(mlp_apply(p, x) ** 2), cfg)
 
     @jax.jit
     def step(params, state, x):
@@ -55,19 +37,6 @@ def memory(step, args):
     return stats.argument_size_in_bytes, stats.temp_size_in_bytes
 
 
-def interleaved(runs, reps=15):
-    """Best time per run, timed in turn each round so background load hits all alike."""
-    for step, args in runs.values():
-        jax.block_until_ready(step(*args))
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(reps):
-        for name, (step, args) in runs.items():
-            t = time.perf_counter()
-            jax.block_until_ready(step(*args))
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=256)
@@ -75,10 +44,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--block", type=int, default=64)
     args = ap.parse_args()
-    base = model(args.d, args.layers, jax.random.key(0))
+    base = mlp(args.d, args.layers, jax.random.key(0))
     cfg = jlora.LoraConfig(rank=8, alpha=16.0)
     x = jax.random.normal(jax.random.key(1), (args.tokens, args.d))
-    want = np.asarray(apply(base, x), np.float64)
+    want = np.asarray(mlp_apply(base, x), np.float64)
     params = jlora.init_lora(jax.random.key(2), base, cfg)
     tx = optax.adam(1e-3)
     state = tx.init(jlora.split(params)[0])
@@ -105,7 +74,7 @@ def main():
             bits = sum(n.bits_per_parameter * np.prod(n.shape) for n in nodes) / size
         else:
             bits = 32.0
-        got = np.asarray(apply(jlora.split(jlora.dequantize(p))[1], x), np.float64)
+        got = np.asarray(mlp_apply(jlora.split(jlora.dequantize(p))[1], x), np.float64)
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         arg_b, tmp_b = memory(step, (p, state, x))
         ratio = times[kind] / times["float32"]

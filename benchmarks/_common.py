@@ -1,0 +1,37 @@
+"""What several benchmarks share: a residual GELU MLP as a plain dict, and side-by-side timing."""
+
+import time
+
+import jax
+
+
+def mlp(d, layers, key):
+    """``{"layer{i}": {"up": {"kernel"}, "down": {"kernel"}}}`` with scaled normal weights."""
+    ks = jax.random.split(key, 2 * layers)
+    return {
+        f"layer{i}": {
+            "up": {"kernel": jax.random.normal(ks[2 * i], (d, 4 * d)) / d**0.5},
+            "down": {"kernel": jax.random.normal(ks[2 * i + 1], (4 * d, d)) / (4 * d) ** 0.5},
+        }
+        for i in range(layers)
+    }
+
+
+def mlp_apply(p, x):
+    for i in range(len(p)):
+        layer = p[f"layer{i}"]
+        x = x + jax.nn.gelu(x @ layer["up"]["kernel"]) @ layer["down"]["kernel"]
+    return x
+
+
+def interleaved(runs, reps=15):
+    """Best time of each ``name: (fn, args)``, timed in turn each round so load hits all alike."""
+    for fn, args in runs.values():
+        jax.block_until_ready(fn(*args))
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(reps):
+        for name, (fn, args) in runs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
