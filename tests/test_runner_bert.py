@@ -101,7 +101,7 @@ def test_bert_input_errors(tiny_bert, tmp_path):
     one.write_text('{"text": "a", "label": "x"}\n')
     with pytest.raises(ValueError, match=r"has 1 label\(s\); need >= 2"):
         load_examples(DataSection(source=str(one)), 0)
-    with pytest.raises(FileNotFoundError, match="for kind=bert give 'fortunes' or a JSON-lines"):
+    with pytest.raises(FileNotFoundError, match="give 'stdlib', 'fortunes' or a JSON-lines"):
         load_examples(DataSection(source=str(tmp_path / "none.jsonl")), 0)
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         load_examples(DataSection(source="fortunes", categories=("no-such-category",)), 0)

@@ -21,6 +21,7 @@ from jlora.models.bert import MINILM_PACKAGE, Bert, load_bert, mean_pool, minilm
 from jlora.models.weights import load_params, save_params
 from jlora.models.wordpiece import WordPiece
 from jlora.runner.config import DataSection, RunConfig
+from jlora.runner.stdlib_text import stdlib_docstrings
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 PACKAGE = "package:"
@@ -56,7 +57,8 @@ def _fortunes(category: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"fortune category file {path!r} not found; install Debian's fortunes "
-            "(apt-get install fortunes) or choose data.categories among those installed"
+            "(apt-get install fortunes), choose data.categories among those installed, or use "
+            "data.source=stdlib (configs/minilm_stdlib.yaml), which needs no install"
         )
     with open(path, encoding="utf-8", errors="replace") as f:
         items = f.read().split("\n%\n")
@@ -68,17 +70,20 @@ def load_examples(data: DataSection, seed: int) -> tuple[list[str], list[int], l
 
     Raises:
       FileNotFoundError: if the source is missing.
-      ValueError: for a malformed JSON-lines record or fewer than two labels.
+      ValueError: for a malformed JSON-lines record, an unknown stdlib family or fewer than two
+        labels.
     """
     by_label: dict[str, list[str]] = {}
-    if data.source == "fortunes":
+    if data.source == "stdlib":
+        by_label = stdlib_docstrings(data.categories)
+    elif data.source == "fortunes":
         for cat in data.categories:
             by_label[cat] = _fortunes(cat)
     else:
         if not os.path.isfile(data.source):
             raise FileNotFoundError(
-                f"data.source {data.source!r}: for kind=bert give 'fortunes' or a JSON-lines "
-                'file of {"text": ..., "label": ...} records'
+                f"data.source {data.source!r}: for kind=bert give 'stdlib', 'fortunes' or a "
+                'JSON-lines file of {"text": ..., "label": ...} records'
             )
         with open(data.source, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):

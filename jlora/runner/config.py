@@ -43,11 +43,13 @@ class DataSection:
 
     Attributes:
       source: for ``llama``: ``"sonnets"``, ``"pydoc"`` or a UTF-8 file; for ``bert``:
-        ``"fortunes"`` (Debian's fortune categories) or a JSON-lines file of
-        ``{"text": ..., "label": ...}``.
+        ``"stdlib"`` (standard-library docstrings labelled by module family, see
+        :mod:`jlora.runner.stdlib_text`), ``"fortunes"`` (Debian's fortune categories) or a
+        JSON-lines file of ``{"text": ..., "label": ...}``.
       val_fraction: share of the data held out for evaluation.
       seq_len: tokens per training window (``llama``) or per example (``bert``).
-      categories: for ``source="fortunes"``: the categories used as labels.
+      categories: for ``source="stdlib"`` or ``"fortunes"``: the families or categories used
+        as labels.
       max_per_class: for classification: at most this many examples per label.
     """
 
