@@ -35,3 +35,18 @@ def interleaved(runs, reps=15):
             jax.block_until_ready(fn(*args))
             best[name] = min(best[name], time.perf_counter() - t)
     return best
+
+
+def stacked_mlp(d, layers, key):
+    """:func:`mlp`'s weights stacked by layer, ``{"up": {"kernel": (L, d, 4d)}, "down": ...}``."""
+    p = mlp(d, layers, key)
+    return jax.tree.map(lambda *ks: jax.numpy.stack(ks), *(p[f"layer{i}"] for i in range(layers)))
+
+
+def stacked_mlp_apply(p, x):
+    """:func:`mlp_apply` as a ``lax.scan`` over the stacked layers (what ``nn.scan`` builds)."""
+
+    def layer(x, w):
+        return x + jax.nn.gelu(x @ w["up"]["kernel"]) @ w["down"]["kernel"], None
+
+    return jax.lax.scan(layer, x, p)[0]

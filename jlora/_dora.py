@@ -24,6 +24,7 @@ from jlora._config import LoraConfig
 from jlora._init import init_lora
 from jlora._layout import axes_of, delta, magnitude_key
 from jlora._paths import KeyPath, path_str
+from jlora._quantized_view import dense
 from jlora._resolve import resolve_sites
 from jlora._tree import rebuild
 
@@ -224,9 +225,10 @@ def split_magnitude(value: Any) -> tuple[Any, Any]:
     if not getattr(value, "dora", False):
         return value, None
     plain, m = _unpack(value)
-    dtype = jnp.promote_types(plain.w.dtype, plain.a.dtype)
+    w = dense(plain.w)  # the norm needs the whole base (a QLoRA base is dequantised for it)
+    dtype = jnp.promote_types(w.dtype, plain.a.dtype)
     norm = factorised_norm(
-        plain.w.astype(dtype),
+        w.astype(dtype),
         plain.a.astype(dtype),
         plain.b.astype(dtype),
         plain.roles,
@@ -247,9 +249,10 @@ def _unpack(value: Any) -> tuple[Any, jax.Array]:
 def dense_kernel(value: Any) -> jax.Array:
     """A DoRA ``LoraValue`` merged: ``m · (W + s·A·B) / ||W + s·A·B||`` in ``w``'s dtype."""
     plain, m = _unpack(value)
-    wide = jnp.promote_types(plain.w.dtype, plain.a.dtype)
-    summed = plain.w.astype(wide) + delta(plain.a, plain.b, plain.roles, plain.scale).astype(wide)
-    return rescale(summed, m, plain.roles).astype(plain.w.dtype)
+    w = dense(plain.w)
+    wide = jnp.promote_types(w.dtype, plain.a.dtype)
+    summed = w.astype(wide) + delta(plain.a, plain.b, plain.roles, plain.scale).astype(wide)
+    return rescale(summed, m, plain.roles).astype(w.dtype)
 
 
 def output_scale(mag: jax.Array, kb: Sequence[int], nx: int, on_left: bool) -> jax.Array:

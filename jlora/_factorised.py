@@ -24,7 +24,8 @@ from jlora._interpret import Context, concrete, interpret
 from jlora._lazy import LoraValue
 from jlora._partition import combine, split
 from jlora._paths import KeyPath
-from jlora._quantize import dequantize
+from jlora._quantize import Quantized, dequantize
+from jlora._quantized_view import view
 from jlora._resolve import resolve_sites
 
 ON_UNSUPPORTED = ("raise", "merge")
@@ -49,8 +50,17 @@ def _check_options(
     return _rules.Dropout(config.dropout, dropout_rng)
 
 
-def _is_array(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+def _is_quantized(leaf: Any) -> bool:
+    return isinstance(leaf, Quantized)
+
+
+def _is_input(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, Quantized))
+
+
+def _dense_shape(leaf: Any) -> Any:
+    """What ``fn`` is traced with: a quantised kernel stands in as its dense shape."""
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if _is_quantized(leaf) else leaf
 
 
 def _strip(
@@ -132,13 +142,13 @@ def lora(
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        # QLoRA bases: quantised kernels become dense only inside this (traced) call.
-        args, kwargs = dequantize((args, kwargs))
         base_args, base_kwargs, found = _strip(args, kwargs, config)
         if not found:
-            return fn(*args, **kwargs)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path((base_args, base_kwargs))
-        traced = [i for i, (_, leaf) in enumerate(leaves) if _is_array(leaf)]
+            return fn(*dequantize(args), **dequantize(kwargs))
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(
+            (base_args, base_kwargs), is_leaf=_is_quantized
+        )
+        traced = [i for i, (_, leaf) in enumerate(leaves) if _is_input(leaf)]
 
         def flat_fn(*arrays: Any) -> Any:
             values = [leaf for _, leaf in leaves]
@@ -148,22 +158,20 @@ def lora(
             return fn(*a, **k)
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-            *(leaves[i][1] for i in traced)
+            *(_dense_shape(leaves[i][1]) for i in traced)
         )
         inputs = []
         for i in traced:
             path, leaf = leaves[i]
             adapted = found.get(tuple(path))
             if adapted is None:
-                inputs.append(leaf)
+                # A quantised kernel without adapters is used as a plain dense array.
+                inputs.append(leaf.dequantize() if _is_quantized(leaf) else leaf)
                 continue
+            # A QLoRA base stays quantised until the rule that consumes it (see _quantized_view).
+            w = view(leaf) if _is_quantized(leaf) else leaf
             value = LoraValue(
-                leaf,
-                adapted.site.a,
-                adapted.site.b,
-                adapted.roles,
-                adapted.scale,
-                adapted.site.name,
+                w, adapted.site.a, adapted.site.b, adapted.roles, adapted.scale, adapted.site.name
             )
             inputs.append(with_magnitude(value, adapted.site.m))
         ctx = Context(on_unsupported, _rules.Dropout(dropout.rate, dropout.key))

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 
 from jlora import _lazy, _rules
 from jlora._lazy import LoraValue, Unsupported
+from jlora._quantized_view import dense, per_layer, then
 
 
 @dataclasses.dataclass
@@ -111,12 +112,17 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
 
 
 def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[..., list[Any]]]:
-    """Flattens ``vals`` to arrays (each LoraValue to w, a, b) and returns the inverse."""
+    """Flattens ``vals`` to arrays (each LoraValue to the leaves of w, a, b) and the inverse."""
     arrays: list[Any] = []
     shells: list[Any] = []
     for v in vals:
-        shells.append(v.replace(w=None, a=None, b=None) if _is_lazy(v) else None)
-        arrays.extend(v.parts() if _is_lazy(v) else [v])
+        if _is_lazy(v):
+            leaves, tree = jax.tree.flatten(v.parts())
+            shells.append((v, tree, len(leaves)))
+            arrays.extend(leaves)
+        else:
+            shells.append(None)
+            arrays.append(v)
 
     def unpack(flat: Sequence[Any], drop_axis: bool = False) -> list[Any]:
         it = iter(flat)
@@ -124,9 +130,11 @@ def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[..., list[Any]]]:
         for shell in shells:
             if shell is None:
                 out.append(next(it))
-            else:
-                roles = shell.roles[1:] if drop_axis else shell.roles
-                out.append(shell.replace(w=next(it), a=next(it), b=next(it), roles=roles))
+                continue
+            v, tree, n = shell
+            w, a, b = jax.tree.unflatten(tree, [next(it) for _ in range(n)])
+            roles = v.roles[1:] if drop_axis else v.roles
+            out.append(v.replace(w=w, a=a, b=b, roles=roles))
         return out
 
     return arrays, unpack
@@ -160,7 +168,8 @@ def _scan(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     for v in xs:
         if _is_lazy(v) and (not v.roles or v.roles[0] != "stack"):
             raise Unsupported(f"a scan over axis 0 of a kernel with roles {v.roles} (not 'stack')")
-    flat_xs, unpack = _pack(xs)
+    # A quantised stack is sliced as codes and scales: each iteration dequantises its layer.
+    flat_xs, unpack = _pack([v.replace(w=per_layer(v.w)) if _is_lazy(v) else v for v in xs])
     closed = p["jaxpr"]
 
     def body(carry: list[Any], x: tuple[Any, list[Any]]) -> tuple[list[Any], list[Any]]:
@@ -221,6 +230,8 @@ def _spec(spec: Any, ndim: int) -> list[Any]:
 
 def _shard_map(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     p = eqn.params
+    # The kernel's in_spec describes the dense layout: a quantised base enters dequantised.
+    invals = [v.replace(w=dense(v.w)) if _is_lazy(v) else v for v in invals]
     arrays, unpack = _pack(invals)
     specs: list[Any] = []
     for v, spec in zip(invals, p["in_specs"], strict=True):
@@ -261,7 +272,7 @@ def _move(fn: Callable[..., LoraValue]) -> Callable[[Context, Any, list[Any]], l
 
 
 def _on_w(v: LoraValue, eqn: Any, rest: list[Any]) -> LoraValue:
-    return v.replace(w=_bind(eqn, [v.w, *rest])[0])
+    return v.replace(w=then(v.w, lambda w: _bind(eqn, [w, *rest])[0]))
 
 
 def _reshape(v: LoraValue, p: dict[str, Any], _: list[Any]) -> LoraValue:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jlora._dora import dense_kernel
 from jlora._layout import ROLES, axes_of, delta
+from jlora._quantized_view import dense, then
 
 
 class Unsupported(Exception):
@@ -34,7 +35,7 @@ class Unsupported(Exception):
 class LoraValue:
     """An adapted kernel in factorised form: ``w + scale * (a contracted with b)``."""
 
-    w: Any
+    w: Any  # a dense array, or a QLoRA base still quantised (a ``QuantizedView``)
     a: Any
     b: Any
     roles: tuple[str, ...]
@@ -59,9 +60,10 @@ class LoraValue:
         """``w + s·A·B`` as a dense array in the view's layout and ``w``'s dtype."""
         if self.dora:
             return dense_kernel(self)
-        wide = jnp.promote_types(self.w.dtype, self.a.dtype)
+        w = dense(self.w)
+        wide = jnp.promote_types(w.dtype, self.a.dtype)
         d = delta(self.a, self.b, self.roles, self.scale)
-        return (self.w.astype(wide) + d.astype(wide)).astype(self.w.dtype)
+        return (w.astype(wide) + d.astype(wide)).astype(w.dtype)
 
     def parts(self) -> tuple[Any, Any, Any]:
         """The three arrays, for passing through a higher-order primitive."""
@@ -80,7 +82,7 @@ def transpose(v: LoraValue, perm: Sequence[int]) -> LoraValue:
     a_perm = [*stack, *(ns + i for i in _group_perm(v.roles, perm, "in")), ns + len(v.group("in"))]
     b_perm = [*stack, ns, *(ns + 1 + i for i in _group_perm(v.roles, perm, "out"))]
     return v.replace(
-        w=jax.lax.transpose(v.w, tuple(perm)),
+        w=then(v.w, lambda w: jax.lax.transpose(w, tuple(perm))),
         a=jnp.transpose(v.a, a_perm),
         b=jnp.transpose(v.b, b_perm),
         roles=tuple(v.roles[p] for p in perm),
@@ -139,7 +141,7 @@ def reshape(v: LoraValue, new_shape: Sequence[int]) -> LoraValue:
     sizes = {r: [n for n, rr in zip(new_shape, new_roles, strict=True) if rr == r] for r in ROLES}
     rank = v.a.shape[-1]
     return v.replace(
-        w=jnp.reshape(v.w, tuple(new_shape)),
+        w=then(v.w, lambda w: jnp.reshape(w, tuple(new_shape))),
         a=jnp.reshape(v.a, (*sizes["stack"], *sizes["in"], rank)),
         b=jnp.reshape(v.b, (*sizes["stack"], rank, *sizes["out"])),
         roles=tuple(new_roles),
@@ -179,7 +181,7 @@ def slice_(v: LoraValue, start: Sequence[int], limit: Sequence[int], strides: An
     a_lim = [*(limit[i] for i in v.group("stack")), *v.a.shape[len(v.group("stack")) :]]
     b_lim = [*(limit[i] for i in v.group("stack")), *v.b.shape[len(v.group("stack")) :]]
     return v.replace(
-        w=jax.lax.slice(v.w, tuple(start), tuple(limit), strides),
+        w=then(v.w, lambda w: jax.lax.slice(w, tuple(start), tuple(limit), strides)),
         a=jax.lax.slice(v.a, tuple(a_start), tuple(a_lim), tuple(a_step)),
         b=jax.lax.slice(v.b, tuple(b_start), tuple(b_lim), tuple(b_step)),
     )
@@ -193,7 +195,7 @@ def dynamic_slice(v: LoraValue, starts: Sequence[Any], sizes: Sequence[int]) -> 
     ns = len(v.group("stack"))
     stack_sizes = [sizes[i] for i in v.group("stack")]
     return v.replace(
-        w=jax.lax.dynamic_slice(v.w, list(starts), tuple(sizes)),
+        w=then(v.w, lambda w: jax.lax.dynamic_slice(w, list(starts), tuple(sizes))),
         a=jax.lax.dynamic_slice(v.a, a_start, (*stack_sizes, *v.a.shape[ns:])),
         b=jax.lax.dynamic_slice(v.b, b_start, (*stack_sizes, *v.b.shape[ns:])),
     )

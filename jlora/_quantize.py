@@ -5,12 +5,14 @@
 need nothing special) into blocks of ``block_size`` values, one float32 absmax scale per block,
 and per value an int8 code (``round(127·x/absmax)``, 8 bits) or a 4-bit index into the NF4
 levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. ``jlora.lora``
-and ``jlora.value_and_grad`` take such trees as they are and dequantise inside the traced call
-(:func:`dequantize`): the stored base (the step's arguments) stays quantised and only adapters
-get gradients, but the dense kernels are temporaries of the step that XLA keeps for the
-backward pass (measured on XLA:CPU; a remat policy that re-dequantised them in the backward
-pass did not lower its temporary memory), and a scan-stacked kernel is dequantised whole.
-``merge_params`` refuses them; :func:`merge_quantized` asks how the merged kernels are stored.
+and ``jlora.value_and_grad`` take such trees as they are and dequantise each kernel where it is
+used (``_quantized_view``): inside the consuming op's ``jax.checkpoint``, so the backward pass
+keeps codes rather than dense kernels, and per layer inside a ``scan`` over a stack. With
+stacked layers (``nn.scan``) the step's temporary memory is then the float base's and only the
+stored base shrinks. In an unrolled loop over layers, XLA:CPU schedules the dequantisations,
+which read only arguments, ahead of their uses, so several dense kernels are alive at once
+(measured in ``benchmarks/qlora.py``). ``merge_params`` refuses quantised kernels;
+:func:`merge_quantized` asks how the merged kernels are stored.
 """
 
 from __future__ import annotations
@@ -155,8 +157,8 @@ def has_quantized(tree: Any) -> bool:
 def dequantize(params: Any) -> Any:
     """``params`` with every :class:`Quantized` node replaced by its dense kernel.
 
-    Call it inside the jitted step (``value_and_grad(loss, cfg)(dequantize(q), x)``): the stored
-    base stays quantised and the dense kernels are temporaries of that step.
+    ``jlora.lora`` and ``jlora.value_and_grad`` do not need it (they dequantise each kernel
+    where it is used); call it for the merge path or any code that wants the dense base.
 
     Example:
       >>> import jax.numpy as jnp

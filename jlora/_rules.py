@@ -19,6 +19,7 @@ from jax import lax
 
 from jlora._dora import output_scale, split_magnitude
 from jlora._lazy import LoraValue, Unsupported
+from jlora._quantized_view import use
 
 
 @dataclasses.dataclass
@@ -74,7 +75,9 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
     v, x = (lhs, rhs) if on_left else (rhs, lhs)
     v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
     kc, kb, xc, xb = (lc, lb, rc, rb) if on_left else (rc, rb, lc, lb)
-    base = lax.dot_general_p.bind(*((v.w, x) if on_left else (x, v.w)), **params)
+    base = use(
+        v.w, lambda w, x: lax.dot_general_p.bind(*((w, x) if on_left else (x, w)), **params), x
+    )
     if set(kb) != set(v.group("stack")):
         raise Unsupported(
             f"batch axes {tuple(kb)} of the kernel are not its stack axes {v.group('stack')}"
@@ -141,7 +144,7 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
     if isinstance(x, LoraValue) or not isinstance(v, LoraValue):
         raise Unsupported("an adapted kernel as the input (lhs) of a convolution")
     v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
-    base = lax.conv_general_dilated_p.bind(x, v.w, **params)
+    base = use(v.w, lambda w, x: lax.conv_general_dilated_p.bind(x, w, **params), x)
     dn = params["dimension_numbers"]
     out_axis, out_feature = dn.rhs_spec[0], dn.out_spec[1]
     if v.group("out") != (out_axis,) or v.group("stack"):
@@ -190,7 +193,7 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     if v.dora:
         raise Unsupported("a DoRA kernel in a lookup (DoRA cannot normalise a looked-up table)")
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
-    base = lax.gather_p.bind(v.w, indices, **params)
+    base = use(v.w, lambda w, i: lax.gather_p.bind(w, i, **params), indices)
     outs = v.group("out")
     if len(outs) != 1 or v.group("stack"):
         raise Unsupported(f"a lookup in a kernel with roles {v.roles} (one 'out' axis needed)")

@@ -457,14 +457,8 @@ def _dot_shapes(jaxpr):
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
             shapes.append(tuple(eqn.outvars[0].aval.shape))
-        for sub in jax.extend.core.subjaxprs(jaxpr) if False else []:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             shapes += _dot_shapes(sub)
-        for value in eqn.params.values():
-            for inner in value if isinstance(value, tuple) else (value,):
-                if isinstance(inner, jax.extend.core.ClosedJaxpr):
-                    shapes += _dot_shapes(inner.jaxpr)
-                elif isinstance(inner, jax.extend.core.Jaxpr):
-                    shapes += _dot_shapes(inner)
     return shapes
 
 

@@ -9,7 +9,8 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from zoo import zoo
+from test_factorised import CFG, CONSTRUCTS, X, adapted, close, plain_params, randomize
+from zoo import ZOO_NAMES, zoo
 
 import jlora
 from jlora._quantize import NF4
@@ -65,7 +66,7 @@ def test_train_adapters_on_a_quantised_base_through_the_factorised_path(kind):
 
     @jax.jit
     def step(q, state):
-        value, g = grad(q, m.x)  # jlora.lora dequantises inside the traced call only
+        value, g = grad(q, m.x)  # each kernel is dequantised where it is used
         lora, base = jlora.split(q)
         updates, state = tx.update(g, state, lora)
         return jlora.combine(optax.apply_updates(lora, updates), base), state, value
@@ -107,6 +108,114 @@ def test_merging_into_a_quantised_base_dequantises_adds_and_stores_as_asked():
         ValueError, match=r"kernel 'mlp/w_in' is quantised \(int8\).*merge_quantized"
     ):
         jlora.merge_params(q, cfg)
+
+
+# ---- dequantisation at use: the quantised base through every construct of the factorised path --
+
+
+def check_equals_dequantised(fn, q, cfg, *args, grads=True):
+    """On a quantised base, output and adapter gradients equal the same path on the base
+    dequantised up front (itself equal to the merge path: see test_factorised)."""
+    deq = jlora.dequantize(q)
+    run = jax.jit(jlora.lora(fn, cfg))
+    close(run(q, *args), run(deq, *args))
+    if grads:
+
+        def loss(p, *xs):
+            return jnp.sum(jnp.sin(fn(p, *xs).astype(jnp.float32)))
+
+        vg = jax.jit(jlora.value_and_grad(loss, cfg))
+        (v1, g1), (v2, g2) = vg(q, *args), vg(deq, *args)
+        close(v1, v2)
+        jax.tree.map(close, g1, g2)
+
+
+@pytest.mark.parametrize("name", sorted(CONSTRUCTS))
+def test_every_construct_on_a_quantised_base(name):
+    q = jlora.quantize(plain_params(), CFG, kind="int8", block_size=16)
+    assert all(isinstance(q[k], jlora.Quantized) for k in ("w", "w2", "stack"))
+    check_equals_dequantised(CONSTRUCTS[name], q, CFG, X, grads=name != "while")
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_on_a_quantised_base(name):
+    m = models()[name]
+    q = jlora.quantize(adapted(m.params, m.config), m.config, kind="nf4", block_size=8)
+    check_equals_dequantised(m.apply, q, m.config, m.x)
+
+
+def _kept_for_backward(fn, p, cfg):
+    """Shapes of the float arrays the backward pass keeps (the residuals of ``jax.vjp``)."""
+    lora, base = jlora.split(p)
+    factorised = jlora.lora(fn, cfg)
+    _, backward = jax.vjp(lambda a: factorised(jlora.combine(a, base), X), lora)
+    floats = [x for x in jax.tree.leaves(backward) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return {tuple(x.shape) for x in floats}
+
+
+@pytest.mark.parametrize("name", ["matmul", "lax_scan_stack"])
+def test_the_backward_pass_keeps_codes_not_dequantised_kernels(name):
+    kernels = {(8, 6), (6, 8), (8, 8), (4, 8, 8)}
+    q = jlora.quantize(plain_params(), CFG, kind="int8", block_size=16)
+    assert not kernels & _kept_for_backward(CONSTRUCTS[name], q, CFG)
+    # Dequantised up front (what jlora did before), the dense kernels are kept: the check sees.
+    assert kernels & _kept_for_backward(CONSTRUCTS[name], jlora.dequantize(q), CFG)
+
+
+def _float_shapes(jaxpr):
+    """Shapes of the float values that ``jaxpr`` computes, nested jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [
+            tuple(v.aval.shape)
+            for v in eqn.outvars
+            if jnp.issubdtype(getattr(v.aval, "dtype", jnp.int32), jnp.floating)
+        ]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _float_shapes(sub)
+    return shapes
+
+
+def test_a_scanned_stack_is_dequantised_one_layer_at_a_time():
+    q = jlora.quantize(plain_params(), CFG, kind="int8", block_size=16)
+    loss = lambda p, x: jnp.sum(CONSTRUCTS["lax_scan_stack"](p, x) ** 2)  # noqa: E731
+    step = _float_shapes(jax.make_jaxpr(jlora.value_and_grad(loss, CFG))(q, X).jaxpr)
+    assert (8, 8) in step and (4, 8, 8) not in step  # one layer's dense kernel, never the stack
+    # A stack whose layers do not fill whole blocks is dequantised whole before the scan.
+    coarse = jlora.quantize(plain_params(), "stack", kind="int8", block_size=128)
+    whole = jax.make_jaxpr(jlora.lora(CONSTRUCTS["lax_scan_stack"], CFG))(coarse, X).jaxpr
+    assert (4, 8, 8) in _float_shapes(whole)
+    check_equals_dequantised(CONSTRUCTS["lax_scan_stack"], coarse, CFG, X)
+
+
+def test_dora_and_unadapted_kernels_on_a_quantised_base():
+    dora = jlora.init_dora(jax.random.key(0), {"w": plain_params()["w"]}, CFG)
+    dora = randomize(dora)
+    q = jlora.quantize(dora, CFG, kind="int8", block_size=16)
+    check_equals_dequantised(lambda p, x: jnp.tanh(x @ p["w"]), q, CFG, X)
+    # A quantised kernel without adapters is used dense; the adapted one stays factorised.
+    cfg = jlora.LoraConfig(rank=3, targets="w")
+    p = jlora.combine(
+        randomize(
+            jlora.split(
+                jlora.init_lora(
+                    jax.random.key(0), {"w": plain_params()["w"], "w2": plain_params()["w2"]}, cfg
+                )
+            )[0]
+        ),
+        {"w": plain_params()["w"], "w2": plain_params()["w2"]},
+    )
+    q = jlora.quantize(p, r"w|w2", kind="int8", block_size=16)
+    assert isinstance(q["w2"], jlora.Quantized) and "w2_lora_a" not in q
+    check_equals_dequantised(CONSTRUCTS["matmul"], q, cfg, X)
+
+
+def test_merge_fallback_on_a_quantised_base_merges_the_dequantised_kernel():
+    q = jlora.quantize(plain_params(), CFG, kind="int8", block_size=16)
+    fn = lambda p, x: x @ p["w"] + jnp.sum(p["w"])  # noqa: E731  (a reduction: not a product)
+    with pytest.warns(UserWarning, match=r"merged kernel 'w'.*reduce_sum"):
+        got = jlora.lora(fn, CFG, on_unsupported="merge")(q, X)
+    close(got, fn(jlora.merge_params(jlora.dequantize(q), CFG), X))
 
 
 @pytest.mark.parametrize(
