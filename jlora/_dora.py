@@ -11,7 +11,6 @@ from ``||W||²``, ``AᵀW`` and ``AᵀA`` (O(in·out·r)) without forming ``W + 
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -85,9 +84,11 @@ def add_magnitudes(params: Any, config: LoraConfig) -> Any:
     Starting ``m`` at the current norm leaves the model unchanged, whatever A and B are (plain,
     PiSSA or trained adapters).
 
+    An embedding table ``(vocab, features)`` gets one magnitude per feature, its norm over
+    the vocabulary, as PEFT's DoRA embeddings do.
+
     Raises:
-      ValueError: for an embedding table (looked up, so no input axes to normalise over) or a
-        kernel that already has a magnitude.
+      ValueError: for a kernel that already has a magnitude.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -99,13 +100,6 @@ def add_magnitudes(params: Any, config: LoraConfig) -> Any:
     planned: dict[KeyPath, jax.Array] = {}
     for adapted in resolve_sites(params, config):
         site, name = adapted.site, adapted.site.name
-        if re.fullmatch(config.embed_pattern, name):
-            raise ValueError(
-                f"DoRA cannot normalise {name!r}: it matches embed_pattern "
-                f"{config.embed_pattern!r}, a table that is looked up rather than multiplied, "
-                "so it has no input axes to take the weight norm over. Exclude it from targets "
-                "(plain LoRA there: init_lora, then add_magnitudes on a config without it)"
-            )
         if site.m is not None:
             raise ValueError(f"DoRA: {name!r} already has a magnitude {magnitude_key(site.key)!r}")
         dtype = jnp.promote_types(site.kernel.dtype, site.a.dtype)
@@ -180,13 +174,13 @@ def init_dora(key: jax.Array, params: Any, config: LoraConfig) -> Any:
     Args:
       key: a PRNG key (for A, as ``init_lora``).
       params: the base tree.
-      config: what to adapt; embedding tables must not be targeted.
+      config: what to adapt (any kernel ``init_lora`` takes, embedding tables included).
 
     Returns:
       The adapted tree with ``k_lora_a``, ``k_lora_b`` and ``k_lora_m`` beside each kernel.
 
     Raises:
-      ValueError: as ``init_lora``, and for embedding tables (DoRA cannot normalise them).
+      ValueError: as ``init_lora``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -268,3 +262,25 @@ def output_scale(mag: jax.Array, kb: Sequence[int], nx: int, on_left: bool) -> j
     return (
         mag.reshape(*stack, *out, *(1,) * nx) if on_left else mag.reshape(*stack, *(1,) * nx, *out)
     )
+
+
+def input_scale(
+    mag: jax.Array,
+    roles: Sequence[str],
+    kb: Sequence[int],
+    kc: Sequence[int],
+    xb: Sequence[int],
+    xc: Sequence[int],
+    x_shape: Sequence[int],
+) -> jax.Array:
+    """``mag`` (``stack + out``) shaped to broadcast over ``x`` in ``x·Wᵀ``.
+
+    When a ``dot_general`` contracts the kernel's ``out`` axes ``kc`` with ``x``'s ``xc`` (and
+    batches its stack axes ``kb`` with ``xb``), ``x·(c·W)ᵀ = (c·x)·Wᵀ``: the per-out-unit
+    factor scales ``x`` along the axes it meets.
+    """
+    stack, out = axes_of(roles, "stack"), axes_of(roles, "out")
+    source = {xa: stack.index(ka) for xa, ka in zip(xb, kb, strict=True)}
+    source |= {xa: len(stack) + out.index(ka) for xa, ka in zip(xc, kc, strict=True)}
+    mag = jnp.transpose(mag, [source[d] for d in sorted(source)])
+    return mag.reshape([n if d in source else 1 for d, n in enumerate(x_shape)])

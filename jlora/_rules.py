@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlora._dora import output_scale, split_magnitude
+from jlora._dora import input_scale, output_scale, split_magnitude
 from jlora._lazy import LoraValue, Unsupported
 from jlora._quantized_view import use
 
@@ -75,6 +75,10 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
     v, x = (lhs, rhs) if on_left else (rhs, lhs)
     v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
     kc, kb, xc, xb = (lc, lb, rc, rb) if on_left else (rc, rb, lc, lb)
+    if mag is not None and set(kc) == set(v.group("out")):
+        # Contracted (x·Wᵀ, tied embeddings), DoRA's per-out-unit scale meets x's axes instead.
+        x = x * input_scale(mag, v.roles, kb, kc, xb, xc, x.shape).astype(x.dtype)
+        mag = None
     base = use(
         v.w, lambda w, x: lax.dot_general_p.bind(*((w, x) if on_left else (x, w)), **params), x
     )
@@ -89,8 +93,6 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
         f2 = v.b  # stack + (r,) + out
         f1_axis = {ax: ns + i for i, ax in enumerate(first)}
     elif set(kc) == set(v.group("out")):
-        if mag is not None:
-            raise Unsupported("a DoRA kernel used transposed (its 'out' axes contracted)")
         first, second = v.group("out"), v.group("in")
         f1 = jnp.moveaxis(v.b, ns, -1)  # stack + out + (r,)
         f2 = jnp.moveaxis(v.a, -1, ns)  # stack + (r,) + in
@@ -190,8 +192,7 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     """
     if not isinstance(v, LoraValue) or isinstance(indices, LoraValue):
         raise Unsupported("an adapted kernel used as gather indices")
-    if v.dora:
-        raise Unsupported("a DoRA kernel in a lookup (DoRA cannot normalise a looked-up table)")
+    v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, per 'out' unit of the looked-up rows
     dn, sizes = params["dimension_numbers"], params["slice_sizes"]
     base = use(v.w, lambda w, i: lax.gather_p.bind(w, i, **params), indices)
     outs = v.group("out")
@@ -210,4 +211,7 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     lead = h.shape[:-1]
     y = (h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)) @ v.b.astype(h.dtype)
     y = jnp.moveaxis(y.reshape(*lead, -1), -1, pos)
-    return base + y.astype(base.dtype)
+    out = base + y.astype(base.dtype)
+    if mag is not None:
+        out = out * mag.reshape([-1 if d == pos else 1 for d in range(out.ndim)]).astype(out.dtype)
+    return out

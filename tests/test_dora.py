@@ -16,7 +16,7 @@ from zoo import zoo
 import jlora
 from jlora._dora import dense_norm, factorised_norm
 
-ZOO = ("linen_attention", "linen_scan", "linen_conv", "plain_dict")
+ZOO = ("linen_attention", "linen_scan", "linen_conv", "linen_embed", "plain_dict")
 
 
 @functools.cache
@@ -140,9 +140,6 @@ def test_magnitude_is_trained_and_in_the_loraplus_b_group():
 
 
 def test_errors():
-    emb = models()["linen_embed"]
-    with pytest.raises(ValueError, match=r"DoRA cannot normalise 'params/Embed_0/embedding'"):
-        jlora.init_dora(jax.random.key(0), emb.params, emb.config)
     m = models()["plain_dict"]
     p = jlora.init_dora(jax.random.key(0), m.params, m.config)
     with pytest.raises(ValueError, match=r"'mlp/w_in' already has a magnitude"):
@@ -158,10 +155,14 @@ def test_errors():
     half = {**p, "mlp": {k: v for k, v in p["mlp"].items() if k != "w_out_lora_m"}}
     with pytest.raises(ValueError, match=r"\['mlp/w_in'\] are DoRA kernels but \['mlp/w_out'\]"):
         jlora.export_peft(tempfile.mkdtemp(), half, m.config, jlora.peft.LLAMA)
-    # A use DoRA cannot scale per output unit: the kernel contracted over its 'out' axis.
-    tied = lambda q, x: x @ q["mlp"]["w_in"].T  # noqa: E731
-    with pytest.raises(ValueError, match=r"DoRA kernel used transposed"):
-        jlora.lora(tied, m.config)(p, jnp.ones((2, 20)))
+    # GPT-2's PyTorch modules hold (out, in) kernels: with jlora's default (in, out) roles the
+    # norm runs over what PEFT calls the output axis, so there is no PEFT magnitude to write.
+    gpt2 = {"h": {"0": {"mlp": {"c_fc": {"kernel": jnp.ones((6, 4))}}}}}
+    cfg = jlora.LoraConfig(rank=2)
+    with pytest.raises(ValueError, match=r"'h/0/mlp/c_fc/kernel' is a DoRA kernel.*axis_rules"):
+        jlora.export_peft(
+            tempfile.mkdtemp(), jlora.init_dora(jax.random.key(0), gpt2, cfg), cfg, jlora.peft.GPT2
+        )
 
 
 CONSTRUCT_CFG = jlora.LoraConfig(
@@ -180,6 +181,15 @@ CONSTRUCTS = {
     )[1],
     "reshape_then_slice": lambda q, x: x @ q["s"].reshape(3, 6, 8)[1],
     "double_transpose": lambda q, x: x @ q["w"].T.T,
+    # DoRA's per-out-unit scale when the out axes are contracted (tied embeddings' attend)...
+    "out_axes_contracted": lambda q, x: (x @ q["w"]) @ q["w"].T,
+    "stacked_out_axes_contracted": lambda q, x: jnp.einsum(
+        "sbhd,sihd->sbi",
+        jnp.einsum("sbi,sihd->sbhd", jnp.broadcast_to(x, (3, *x.shape)), q["s"]),
+        q["s"],
+    ),
+    # ...and in a lookup: the rows of a table, then the same table attended.
+    "lookup_then_attend": lambda q, x: q["w"][jnp.argmax(x, -1)] @ q["w"].T,
 }
 
 
@@ -231,54 +241,59 @@ def test_save_and_load_keep_the_magnitude():
 
 @pytest.mark.peft
 def test_exported_dora_adapter_loads_into_real_peft():
-    """PEFT's DoRA (use_dora, lora_magnitude_vector) computes what jlora computes."""
+    """PEFT's DoRA (use_dora, lora_magnitude_vector) computes what jlora computes, embeddings
+    (one magnitude per feature, the norm over the vocabulary) included."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
             self.fc = torch.nn.Linear(8, 6, bias=False)
             self.proj = torch.nn.Linear(6, 4, bias=False)
 
-        def forward(self, x):
-            return self.proj(torch.tanh(self.fc(x)))
+        def forward(self, ids):
+            return self.proj(torch.tanh(self.fc(self.emb(ids))))
+
+    def jax_base(net, weight=lambda module: module.weight):
+        return {
+            "emb": {"embedding": jnp.asarray(weight(net.emb).detach().numpy())},
+            "fc": {"kernel": jnp.asarray(weight(net.fc).detach().numpy().T)},
+            "proj": {"kernel": jnp.asarray(weight(net.proj).detach().numpy().T)},
+        }
+
+    def f(q, ids):
+        x = q["emb"]["embedding"][ids]
+        return jnp.tanh(x @ q["fc"]["kernel"]) @ q["proj"]["kernel"]
 
     torch.manual_seed(0)
     net = Net()
-    base = {
-        "fc": {"kernel": jnp.asarray(net.fc.weight.detach().numpy().T)},
-        "proj": {"kernel": jnp.asarray(net.proj.weight.detach().numpy().T)},
-    }
-    cfg = jlora.LoraConfig(rank=2, alpha=4.0)
+    base = jax_base(net)
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=r".*/(kernel|embedding)")
     p = randomize(jlora.init_dora(jax.random.key(0), base, cfg))
-    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
-
-    def f(q, x):
-        return jnp.tanh(x @ q["fc"]["kernel"]) @ q["proj"]["kernel"]
-
-    want = np.asarray(jlora.lora(f, cfg)(p, jnp.asarray(x)))
+    ids = np.array([[0, 3, 9, 3, 5]])
+    want = np.asarray(jlora.lora(f, cfg)(p, jnp.asarray(ids)))
+    close(want, f(jlora.merge_params(p, cfg), ids))
     path = tempfile.mkdtemp()
-    assert jlora.export_peft(path, p, cfg, jlora.peft.LLAMA) == ["fc", "proj"]
+    assert jlora.export_peft(path, p, cfg, jlora.peft.LLAMA) == ["emb", "fc", "proj"]
     with torch.no_grad():
-        got = peft.PeftModel.from_pretrained(net, path)(torch.from_numpy(x)).numpy()
+        got = peft.PeftModel.from_pretrained(net, path)(torch.from_numpy(ids)).numpy()
     close(got, want)
-    assert np.abs(want - np.asarray(f(base, jnp.asarray(x)))).max() > 1e-2  # it does something
+    assert np.abs(want - np.asarray(f(base, jnp.asarray(ids)))).max() > 1e-2  # it does something
     # And back: PEFT's own DoRA adapter (trained-looking factors and magnitudes) imports.
     torch.manual_seed(1)
     model = peft.get_peft_model(
-        Net(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc", "proj"], use_dora=True)
+        Net(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "fc", "proj"], use_dora=True),
     )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.add_(0.3 * torch.randn_like(param))
-        want = model(torch.from_numpy(x)).numpy()
+        want = model(torch.from_numpy(ids)).numpy()
     model.save_pretrained(path)
-    torch_base = {
-        name: {"kernel": jnp.asarray(model.get_submodule(f"{name}.base_layer").weight.T.numpy())}
-        for name in ("fc", "proj")
-    }
+    torch_base = jax_base(model.base_model.model, lambda module: module.base_layer.weight)
     loaded, loaded_cfg = jlora.import_peft(path, torch_base, jlora.peft.LLAMA)
-    assert "kernel_lora_m" in loaded["fc"]
-    close(jlora.lora(f, loaded_cfg)(loaded, jnp.asarray(x)), want)
+    assert "kernel_lora_m" in loaded["fc"] and "embedding_lora_m" in loaded["emb"]
+    close(jlora.lora(f, loaded_cfg)(loaded, jnp.asarray(ids)), want)

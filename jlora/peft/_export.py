@@ -105,7 +105,9 @@ def export_peft(
             raise ValueError(
                 f"export_peft: {name!r} is a DoRA kernel whose PyTorch module has its input and "
                 "output axes the other way round; PEFT would normalise over the other axis, so "
-                "its magnitude has no PEFT form. Export the merged model (merge_params) instead"
+                "its magnitude has no PEFT form. Train with LoraConfig(axis_rules="
+                "mapping.axis_rules) so jlora normalises as PEFT does, or export the merged "
+                "model (merge_params)"
             )
         for index, module in module_names(name, template, shape, item.roles):
             if module in origin:

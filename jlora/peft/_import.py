@@ -270,12 +270,6 @@ def import_peft(
                 f"lora_magnitude_vector for {len(with_m)} of its {len(slices)} modules; the files "
                 "do not belong together"
             )
-        if with_m and swap:
-            raise ValueError(
-                f"{path!r}: kernel {kernel!r} is DoRA, but its PyTorch module is laid out the "
-                "other way round, so PEFT's magnitude normalises over jlora's output axes; jlora "
-                "cannot hold that adapter"
-            )
         if with_m:
             magnitudes[kernel] = with_m
         rank, alpha = 0, 0.0
