@@ -52,10 +52,19 @@ class Dropout:
 def _thin(
     x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any, pref: Any
 ) -> jax.Array:
-    """``(x @ f1) * scale @ f2`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``."""
-    dims = (((1,), (0,)), ((), ()))
-    h = lax.dot_general(x, f1, dims, precision=precision, preferred_element_type=pref)
+    """``(x @ f1) * scale @ f2`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``.
+
+    ``x @ f1`` is written as ``x @ (f1ᵀ)ᵀ`` with ``f1ᵀ`` behind an optimisation barrier, so
+    that autodiff computes ``f1``'s gradient as ``(dhᵀ @ x)ᵀ``: a wide ``[r, K]`` product and
+    a small transpose. Left alone, XLA folds that transpose into the product, and the
+    ``[K, r]``-shaped ``xᵀ @ dh`` it then runs over the token axis was up to 20x slower on
+    XLA:CPU (2.7 ms against 0.13 ms at T=2048, K=1024, r=8), more than the base ``x @ W``.
+    """
+    f1_t = lax.optimization_barrier(f1.T)
+    dims = (((1,), (1,)), ((), ()))
+    h = lax.dot_general(x, f1_t, dims, precision=precision, preferred_element_type=pref)
     h = h * jnp.asarray(scale, h.dtype)
+    dims = (((1,), (0,)), ((), ()))
     return lax.dot_general(
         h, f2.astype(h.dtype), dims, precision=precision, preferred_element_type=pref
     )
