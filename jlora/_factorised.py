@@ -14,17 +14,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from jax.tree_util import DictKey, SequenceKey
 
 from jlora import _rules
 from jlora._config import LoraConfig
 from jlora._dora import with_magnitude
+from jlora._eager import compile_eager, is_input, is_quantized
 from jlora._interpret import Context, concrete, interpret
 from jlora._lazy import LoraValue
 from jlora._partition import combine, split
 from jlora._paths import KeyPath
-from jlora._quantize import Quantized, dequantize
+from jlora._quantize import dequantize
 from jlora._quantized_view import view
 from jlora._resolve import resolve_sites
 
@@ -50,17 +50,9 @@ def _check_options(
     return _rules.Dropout(config.dropout, dropout_rng)
 
 
-def _is_quantized(leaf: Any) -> bool:
-    return isinstance(leaf, Quantized)
-
-
-def _is_input(leaf: Any) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, Quantized))
-
-
 def _dense_shape(leaf: Any) -> Any:
     """What ``fn`` is traced with: a quantised kernel stands in as its dense shape."""
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if _is_quantized(leaf) else leaf
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) if is_quantized(leaf) else leaf
 
 
 def _strip(
@@ -119,8 +111,11 @@ def lora(
     Returns:
       A function with ``fn``'s signature whose parameter arguments may carry adapters.
 
-    Under ``jax.jit`` the tracing and interpretation happen once per compilation; called
-    eagerly, every call traces ``fn`` again, so jit the wrapped function (or the step using it).
+    Under ``jax.jit`` (or any transformation) the tracing and interpretation happen once per
+    compilation of the caller. Called eagerly, the wrapper jits itself: the first call per
+    argument structure (shapes, dtypes, tree, non-array leaves) compiles, later ones reuse it,
+    and ``fn``'s Python side effects run only while it is traced. Keep the wrapper and call it
+    again rather than wrapping ``fn`` anew each time.
 
     Raises:
       ValueError: here, for an unknown ``on_unsupported`` or dropout on without a key; when
@@ -140,15 +135,16 @@ def lora(
     """
     dropout = _check_options(config, on_unsupported, dropout_rng, deterministic)
 
+    @compile_eager
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         base_args, base_kwargs, found = _strip(args, kwargs, config)
         if not found:
             return fn(*dequantize(args), **dequantize(kwargs))
         leaves, treedef = jax.tree_util.tree_flatten_with_path(
-            (base_args, base_kwargs), is_leaf=_is_quantized
+            (base_args, base_kwargs), is_leaf=is_quantized
         )
-        traced = [i for i, (_, leaf) in enumerate(leaves) if _is_input(leaf)]
+        traced = [i for i, (_, leaf) in enumerate(leaves) if is_input(leaf)]
 
         def flat_fn(*arrays: Any) -> Any:
             values = [leaf for _, leaf in leaves]
@@ -166,10 +162,10 @@ def lora(
             adapted = found.get(tuple(path))
             if adapted is None:
                 # A quantised kernel without adapters is used as a plain dense array.
-                inputs.append(leaf.dequantize() if _is_quantized(leaf) else leaf)
+                inputs.append(leaf.dequantize() if is_quantized(leaf) else leaf)
                 continue
             # A QLoRA base stays quantised until the rule that consumes it (see _quantized_view).
-            w = view(leaf) if _is_quantized(leaf) else leaf
+            w = view(leaf) if is_quantized(leaf) else leaf
             value = LoraValue(
                 w, adapted.site.a, adapted.site.b, adapted.roles, adapted.scale, adapted.site.name
             )
@@ -228,6 +224,7 @@ def value_and_grad(
         deterministic=deterministic,
     )
 
+    @compile_eager
     def run(params: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         adapters, base = split(params)
         if not jax.tree.leaves(adapters):

@@ -593,3 +593,31 @@ def test_property_any_axis_order_of_the_kernel_equals_merge_path(perm, on_left, 
         return jnp.einsum(spec, *((w, x) if on_left else (x, w)))
 
     close(jlora.lora(fn, cfg)(p, X), fn(jlora.merge_params(p, cfg), X))
+
+
+def test_eager_calls_compile_once_per_argument_structure():
+    traced = []
+
+    def fn(p, x, label):
+        traced.append(label)  # a Python side effect: runs only while fn is traced
+        return x @ p["w"]
+
+    p = plain_params()
+    f = jlora.lora(fn, CFG)
+    want = X @ jlora.merge_params(p, CFG)["w"]
+    for _ in range(3):
+        close(f(p, X, "a"), want)
+    assert traced == ["a"]
+    f(p, X[:1], "a")  # new shapes: compiles again
+    f(p, X, "b")  # a new static (non-array) leaf: compiles again
+    f(p, X, {"unhashable"})  # an unhashable static leaf: runs uncompiled, every time
+    f(p, X, {"unhashable"})
+    assert traced == ["a", "a", "b", {"unhashable"}, {"unhashable"}]
+    grad = jlora.value_and_grad(lambda q, x: jnp.sum(fn(q, x, "g")), CFG)
+    for _ in range(2):
+        grad(p, X)
+    assert traced[5:] == ["g"]
+    # Under a transformation the wrapper is traced with its caller, as any JAX function.
+    jax.jit(lambda q: f(q, X, "jit"))(p)
+    jax.vmap(lambda x: f(p, x, "vmap"))(X)
+    assert traced[6:] == ["jit", "vmap"]

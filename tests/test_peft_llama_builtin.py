@@ -303,5 +303,6 @@ def test_shipped_base_and_runner_adapter_serve_from_peft(hf, tmp_path):
     # PEFT runs x·W + s·(x·A)·B unmerged; so does jlora.lora (merged weights round differently
     # by ~2e-5 on this 4-layer model with adapters this large).
     want = np.asarray(jlora.lora(Llama(config).apply, cfg)({"params": params}, jnp.asarray(IDS)))
-    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    # Relative to the largest logit (~4), as the rest of the suite measures closeness.
+    np.testing.assert_allclose(got, want, atol=TOL * np.abs(want).max(), rtol=TOL)
     assert np.abs(got - jax_logits(base)).max() > 1e-3
