@@ -24,6 +24,7 @@ from jlora._adapters import Adapter, place, scaled_b, sites_by_name, unit_config
 from jlora._factorised import lora
 from jlora._partition import combine
 from jlora._paths import KeyPath, path_str
+from jlora._quantize import dequantize
 
 
 def _pad(x: jax.Array, axis: int, rank: int) -> jax.Array:
@@ -99,7 +100,7 @@ def _grouped(
         mine = np.flatnonzero(idx == k)
         sub = jax.tree.map(lambda x, m=mine: x[m], args)
         if k == len(names):
-            outs.append(fn(base, *sub))
+            outs.append(fn(dequantize(base), *sub))  # a QLoRA base, bare: its dense kernels
         else:
             adapter = adapters[names[k]]
             outs.append(lora(fn, adapter.config)(combine(adapter.lora, base), *sub))
@@ -125,7 +126,7 @@ def mixed_batch(
 
     Args:
       fn: the model, ``fn(params, *args)``, as for :func:`jlora.lora`.
-      base: the base params shared by all adapters.
+      base: the base params shared by all adapters (may be a QLoRA base from ``quantize``).
       adapters: ``{name: Adapter}``; any ranks, scales and subsets of targets (kernels an
         adapter does not adapt are left alone for its rows). DoRA adapters work with rows
         known at trace time (names or concrete indices), not with traced indices.

@@ -218,6 +218,25 @@ def test_merge_fallback_on_a_quantised_base_merges_the_dequantised_kernel():
     close(got, fn(jlora.merge_params(jlora.dequantize(q), CFG), X))
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_mixed_batch_on_a_quantised_base(traced):
+    lora, base = jlora.split(plain_params())
+    bank = jlora.add_adapter({}, "a", lora, CFG)
+    bank = jlora.add_adapter(bank, "b", jax.tree.map(lambda x: -2 * x, lora), CFG)
+    q = jlora.quantize(base, CFG, kind="int8", block_size=16)
+    fn, x = CONSTRUCTS["matmul"], X.reshape(10, 8)[:3]  # three rows of 8 features
+    rows = ["b", None, "a"]
+    if traced:
+        got = jax.jit(lambda i: jlora.mixed_batch(fn, q, bank, i, x))(jnp.array([1, -1, 0]))
+    else:
+        got = jlora.mixed_batch(fn, q, bank, rows, x)
+    deq = jlora.dequantize(q)
+    for i, name in enumerate(rows):
+        params, cfg = jlora.select_adapter(deq, bank, name)
+        want = fn(params if cfg is None else jlora.merge_params(params, cfg), x[i : i + 1])
+        close(got[i : i + 1], want)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
