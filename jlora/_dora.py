@@ -23,6 +23,7 @@ from jlora._config import LoraConfig
 from jlora._init import init_lora
 from jlora._layout import axes_of, delta, magnitude_key
 from jlora._paths import KeyPath, path_str
+from jlora._quantized import as_array
 from jlora._quantized_view import dense
 from jlora._resolve import resolve_sites
 from jlora._tree import rebuild
@@ -104,7 +105,7 @@ def add_magnitudes(params: Any, config: LoraConfig) -> Any:
             raise ValueError(f"DoRA: {name!r} already has a magnitude {magnitude_key(site.key)!r}")
         dtype = jnp.promote_types(site.kernel.dtype, site.a.dtype)
         norm = factorised_norm(
-            site.kernel.astype(dtype), site.a, site.b, adapted.roles, adapted.scale
+            as_array(site.kernel).astype(dtype), site.a, site.b, adapted.roles, adapted.scale
         )
         planned[site.path] = norm.astype(config.dtype)
 
@@ -156,7 +157,8 @@ def place_peft_magnitudes(
         if site.name not in given:
             continue
         dtype = jnp.promote_types(site.kernel.dtype, site.a.dtype)
-        m = factorised_norm(site.kernel.astype(dtype), site.a, site.b, adapted.roles, adapted.scale)
+        w = as_array(site.kernel).astype(dtype)
+        m = factorised_norm(w, site.a, site.b, adapted.roles, adapted.scale)
         out = tuple(site.kernel.shape[i] for i in axes_of(adapted.roles, "out"))
         for index, vector in given[site.name].items():
             m = m.at[index].set(jnp.asarray(vector, m.dtype).reshape(out))

@@ -18,14 +18,9 @@ import jax
 import numpy as np
 from jax.extend import core
 
-from jlora._quantize import Quantized
+from jlora._quantized import Quantized, is_quantized
 
 _EAGER = type(core.find_top_trace(()))  # the trace type when no transformation is running
-
-
-def is_quantized(leaf: Any) -> bool:
-    """Whether ``leaf`` is a quantised kernel (a leaf here, though it is a pytree)."""
-    return isinstance(leaf, Quantized)
 
 
 def is_input(leaf: Any) -> bool:

@@ -19,12 +19,13 @@ from jax.tree_util import DictKey, SequenceKey
 from jlora import _rules
 from jlora._config import LoraConfig
 from jlora._dora import with_magnitude
-from jlora._eager import compile_eager, is_input, is_quantized
+from jlora._eager import compile_eager, is_input
 from jlora._interpret import Context, concrete, interpret
 from jlora._lazy import LoraValue
 from jlora._partition import combine, split
 from jlora._paths import KeyPath
 from jlora._quantize import dequantize
+from jlora._quantized import is_quantized
 from jlora._quantized_view import view
 from jlora._resolve import resolve_sites
 

@@ -26,6 +26,7 @@ from jlora._init import _check_rank
 from jlora._layout import adapter_keys, axes_of, delta
 from jlora._partition import combine, split
 from jlora._paths import KeyPath, path_str
+from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
 from jlora._targets import select_kernels
 from jlora._tree import rebuild
@@ -76,7 +77,7 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
 
     Raises:
       ValueError: for an unknown method, targets that match nothing, a rank too large for a
-        kernel, a kernel with no axis rule, or a kernel not held by a dict.
+        kernel, a kernel with no axis rule, a quantised kernel, or a kernel not held by a dict.
 
     Example:
       >>> import jax.numpy as jnp, jlora
@@ -95,6 +96,12 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
     dtype = jnp.dtype(config.dtype)
     for path, w in select_kernels(params, config):
         name = path_str(path)
+        if is_quantized(w):
+            raise ValueError(
+                f"init_pissa: kernel {name!r} is quantised; PiSSA/OLoRA replace the base by the "
+                "residual W - s·A·B of the float kernel. Run init_pissa on the float base, then "
+                "jlora.quantize the result (its residual kernels are what get quantised)"
+            )
         roles = axis_roles(name, tuple(w.shape), config)
         rank = config.rank_for(name)
         _check_rank(name, tuple(w.shape), roles, rank)

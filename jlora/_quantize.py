@@ -17,64 +17,19 @@ which read only arguments, ahead of their uses, so several dense kernels are ali
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora._config import LoraConfig, Selectors
 from jlora._paths import path_str
+from jlora._quantized import NF4, Quantized, as_array, is_quantized
 from jlora._targets import select_kernels
 
 KINDS = ("int8", "nf4")
-# The 16 NF4 levels (quantiles of N(0, 1) scaled to [-1, 1], exact zero), as in bitsandbytes.
-NF4 = np.array(
-    [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-    ],
-    np.float32,
-)  # fmt: skip
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Quantized:
-    """A blockwise-quantised kernel: codes, one scale per block, and how to undo it."""
-
-    codes: jax.Array
-    scales: jax.Array
-    kind: str = dataclasses.field(metadata={"static": True})
-    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
-    dtype: str = dataclasses.field(metadata={"static": True})
-    block_size: int = dataclasses.field(metadata={"static": True})
-
-    @property
-    def ndim(self) -> int:
-        """Rank of the original kernel."""
-        return len(self.shape)
-
-    @property
-    def bits_per_parameter(self) -> float:
-        """Storage bits per kernel value, scales included (int8: 8 + 32/block; NF4: 4 + ...)."""
-        return 8 * (self.codes.nbytes + self.scales.nbytes) / math.prod(self.shape)
-
-    def dequantize(self) -> jax.Array:
-        """The kernel back in its original dtype (up to the quantisation error)."""
-        if self.kind == "int8":
-            values = self.codes.astype(jnp.float32) / 127.0
-        else:
-            idx = jnp.stack([self.codes >> 4, self.codes & 0xF], axis=-1).reshape(
-                self.scales.shape[0], -1
-            )
-            values = jnp.asarray(NF4)[idx]
-        return (values * self.scales[:, None]).reshape(self.shape).astype(self.dtype)
 
 
 def _quantize(name: str, w: jax.Array, kind: str, block_size: int) -> Quantized:
@@ -114,8 +69,8 @@ def quantize(
       The tree with the selected kernels quantised; every other leaf unchanged.
 
     Raises:
-      ValueError: for an unknown kind, a bad block size, or a kernel whose size the block
-        does not divide; as ``init_lora`` for targets that match nothing.
+      ValueError: for an unknown kind, a bad block size, a kernel whose size the block does
+        not divide, or one already quantised; as ``init_lora`` for targets that match nothing.
 
     Example:
       >>> import jax.numpy as jnp
@@ -140,18 +95,20 @@ def quantize(
     def one(path: Sequence[Any], leaf: Any) -> Any:
         if tuple(path) not in chosen:
             return leaf
+        if is_quantized(leaf):
+            raise ValueError(
+                f"quantize: kernel {path_str(tuple(path))!r} is already quantised ({leaf.kind}, "
+                f"block_size={leaf.block_size}); call jlora.dequantize first to quantise it "
+                "again another way, or exclude it from the targets"
+            )
         return _quantize(path_str(tuple(path)), leaf, kind, block_size)
 
-    return jax.tree.map_with_path(one, params)
-
-
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, Quantized)
+    return jax.tree.map_with_path(one, params, is_leaf=is_quantized)
 
 
 def has_quantized(tree: Any) -> bool:
     """Whether ``tree`` holds any :class:`Quantized` kernel."""
-    return any(map(_is_quantized, jax.tree.leaves(tree, is_leaf=_is_quantized)))
+    return any(map(is_quantized, jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
 def dequantize(params: Any) -> Any:
@@ -168,9 +125,7 @@ def dequantize(params: Any) -> Any:
     """
     if not has_quantized(params):
         return params  # nothing to do: the very same tree, no container rebuilt
-    return jax.tree.map(
-        lambda x: x.dequantize() if _is_quantized(x) else x, params, is_leaf=_is_quantized
-    )
+    return jax.tree.map(as_array, params, is_leaf=is_quantized)
 
 
 STORES = ("float", "requantize")
@@ -219,10 +174,10 @@ def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None
 
     nodes = {
         tuple(p): x
-        for p, x in jax.tree.flatten_with_path(params, is_leaf=_is_quantized)[0]
-        if _is_quantized(x)
+        for p, x in jax.tree.flatten_with_path(params, is_leaf=is_quantized)[0]
+        if is_quantized(x)
     }
-    adapted = {tuple(s.path) for s in find_sites(params) if _is_quantized(s.kernel)}
+    adapted = {tuple(s.path) for s in find_sites(params) if is_quantized(s.kernel)}
     merged = merge_params(dequantize(params), config)
 
     def put_back(path: Sequence[Any], leaf: Any) -> Any:

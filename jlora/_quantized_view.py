@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._quantize import Quantized
+from jlora._quantized import Quantized
 
 Move = Callable[[jax.Array], jax.Array]
 

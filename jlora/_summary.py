@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from jlora._quantized import is_quantized
 from jlora._tree import find_sites
 
 
@@ -18,7 +19,8 @@ def summary(params: Any) -> str:
     """A table of the adapted kernels: shapes, rank, adapter parameters, and % trainable.
 
     Args:
-      params: an adapted tree (works on abstract ``jax.ShapeDtypeStruct`` leaves too).
+      params: an adapted tree (works on abstract ``jax.ShapeDtypeStruct`` leaves too); a
+        quantised kernel counts its logical size.
 
     Returns:
       A multi-line string; the last line gives trainable vs total parameters.
@@ -48,7 +50,7 @@ def summary(params: Any) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     trainable = sum(_size(s.a) + _size(s.b) for s in sites)
-    total = sum(_size(x) for x in jax.tree.leaves(params))
+    total = sum(_size(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
     share = 100.0 * trainable / total if total else 0.0
     lines.append(f"trainable {trainable:,} of {total:,} parameters ({share:.3f}%)")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import jax
 from jlora._config import LoraConfig, Selector, selectors
 from jlora._layout import adapter_owner
 from jlora._paths import KeyPath, path_str, some_paths
+from jlora._quantized import is_quantized
 
 
 def _matches(selectors: Sequence[Selector], path: str, leaf: Any) -> bool:
@@ -28,7 +29,8 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
     """The ``(path, kernel)`` pairs of ``params`` that ``config`` adapts, in tree order.
 
     Adapter leaves already in the tree are never candidates. Each selected leaf must be an
-    array of rank >= 2.
+    array of rank >= 2, or a quantised kernel (``jlora.quantize``: QLoRA bases take adapters
+    like float ones).
 
     Args:
       params: a parameter tree.
@@ -48,7 +50,7 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
       ['dense/kernel']
     """
     chosen = []
-    for path, leaf in jax.tree.flatten_with_path(params)[0]:
+    for path, leaf in jax.tree.flatten_with_path(params, is_leaf=is_quantized)[0]:
         if adapter_owner(getattr(path[-1], "key", None)) is not None:
             continue
         name = path_str(path)

@@ -256,6 +256,27 @@ def test_errors(kwargs, match):
         jlora.quantize(m.params, m.config, **kwargs)
 
 
+def test_the_qlora_order_quantise_first_then_add_adapters():
+    """QLoRA's usual order: a quantised base first, adapters (plain or DoRA) added to it."""
+    m = models()["linen_scan"]
+    q = jlora.quantize(m.params, m.config, kind="nf4", block_size=16)
+    p = jlora.init_lora(jax.random.key(0), q, m.config)
+    quantised = lambda x: isinstance(x, jlora.Quantized)  # noqa: E731
+    kernels = [x for x in jax.tree.leaves(p, is_leaf=quantised) if quantised(x)]
+    assert len(kernels) == len(jax.tree.leaves(jlora.split(p)[0])) // 2  # each has A and B
+    close(jlora.lora(m.apply, m.config)(p, m.x), m.apply(jlora.dequantize(q), m.x))  # B = 0
+    dora = randomize(jlora.init_dora(jax.random.key(0), q, m.config))
+    check_equals_dequantised(m.apply, dora, m.config, m.x)
+    # The summary counts a quantised kernel by its logical size, like the float one.
+    total = jlora.summary(p).splitlines()[-1]
+    assert total == jlora.summary(jlora.dequantize(p)).splitlines()[-1]
+    # What cannot be done on a quantised base says what to do instead.
+    with pytest.raises(ValueError, match=r"'params/layers/Dense_0/kernel' is already quantised"):
+        jlora.quantize(q, m.config, kind="int8")
+    with pytest.raises(ValueError, match=r"init_pissa: kernel .* is quantised.*then"):
+        jlora.init_pissa(q, m.config)
+
+
 def test_variants_trace_on_a_7b_shaped_tree_without_allocating():
     big = {
         f"layer{i}": {
