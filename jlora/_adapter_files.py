@@ -33,6 +33,7 @@ from jlora._dora import place_magnitudes
 from jlora._layout import adapter_keys, adapter_shapes, magnitude_key
 from jlora._paths import path_str, some_paths
 from jlora._place import check_unadapted, place_adapters
+from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import decode, encode
 
@@ -217,7 +218,8 @@ def _check_base(
     path: str, entries: list[dict[str, Any]], config: LoraConfig, base_params: Any
 ) -> dict[str, tuple[str, ...]]:
     """Checks every entry against the base; returns each kernel's axis roles under ``config``."""
-    base = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
+    leaves = jax.tree.flatten_with_path(base_params, is_leaf=is_quantized)[0]
+    base = {path_str(p): x for p, x in leaves}  # a quantised kernel is one leaf: the kernel
     roles: dict[str, tuple[str, ...]] = {}
     for entry in entries:
         kernel = entry["kernel"]

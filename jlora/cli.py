@@ -20,6 +20,7 @@ import jlora
 from jlora.runner import rundir
 from jlora.runner.config import RunConfig, load_config
 from jlora.runner.report import format_results
+from jlora.runner.variants import adapt, dense_model, prepare_base
 
 # Errors that are the user's input, printed as one clear message instead of a traceback.
 USER_ERRORS = (KeyError, TypeError, ValueError, FileNotFoundError, FloatingPointError)
@@ -47,7 +48,8 @@ def _restore(run_dir: str) -> tuple[RunConfig, Any, Any, jlora.LoraConfig]:
 
     config = rundir.load_run_config(run_dir)
     task = make_task(config)
-    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), task.base)
+    base = prepare_base(config, task.base)  # the base the adapter was trained on
+    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), base)
     return config, task, params, cfg
 
 
@@ -56,7 +58,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from jlora.models.weights import save_params
 
     config, task, params, cfg = _restore(args.run_dir)
-    merged = jlora.merge_params(params, cfg)
+    merged = dense_model(params, cfg)
     out = os.path.join(args.run_dir, "merged.safetensors")
     meta = {"model": config.model.kind, "merged_from": os.path.abspath(args.run_dir)}
     meta.update(getattr(task, "weights_metadata", {}))
@@ -68,8 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluates the base and the adapted model of a run."""
     _, task, params, cfg = _restore(args.run_dir)
     extra = task.load_extra(args.run_dir)
-    base = task.evaluate(task.base, extra)
-    adapted = task.evaluate(jlora.merge_params(params, cfg), extra)
+    base = task.evaluate(jlora.dequantize(jlora.split(params)[1]), extra)
+    adapted = task.evaluate(dense_model(params, cfg), extra)
     for key in adapted:
         print(f"{key}: base {base[key]:.4f}  adapted {adapted[key]:.4f}")
 
@@ -81,19 +83,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError(
             f"generate needs a language-model run; {args.run_dir!r} is a {config.model.kind} run"
         )
-    merged = jlora.merge_params(params, cfg)
+    merged = dense_model(params, cfg)
     print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
     """Shows what a config would adapt, without training (shapes only, nothing allocated)."""
-    from jlora.runner.tasks import lora_config, make_task
+    from jlora.runner.tasks import make_task
 
     path, overrides = _split_args([args.config, *args.overrides])
     config = load_config(path, overrides)
     task = make_task(config)
-    cfg = lora_config(config)
-    abstract = jax.eval_shape(lambda: jlora.init_lora(jax.random.key(0), task.base, cfg))
+    abstract = jax.eval_shape(
+        lambda: adapt(jax.random.key(0), prepare_base(config, task.base), config)
+    )
     print(jlora.summary(abstract))
 
 

@@ -62,7 +62,13 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoraSection:
-    """The :class:`jlora.LoraConfig` fields a run sets (regex targets only, to stay JSON-able)."""
+    """The :class:`jlora.LoraConfig` fields a run sets (regex targets only, to stay JSON-able).
+
+    Attributes:
+      dora: add DoRA magnitudes (``jlora.init_dora``): ``m · (W + s·A·B) / ||W + s·A·B||``.
+      quantize: ``"none"``, or ``"int8"`` / ``"nf4"`` to train on a quantised copy of the base
+        (QLoRA: ``jlora.quantize`` with the same targets, blocks of ``quantize_block``).
+    """
 
     rank: int = 8
     alpha: float = 16.0
@@ -73,6 +79,9 @@ class LoraSection:
     use_rslora: bool = False
     init: str = "kaiming"
     dropout: float = 0.0
+    dora: bool = False
+    quantize: str = "none"
+    quantize_block: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,8 @@ class TrainSection:
       seed: seeds adapter init, data order and sampling; the run is deterministic given it.
       train_step: ``"factorised"`` (``x·W + s·(x·A)·B`` through ``jlora.lora``; no W-sized
         weight or gradient) or ``"merge"`` (``W + s·A·B`` formed inside the loss).
+      loraplus_lr_ratio: LoRA+: B factors (and DoRA magnitudes) learn this many times faster
+        than A; 1.0 is plain LoRA.
       progress: show a tqdm progress bar.
     """
 
@@ -108,6 +119,7 @@ class TrainSection:
     log_every: int = 10
     seed: int = 0
     train_step: str = "factorised"
+    loraplus_lr_ratio: float = 1.0
     progress: bool = True
 
 
@@ -173,6 +185,7 @@ CHOICES = {
     "model.kind": ("llama", "bert"),
     "train.train_step": ("merge", "factorised"),
     "lora.init": ("kaiming", "gaussian"),
+    "lora.quantize": ("none", "int8", "nf4"),
 }
 
 
@@ -255,6 +268,7 @@ _POSITIVE = {
     "eval_batches",
     "max_per_class",
     "max_new_tokens",
+    "quantize_block",
 }
 
 

@@ -20,16 +20,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
+from jlora._quantized import is_quantized
 from jlora.runner import rundir
 from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.mesh import batch_sharding, make_mesh, shard_state
 from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
 from jlora.runner.tasks import Task, lora_config, make_task
+from jlora.runner.variants import adapt, adapter_optimizer, dense_model, prepare_base
 
 
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """Adam with warm-up and cosine decay for the adapters, Adam for a head, clipped at norm 1."""
+    """Adam with warm-up and cosine decay for the adapters, Adam for a head, clipped at norm 1.
+
+    With ``train.loraplus_lr_ratio`` the adapters' Adam runs in LoRA+ groups (B faster).
+    """
     t = config.train
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, t.learning_rate, min(t.warmup_steps, t.steps - 1), t.steps, t.learning_rate / 10
@@ -41,7 +46,11 @@ def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.partition(
-            {"lora": optax.adam(schedule), "extra": optax.adam(t.head_learning_rate)}, labels
+            {
+                "lora": adapter_optimizer(config, schedule),
+                "extra": optax.adam(t.head_learning_rate),
+            },
+            labels,
         ),
     )
 
@@ -71,14 +80,14 @@ def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
 
     def merged(trainable: Any, base: Any, batch: Any, rng: jax.Array) -> jax.Array:
         del rng
-        params = jlora.merge_params(jlora.combine(trainable["lora"], base), cfg)
+        params = jlora.merge_params(jlora.dequantize(jlora.combine(trainable["lora"], base)), cfg)
         return task.loss(params, trainable["extra"], batch)
 
     return merged
 
 
-def _adapted(task: Task, trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any:
-    return jlora.merge_params(jlora.combine(trainable["lora"], base), cfg)
+def _adapted(trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any:
+    return dense_model(jlora.combine(trainable["lora"], base), cfg)
 
 
 def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
@@ -97,8 +106,9 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         mesh_rules(config.mesh)
         put_batch = partial(jax.device_put, device=batch_sharding(mesh, t.batch_size))
     key = jax.random.key(t.seed)
-    params = jlora.init_lora(jax.random.fold_in(key, 0), task.base, cfg)
+    params = adapt(jax.random.fold_in(key, 0), prepare_base(config, task.base), config)
     lora, base = jlora.split(params)
+    start_model = jlora.dequantize(base)  # what the adapters start from (QLoRA: quantised)
     trainable = {"lora": lora, "extra": task.extra}
     tx = make_optimizer(config)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
@@ -114,11 +124,11 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         log(f"resuming {run_dir} from the checkpoint of step {start}")
     else:
         rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
-        trainable = {"lora": lora, "extra": task.initial_extra(task.base)}
+        trainable = {"lora": lora, "extra": task.initial_extra(start_model)}
         state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
     if not os.path.isfile(before_path):
         log("evaluating the base model ...")
-        rundir.write_json(before_path, task.show(task.base, state["trainable"]["extra"]))
+        rundir.write_json(before_path, task.show(start_model, state["trainable"]["extra"]))
     before = _read_json(before_path)
     if start == 0:  # the base's scores start the eval curve
         scores = {k: v for k, v in before.items() if isinstance(v, float)}
@@ -173,7 +183,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             window = []
         if step % t.eval_every == 0 or step == t.steps:
             scores = task.evaluate(
-                _adapted(task, state["trainable"], base, cfg), state["trainable"]["extra"]
+                _adapted(state["trainable"], base, cfg), state["trainable"]["extra"]
             )
             rundir.append_metrics(run_dir, {"step": step, **scores})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
@@ -202,7 +212,7 @@ def _finish(
     params = jlora.combine(trainable["lora"], base)
     jlora.save_adapter(os.path.join(run_dir, "adapter"), params, cfg)
     task.save_extra(run_dir, trainable["extra"])
-    after = task.show(_adapted(task, trainable, base, cfg), trainable["extra"])
+    after = task.show(_adapted(trainable, base, cfg), trainable["extra"])
     counts = _counts(params, trainable["extra"])
     results = {"before": before, "after": after, **counts}
     rundir.write_json(os.path.join(run_dir, "results.json"), results)
@@ -216,7 +226,10 @@ def _finish(
 
 def _counts(params: Any, extra: Any) -> dict[str, int]:
     lora, _ = jlora.split(params)
-    size = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+
+    def size(tree: Any) -> int:  # a quantised kernel counts its logical size
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+
     return {
         "trainable_params": size(lora) + size(extra),
         "adapter_params": size(lora),

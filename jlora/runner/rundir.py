@@ -18,8 +18,9 @@ from jlora.runner.config import RunConfig, from_dict, to_dict
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-# Fields that may differ between a run and its resumption (they do not change the results).
-_FREE = {"overwrite", "train.progress"}
+# Keys that do not change what a run computes: where it lives (moved or renamed, or named by
+# another path) and how it reports progress.
+_FREE = {"run_dir", "overwrite", "train.progress"}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
