@@ -197,15 +197,17 @@ def _while(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     if any(_is_lazy(v) for v in init):
         raise Unsupported("a kernel in a while-loop carry")
     cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+    # An iteration counter rides in the carry so LoRA dropout draws new masks every iteration.
 
     def cond(carry: Any) -> Any:
-        return interpret(cj.jaxpr, cj.consts, [*cconsts, *carry], ctx)[0]
+        return interpret(cj.jaxpr, cj.consts, [*cconsts, *carry[1:]], ctx)[0]
 
     def body(carry: Any) -> Any:
-        outs = interpret(bj.jaxpr, bj.consts, [*bconsts, *carry], ctx)
-        return tuple(concrete(outs, ctx, "while"))
+        i, *rest = carry
+        outs = interpret(bj.jaxpr, bj.consts, [*bconsts, *rest], ctx.child(i))
+        return (i + 1, *concrete(outs, ctx, "while"))
 
-    return list(lax.while_loop(cond, body, tuple(init)))
+    return list(lax.while_loop(cond, body, (jnp.int32(0), *init)))[1:]
 
 
 def _cond(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
@@ -294,6 +296,10 @@ def _on_w_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     return [_on_w(v, eqn, rest)]
 
 
+def _concatenate(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+    return [_lazy.concatenate(invals, eqn.params["dimension"])]
+
+
 def _consume(fn: Callable[..., Any]) -> Callable[[Context, Any, list[Any]], list[Any]]:
     def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
         return [fn(ctx.dropout, eqn.params, *invals)]
@@ -314,6 +320,7 @@ RULES: dict[str, Callable[[Context, Any, list[Any]], list[Any]]] = {
         lambda v, p, _: _lazy.slice_(v, p["start_indices"], p["limit_indices"], p["strides"])
     ),
     "dynamic_slice": _move(lambda v, p, rest: _lazy.dynamic_slice(v, rest, p["slice_sizes"])),
+    "concatenate": _concatenate,
     "dot_general": _consume(_rules.dot_general),
     "conv_general_dilated": _consume(_rules.conv),
     "gather": lambda ctx, eqn, invals: [_rules.gather(eqn.params, *invals)],

@@ -206,3 +206,62 @@ def broadcast_in_dim(v: LoraValue, shape: Sequence[int]) -> LoraValue:
     if math.prod(shape) != math.prod(v.shape):
         raise Unsupported(f"broadcasting the kernel from {v.shape} to {tuple(shape)}")
     return reshape(v, shape)
+
+
+def _factors(part: Any, like: LoraValue) -> tuple[Any, Any, Any]:
+    """``(w, a, s·b)`` of a concatenated part; a plain array is a rank-0 adapted kernel."""
+    if isinstance(part, LoraValue):
+        if part.dora:
+            raise Unsupported("a concatenation of DoRA kernels (each renormalises on its own)")
+        return dense(part.w), part.a, part.b * jnp.asarray(part.scale, part.b.dtype)
+    sizes = {r: [part.shape[i] for i in like.group(r)] for r in ROLES}
+    a = jnp.zeros((*sizes["stack"], *sizes["in"], 0), like.a.dtype)
+    b = jnp.zeros((*sizes["stack"], 0, *sizes["out"]), like.b.dtype)
+    return part, a, b
+
+
+def _pad_rank(x: Any, axis: int, before: int, total: int) -> Any:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, total - before - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def concatenate(parts: Sequence[Any], dimension: int) -> LoraValue:
+    """Kernels joined along one axis (a fused qkv built from separate kernels): still low rank.
+
+    With each part's scale folded into its B, ``[W₁ + A₁B₁ | W₂ + A₂B₂]`` along an ``out``
+    axis is ``[W₁ | W₂] + [A₁ A₂]·blockdiag(B₁, B₂)``: rank ``r₁ + r₂``, factors of adapter
+    size. Along an ``in`` axis A is block-diagonal instead; along a stack axis the ranks are
+    zero-padded to the largest. Plain (unadapted) parts join with rank 0. The parts must agree
+    on the axis roles.
+    """
+    like = next(p for p in parts if isinstance(p, LoraValue))
+    for p in parts:
+        if isinstance(p, LoraValue) and p.roles != like.roles:
+            raise Unsupported(
+                f"a concatenation of kernels with different axis roles {like.roles} and {p.roles}"
+            )
+    ws, a_s, b_s = zip(*(_factors(p, like) for p in parts), strict=True)
+    role, ns = like.roles[dimension], len(like.group("stack"))
+    ranks = [a.shape[-1] for a in a_s]
+    offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+    if role == "out":
+        axis = ns + 1 + like.group("out").index(dimension)
+        a = jnp.concatenate(a_s, axis=-1)
+        b = jnp.concatenate(
+            [_pad_rank(b, ns, o, sum(ranks)) for b, o in zip(b_s, offsets, strict=True)], axis
+        )
+    elif role == "in":
+        axis = ns + like.group("in").index(dimension)
+        a = jnp.concatenate(
+            [_pad_rank(a, a.ndim - 1, o, sum(ranks)) for a, o in zip(a_s, offsets, strict=True)],
+            axis,
+        )
+        b = jnp.concatenate(b_s, axis=ns)
+    else:
+        axis, top = like.group("stack").index(dimension), max(ranks)
+        a = jnp.concatenate([_pad_rank(a, a.ndim - 1, 0, top) for a in a_s], axis)
+        b = jnp.concatenate([_pad_rank(b, ns, 0, top) for b in b_s], axis)
+    names = [p.name for p in parts if isinstance(p, LoraValue)]
+    w = jax.lax.concatenate(list(ws), dimension)
+    return like.replace(w=w, a=a, b=b, scale=1.0, name=" + ".join(names))

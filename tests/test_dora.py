@@ -155,6 +155,9 @@ def test_errors():
     half = {**p, "mlp": {k: v for k, v in p["mlp"].items() if k != "w_out_lora_m"}}
     with pytest.raises(ValueError, match=r"\['mlp/w_in'\] are DoRA kernels but \['mlp/w_out'\]"):
         jlora.export_peft(tempfile.mkdtemp(), half, m.config, jlora.peft.LLAMA)
+    joined = lambda q, x: x @ jnp.concatenate([q["mlp"]["w_in"], q["mlp"]["w_in"]], 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"'concatenate'.*concatenation of DoRA kernels"):
+        jlora.lora(joined, m.config)(p, jnp.ones((2, 10)))
     # GPT-2's PyTorch modules hold (out, in) kernels: with jlora's default (in, out) roles the
     # norm runs over what PEFT calls the output axis, so there is no PEFT magnitude to write.
     gpt2 = {"h": {"0": {"mlp": {"c_fc": {"kernel": jnp.ones((6, 4))}}}}}

@@ -205,6 +205,15 @@ CONSTRUCTS = {
     "custom_vjp": lambda p, x: _cvjp_matmul(x, p["w"]),
     "shard_map": _shard_map,
     "bf16_compute": lambda p, x: x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16),
+    # Kernels joined on the fly (a fused qkv from separate kernels), with a plain one too.
+    "concat_out_axes": lambda p, x: x @ jnp.concatenate([p["w"], p["stack"][1], p["w"]], 1),
+    "concat_in_axes": lambda p, x: (
+        jnp.concatenate([x, x], -1) @ jnp.concatenate([p["w"], p["w"]], 0)
+    ),
+    "concat_with_plain": lambda p, x: x @ jnp.concatenate([p["w"], jnp.ones((8, 2))], 1),
+    "concat_stack": lambda p, x: _scan_layers(
+        {"stack": jnp.concatenate([p["stack"], p["stack"][:1]], 0)}, x
+    ),
 }
 
 
@@ -296,6 +305,10 @@ def test_closure_over_outer_jit_tracers():
     [
         (lambda p, x: x * jnp.sum(p["w"]), r"kernel 'w' .*'reduce_sum': found no factorised form"),
         (lambda p, x: x @ p["w"].reshape(6, 8).T, r"'reshape'.*mixes the kernel"),
+        (
+            lambda p, x: x @ jnp.concatenate([p["w"], p["w2"].T], 1),
+            r"'concatenate'.*different axis roles \('in', 'out'\) and \('out', 'in'\)",
+        ),
         (lambda p, x: x[..., :4] @ p["w"][:4], r"'slice'.*'in' axis"),
         (lambda p, x: p["w"] @ p["w2"], r"'dot_general'.*product of two adapted kernels"),
         (lambda p, x: x @ p["w"].T[:, :, None].sum(-1).T, r"'reduce_sum'"),
@@ -409,6 +422,19 @@ def test_dropout_touches_only_the_adapter_input_and_varies_per_layer():
     base = jax.vmap(lambda w: X @ w)(q["stack"])
     seen = [np.asarray(ys[i] - base[i]) for i in range(2)]
     assert not np.allclose(seen[0] / np.abs(seen[0]).max(), seen[1] / np.abs(seen[1]).max())
+
+    # Each iteration of a while loop draws its own masks too: the same input and kernel in two
+    # iterations gives two different adapter outputs.
+    def twice(q, x):
+        def body(c):
+            i, out = c
+            return i + 1, out.at[i].set(x @ q["stack"][0])
+
+        return jax.lax.while_loop(lambda c: c[0] < 2, body, (0, jnp.zeros((2, *x.shape))))[1]
+
+    ys = jlora.lora(twice, cfg, dropout_rng=jax.random.key(0), deterministic=False)(q, X)
+    assert not np.allclose(ys[0], ys[1])
+    close(jlora.lora(twice, cfg)(q, X)[0], jlora.lora(twice, cfg)(q, X)[1])  # eval: no dropout
 
 
 # ---- training -----------------------------------------------------------------------------------
