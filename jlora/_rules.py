@@ -151,7 +151,10 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
 
 
 def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
-    """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``."""
+    """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``.
+
+    Grouped and depthwise convolutions included; ``batch_group_count > 1`` is refused.
+    """
     if isinstance(x, LoraValue) or not isinstance(v, LoraValue):
         raise Unsupported("an adapted kernel as the input (lhs) of a convolution")
     v, mag = split_magnitude(v)  # DoRA: m / ||W + s·A·B||, applied to the output below
@@ -163,23 +166,28 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
             f"kernel axis roles {v.roles} do not match the convolution, whose output-feature "
             f"axis is {out_axis} (expected that axis alone 'out', all others 'in')"
         )
-    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
-        raise Unsupported("a grouped convolution")
+    if params["batch_group_count"] != 1:
+        raise Unsupported("a convolution with batch_group_count > 1")
+    # Grouped (G > 1, depthwise when each group has one input channel): group g's outputs see
+    # only group g's inputs, so each group runs A on its own inputs (A repeated G times along
+    # the output features) and B's columns of group g then mix that group's r features only.
+    groups, rank = params["feature_group_count"], v.a.shape[-1]
     a_kernel = jnp.moveaxis(v.a, -1, out_axis).astype(x.dtype)
+    a_kernel = jnp.concatenate([a_kernel] * groups, axis=out_axis) if groups > 1 else a_kernel
     h = lax.conv_general_dilated_p.bind(drop.apply(x), a_kernel, **params)
     h = jnp.moveaxis(h, out_feature, -1)
-    rank = v.a.shape[-1]
     lead = h.shape[:-1]
-    dims = (((1,), (0,)), ((), ()))
-    h2 = h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)
+    h2 = h.reshape(-1, groups, rank) * jnp.asarray(v.scale, h.dtype)
+    b = v.b.astype(h.dtype).reshape(rank, groups, -1)
+    dims = (((2,), (0,)), ((1,), (1,)))  # per group g: [T, r] · [r, out / G]
     y = lax.dot_general(
         h2,
-        v.b.astype(h.dtype),
+        b,
         dims,
         precision=params.get("precision"),
         preferred_element_type=params.get("preferred_element_type"),
     )
-    y = jnp.moveaxis(y.reshape(*lead, -1), -1, out_feature)
+    y = jnp.moveaxis(jnp.moveaxis(y, 0, 1).reshape(*lead, -1), -1, out_feature)
     if mag is not None:
         out = base + y.astype(base.dtype)
         shape = [-1 if d == out_feature else 1 for d in range(out.ndim)]

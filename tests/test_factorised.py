@@ -557,6 +557,12 @@ def _gather_rows(x, w):
     return jax.lax.gather(x.reshape(-1, 8), indices, dnums, (1, 8))
 
 
+@pytest.mark.parametrize("groups, shape", [(2, (3, 4, 6)), (8, (3, 1, 16))])
+def test_grouped_and_depthwise_convolutions_equal_merge_path(groups, shape):
+    p = adapted({"c": normal(8, shape)}, XCFG)
+    check_against_merge(lambda q, x: _conv(q["c"], x, groups=groups), p, XCFG, X)
+
+
 @pytest.mark.parametrize(
     ("fn", "match"),
     [
@@ -573,7 +579,17 @@ def _gather_rows(x, w):
             lambda p, x: x[..., :2] @ p["w3"].transpose(1, 0, 2).reshape(2, 24),
             r"'reshape'.*\(2, 8, 3\) -> \(2, 24\) that mixes the kernel's \('out', 'in', 'out'\)",
         ),
-        (lambda p, x: _conv(p["c"], x, groups=2), r"'conv_general_dilated'.*grouped convolution"),
+        (
+            lambda p, x: jax.lax.conv_general_dilated(
+                x[..., :4],
+                p["c"],
+                (1,),
+                "SAME",
+                dimension_numbers=("NWC", "WIO", "NWC"),
+                batch_group_count=2,
+            ),
+            r"'conv_general_dilated'.*batch_group_count > 1",
+        ),
         (
             lambda p, x: _conv(p["c"], x[..., :6], spec=("NWC", "WOI", "NWC")),
             r"roles \('in', 'in', 'out'\) do not match the convolution",
