@@ -19,6 +19,7 @@ from jlora._config import LoraConfig
 from jlora._dora import add_magnitudes, init_dora
 from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
+from jlora._loftq import init_loftq
 from jlora._loraplus import loraplus_labels
 from jlora._merge import merge_params, unmerge_params
 from jlora._mesh import Collective, collectives, partition_specs
@@ -51,6 +52,7 @@ __all__ = [
     "export_peft",
     "import_peft",
     "init_dora",
+    "init_loftq",
     "init_lora",
     "init_pissa",
     "is_adapter_path",

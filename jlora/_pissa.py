@@ -34,7 +34,7 @@ from jlora._tree import rebuild
 METHODS = ("pissa", "olora")
 
 
-def _factors(
+def factor_kernel(
     w: jax.Array, roles: tuple[str, ...], rank: int, scale: float, method: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
     stack = [w.shape[i] for i in axes_of(roles, "stack")]
@@ -92,7 +92,7 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
             f"init_pissa: method must be one of {METHODS} (PiSSA: SVD of W; OLoRA: QR of W); "
             f"got {method!r}"
         )
-    planned: dict[KeyPath, tuple[jax.Array, jax.Array, jax.Array]] = {}
+    planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]] = {}
     dtype = jnp.dtype(config.dtype)
     for path, w in select_kernels(params, config):
         name = path_str(path)
@@ -106,10 +106,23 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
         rank = config.rank_for(name)
         _check_rank(name, tuple(w.shape), roles, rank)
         scale = config.scale_for(name, rank)
-        a, b = _factors(w, roles, rank, scale, method, dtype)
+        a, b = factor_kernel(w, roles, rank, scale, method, dtype)
         wide = jnp.promote_types(w.dtype, dtype)
         residual = (w.astype(wide) - delta(a, b, roles, scale).astype(wide)).astype(w.dtype)
         planned[tuple(path)] = (residual, a, b)
+
+    return place_factored(params, planned, "init_pissa")
+
+
+def place_factored(
+    params: Any, planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]], caller: str
+) -> Any:
+    """``params`` with each planned kernel replaced by its new base and A/B set beside it.
+
+    Raises:
+      ValueError: if a planned kernel already has adapters or is not held by a dict.
+    """
+    planned = dict(planned)
 
     def replace(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
         for k in list(items):
@@ -118,7 +131,7 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
                 a_key, b_key = adapter_keys(k)
                 if a_key in items or b_key in items:
                     raise ValueError(
-                        f"init_pissa: kernel {path_str(path)!r} already has LoRA adapters; "
+                        f"{caller}: kernel {path_str(path)!r} already has LoRA adapters; "
                         "merge_params or split them off first"
                     )
                 items[k], items[a_key], items[b_key] = planned.pop(path)
@@ -127,7 +140,7 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
     out = rebuild(params, replace)
     if planned:
         raise ValueError(
-            f"init_pissa: kernels {[path_str(p) for p in planned]} are not held by a dict, "
+            f"{caller}: kernels {[path_str(p) for p in planned]} are not held by a dict, "
             "which cannot hold the adapter leaves beside them; convert that part of the tree to "
             "nested dicts, or exclude those paths"
         )

@@ -32,7 +32,20 @@ from jlora._targets import select_kernels
 KINDS = ("int8", "nf4")
 
 
-def _quantize(name: str, w: jax.Array, kind: str, block_size: int) -> Quantized:
+def check_options(kind: str, block_size: int, caller: str) -> None:
+    """Validates a quantisation ``kind`` and ``block_size``; errors name ``caller``."""
+    if kind not in KINDS:
+        raise ValueError(f"{caller}: kind must be one of {KINDS}; got {kind!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"{caller}: block_size must be an int >= 2; got {block_size!r}")
+    if kind == "nf4" and block_size % 2:
+        raise ValueError(
+            f"{caller}: NF4 packs two 4-bit codes per byte, so block_size must be even; got "
+            f"{block_size}"
+        )
+
+
+def quantize_kernel(name: str, w: jax.Array, kind: str, block_size: int) -> Quantized:
     size = math.prod(w.shape)
     if size % block_size:
         fits = [b for b in (256, 128, 64, 32, 16, 8, 4, 2) if size % b == 0 and b < block_size]
@@ -80,15 +93,7 @@ def quantize(
       >>> bool(jnp.allclose(dequantize(q)["d"]["kernel"], 1.0))
       True
     """
-    if kind not in KINDS:
-        raise ValueError(f"quantize: kind must be one of {KINDS}; got {kind!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-        raise ValueError(f"quantize: block_size must be an int >= 2; got {block_size!r}")
-    if kind == "nf4" and block_size % 2:
-        raise ValueError(
-            f"quantize: NF4 packs two 4-bit codes per byte, so block_size must be even; got "
-            f"{block_size}"
-        )
+    check_options(kind, block_size, "quantize")
     config = targets if isinstance(targets, LoraConfig) else LoraConfig(targets=targets)
     chosen = {tuple(p) for p, _ in select_kernels(params, config)}
 
@@ -101,7 +106,7 @@ def quantize(
                 f"block_size={leaf.block_size}); call jlora.dequantize first to quantise it "
                 "again another way, or exclude it from the targets"
             )
-        return _quantize(path_str(tuple(path)), leaf, kind, block_size)
+        return quantize_kernel(path_str(tuple(path)), leaf, kind, block_size)
 
     return jax.tree.map_with_path(one, params, is_leaf=is_quantized)
 
@@ -187,7 +192,7 @@ def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None
         if tuple(path) not in adapted:
             return node
         if store == "requantize":
-            return _quantize(path_str(tuple(path)), leaf, node.kind, node.block_size)
+            return quantize_kernel(path_str(tuple(path)), leaf, node.kind, node.block_size)
         return leaf
 
     return jax.tree.map_with_path(put_back, merged)

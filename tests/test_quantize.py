@@ -307,3 +307,58 @@ def test_int8_error_is_at_most_half_a_step_per_block(blocks, block, scale, seed)
     step = np.abs(np.asarray(w)).max(axis=1, keepdims=True) / 127
     err = np.abs(np.asarray(q.dequantize()) - np.asarray(w))
     assert (err <= step / 2 * (1 + 1e-5) + 1e-30).all()
+
+
+# ---- LoftQ: adapters that start by carrying the quantisation error ------------------------------
+
+
+def _weight_error(p, cfg, base):
+    """||W' - W|| / ||W|| over all kernels, W' the model ``p`` stands for at step 0."""
+    got = jlora.merge_quantized(p, cfg, store="float") if jlora.split(p)[0] else p
+    got = jlora.dequantize(got)
+    num = sum(np.sum((np.asarray(g) - np.asarray(w)) ** 2) for g, w in _kernels(got, base))
+    den = sum(np.sum(np.asarray(w) ** 2) for _, w in _kernels(got, base))
+    return float(np.sqrt(num / den))
+
+
+def _kernels(got, base):
+    flat = dict(jax.tree.leaves_with_path(base))
+    return [(x, flat[p]) for p, x in jax.tree.leaves_with_path(got) if p in flat and x.ndim >= 2]
+
+
+@pytest.mark.parametrize("name", ["linen_scan", "linen_conv", "plain_dict"])
+def test_loftq_starts_closer_to_the_float_model_than_the_quantised_base(name):
+    m = models()[name]
+    plain = _weight_error(
+        jlora.quantize(m.params, m.config, kind="nf4", block_size=8), m.config, m.params
+    )
+    errors = [
+        _weight_error(
+            jlora.init_loftq(m.params, m.config, kind="nf4", block_size=8, iterations=n),
+            m.config,
+            m.params,
+        )
+        for n in (1, 3)
+    ]
+    assert errors[0] < 0.9 * plain, (errors, plain)
+    assert errors[1] <= errors[0] * 1.01  # more rounds do not lose ground
+    # It trains as any QLoRA tree: the quantised base stays, the adapters move.
+    p = jlora.init_loftq(m.params, m.config, kind="int8", block_size=8)
+    is_q = lambda x: isinstance(x, jlora.Quantized)  # noqa: E731
+    kernels = [x for x in jax.tree.leaves(p, is_leaf=is_q) if is_q(x)]
+    assert len(kernels) == len(jax.tree.leaves(jlora.split(p)[0])) // 2  # each with A and B
+    check_equals_dequantised(m.apply, p, m.config, m.x)
+
+
+def test_loftq_errors():
+    m = models()["plain_dict"]
+    with pytest.raises(ValueError, match=r"iterations must be an int >= 1; got 0"):
+        jlora.init_loftq(m.params, m.config, iterations=0)
+    with pytest.raises(ValueError, match=r"init_loftq: kind must be one of"):
+        jlora.init_loftq(m.params, m.config, kind="int4")
+    q = jlora.quantize(m.params, m.config, kind="int8", block_size=20)
+    with pytest.raises(ValueError, match=r"init_loftq: kernel 'mlp/w_in' is already quantised"):
+        jlora.init_loftq(q, m.config, block_size=20)
+    lora = jlora.init_lora(jax.random.key(0), m.params, m.config)
+    with pytest.raises(ValueError, match=r"init_loftq: kernel 'mlp/w_in' already has LoRA"):
+        jlora.init_loftq(lora, m.config, block_size=20)
