@@ -11,8 +11,9 @@ keeps codes rather than dense kernels, and per layer inside a ``scan`` over a st
 stacked layers (``nn.scan``) the step's temporary memory is then the float base's and only the
 stored base shrinks. In an unrolled loop over layers, XLA:CPU schedules the dequantisations,
 which read only arguments, ahead of their uses, so several dense kernels are alive at once
-(measured in ``benchmarks/qlora.py``). ``merge_params`` refuses quantised kernels;
-:func:`merge_quantized` asks how the merged kernels are stored.
+(measured in ``benchmarks/qlora.py``; the README gives the XLA flag that fixes inference).
+``merge_params`` refuses quantised kernels; :func:`merge_quantized` asks how the merged kernels
+are stored.
 """
 
 from __future__ import annotations
