@@ -40,7 +40,15 @@ def test_lora_article_1000x10000_rank_10():
     assert r["last"] < r["first"]
 
 
-@pytest.mark.parametrize("name", ["nnx_finetune", "jax_mlp", "merge_export", "lora_article"])
+def test_qlora_scan():
+    r = example("qlora_scan")(steps=20)
+    assert r["after"] < r["before"] and r["gap"] < 1e-3
+    assert r["nf4"] < r["float"] - 5  # the base's 8 MB of float kernels held in 4.5 bits
+
+
+@pytest.mark.parametrize(
+    "name", ["nnx_finetune", "jax_mlp", "merge_export", "lora_article", "qlora_scan"]
+)
 def test_examples_document_how_to_run(name):
     with open(os.path.join(EXAMPLES, f"{name}.py")) as f:
         assert f"Run: python examples/{name}.py" in f.read()
