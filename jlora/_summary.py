@@ -8,15 +8,22 @@ from typing import Any
 import jax
 
 from jlora._quantized import is_quantized
-from jlora._tree import find_sites
+from jlora._tree import Site, find_sites
 
 
 def _size(x: Any) -> int:
     return math.prod(getattr(x, "shape", ()))
 
 
+def _trained(site: Site) -> int:
+    """Trainable values of one adapted kernel: A, B and a DoRA magnitude."""
+    return _size(site.a) + _size(site.b) + (0 if site.m is None else _size(site.m))
+
+
 def summary(params: Any) -> str:
-    """A table of the adapted kernels: shapes, rank, adapter parameters, and % trainable.
+    """A table of the adapted kernels: shapes, rank, trainable parameters, and % trainable.
+
+    Trainable parameters are A, B and any DoRA magnitude; a quantised kernel shows its kind.
 
     Args:
       params: an adapted tree (works on abstract ``jax.ShapeDtypeStruct`` leaves too); a
@@ -39,17 +46,19 @@ def summary(params: Any) -> str:
             (
                 s.name,
                 str(tuple(s.kernel.shape)),
-                str(s.kernel.dtype),
+                f"{s.kernel.kind} ({s.kernel.dtype})"
+                if is_quantized(s.kernel)
+                else str(s.kernel.dtype),
                 str(s.a.shape[-1]),
                 str(tuple(s.a.shape)),
                 str(tuple(s.b.shape)),
-                f"{_size(s.a) + _size(s.b):,}",
+                f"{_trained(s):,}",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    trainable = sum(_size(s.a) + _size(s.b) for s in sites)
+    trainable = sum(_trained(s) for s in sites)
     total = sum(_size(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
     share = 100.0 * trainable / total if total else 0.0
     lines.append(f"trainable {trainable:,} of {total:,} parameters ({share:.3f}%)")

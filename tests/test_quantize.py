@@ -270,6 +270,11 @@ def test_the_qlora_order_quantise_first_then_add_adapters():
     # The summary counts a quantised kernel by its logical size, like the float one.
     total = jlora.summary(p).splitlines()[-1]
     assert total == jlora.summary(jlora.dequantize(p)).splitlines()[-1]
+    assert "nf4 (float32)" in jlora.summary(p)
+    # DoRA magnitudes are trainable and counted as such (one per output unit of each kernel).
+    with_m, without = jlora.summary(dora).splitlines()[-1], total
+    magnitudes = sum(x.size for p_, x in jax.tree.leaves_with_path(dora) if "_lora_m" in str(p_))
+    assert f"trainable {int(without.split()[1].replace(',', '')) + magnitudes:,}" in with_m
     # What cannot be done on a quantised base says what to do instead.
     with pytest.raises(ValueError, match=r"'params/layers/Dense_0/kernel' is already quantised"):
         jlora.quantize(q, m.config, kind="int8")
