@@ -35,15 +35,6 @@ class QuantizedView:
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     dtype: Any = dataclasses.field(metadata={"static": True})
 
-    @property
-    def ndim(self) -> int:
-        """Rank of the current view."""
-        return len(self.shape)
-
-    def astype(self, dtype: Any) -> jax.Array:
-        """The dense view in ``dtype`` (for code that needs the whole kernel, e.g. merging)."""
-        return dense(self).astype(dtype)
-
 
 def view(q: Quantized) -> QuantizedView:
     """The quantised kernel as an unmoved view."""

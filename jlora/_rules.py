@@ -223,7 +223,7 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     table = jnp.moveaxis(v.a, -1, out)
     a_sizes = tuple(rank if d == out else s for d, s in enumerate(sizes))
     h = lax.gather_p.bind(table, indices, **{**params, "slice_sizes": a_sizes})
-    pos = _offset_axis(dn, v.w.ndim, out)
+    pos = _offset_axis(dn, len(v.shape), out)
     h = jnp.moveaxis(h, pos, -1)
     lead = h.shape[:-1]
     y = (h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)) @ v.b.astype(h.dtype)
