@@ -3,6 +3,10 @@
 import time
 
 import jax
+import jax.numpy as jnp
+import optax
+
+import jlora
 
 
 def mlp(d, layers, key):
@@ -50,3 +54,17 @@ def stacked_mlp_apply(p, x):
         return x + jax.nn.gelu(x @ w["up"]["kernel"]) @ w["down"]["kernel"], None
 
     return jax.lax.scan(layer, x, p)[0]
+
+
+def adapter_step(apply, cfg, tx):
+    """A jitted train step of the adapters on ``mean(apply(p, x)²)`` through the factorised path."""
+    grad = jlora.value_and_grad(lambda p, x: jnp.mean(apply(p, x) ** 2), cfg)
+
+    @jax.jit
+    def step(params, state, x):
+        value, g = grad(params, x)
+        lora, base = jlora.split(params)
+        updates, state = tx.update(g, state, lora)
+        return jlora.combine(optax.apply_updates(lora, updates), base), state, value
+
+    return step

@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from _common import adapter_step
 
 import jlora
 
@@ -38,22 +39,6 @@ def apply(p, x):
     return x
 
 
-def step_fn(cfg, tx):
-    def loss(p, x):
-        return jnp.mean(apply(p, x) ** 2)
-
-    grad = jlora.value_and_grad(loss, cfg)
-
-    @jax.jit
-    def step(params, state, x):
-        value, g = grad(params, x)
-        lora, base = jlora.split(params)
-        updates, state = tx.update(g, state, lora)
-        return jlora.combine(optax.apply_updates(lora, updates), base), state, value
-
-    return step
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=2048)
@@ -71,7 +56,7 @@ def main():
     for name, init in (("lora", jlora.init_lora), ("dora", jlora.init_dora)):
         params = init(jax.random.key(2), base, cfg)
         state = tx.init(jlora.split(params)[0])
-        runs[name] = (step_fn(cfg, tx), params, state)
+        runs[name] = (adapter_step(apply, cfg, tx), params, state)
     for step, params, state in runs.values():
         jax.block_until_ready(step(params, state, x))
     best = {name: float("inf") for name in runs}

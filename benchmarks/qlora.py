@@ -12,25 +12,11 @@ compiled step's argument and temporary memory, for the same residual MLP written
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import interleaved, mlp, mlp_apply, stacked_mlp, stacked_mlp_apply
+from _common import adapter_step, interleaved, mlp, mlp_apply, stacked_mlp, stacked_mlp_apply
 
 import jlora
-
-
-def step_fn(apply, cfg, tx):
-    grad = jlora.value_and_grad(lambda p, x: jnp.mean(apply(p, x) ** 2), cfg)
-
-    @jax.jit
-    def step(params, state, x):
-        value, g = grad(params, x)
-        lora, base = jlora.split(params)
-        updates, state = tx.update(g, state, lora)
-        return jlora.combine(optax.apply_updates(lora, updates), base), state, value
-
-    return step
 
 
 def memory(step, args):
@@ -80,7 +66,7 @@ def main():
         want = np.asarray(apply(base, x), np.float64)
         params = jlora.init_lora(jax.random.key(2), base, cfg)
         state = tx.init(jlora.split(params)[0])
-        step = step_fn(apply, cfg, tx)
+        step = adapter_step(apply, cfg, tx)
         runs = {"float32": params}
         for kind in ("int8", "nf4"):
             runs[kind] = jlora.quantize(params, cfg, kind=kind, block_size=args.block)

@@ -14,15 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._axes import axis_roles
 from jlora._config import LoraConfig
-from jlora._init import _check_rank
 from jlora._layout import delta
 from jlora._paths import KeyPath, path_str
-from jlora._pissa import factor_kernel, place_factored
+from jlora._pissa import factor_kernel, float_kernels, place_factored
 from jlora._quantize import check_options, quantize_kernel
-from jlora._quantized import is_quantized
-from jlora._targets import select_kernels
 
 
 def init_loftq(
@@ -70,23 +66,16 @@ def init_loftq(
     check_options(kind, block_size, "init_loftq")
     planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]] = {}
     dtype = jnp.dtype(config.dtype)
-    for path, w in select_kernels(params, config):
-        name = path_str(path)
-        if is_quantized(w):
-            raise ValueError(
-                f"init_loftq: kernel {name!r} is already quantised; LoftQ quantises the float "
-                "kernel itself. Pass the float base"
-            )
-        roles = axis_roles(name, tuple(w.shape), config)
-        rank = config.rank_for(name)
-        _check_rank(name, tuple(w.shape), roles, rank)
-        scale = config.scale_for(name, rank)
+    why = "LoftQ quantises the float kernel itself. Pass the float base"
+    for path, w, roles, rank, scale in float_kernels(params, config, "init_loftq", why):
         wide = jnp.promote_types(w.dtype, dtype)
         carried = jnp.zeros((), wide)  # s·A·B, nothing before the first round
         for _ in range(iterations):
-            q = quantize_kernel(name, (w.astype(wide) - carried).astype(w.dtype), kind, block_size)
+            q = quantize_kernel(
+                path_str(path), (w.astype(wide) - carried).astype(w.dtype), kind, block_size
+            )
             error = w.astype(wide) - q.dequantize().astype(wide)
             a, b = factor_kernel(error, roles, rank, scale, "pissa", dtype)
             carried = delta(a, b, roles, scale).astype(wide)
-        planned[tuple(path)] = (q, a, b)
+        planned[path] = (q, a, b)
     return place_factored(params, planned, "init_loftq")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -94,24 +95,37 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
         )
     planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]] = {}
     dtype = jnp.dtype(config.dtype)
-    for path, w in select_kernels(params, config):
-        name = path_str(path)
-        if is_quantized(w):
-            raise ValueError(
-                f"init_pissa: kernel {name!r} is quantised; PiSSA/OLoRA replace the base by the "
-                "residual W - s·A·B of the float kernel. Run init_pissa on the float base, then "
-                "jlora.quantize the result (its residual kernels are what get quantised)"
-            )
-        roles = axis_roles(name, tuple(w.shape), config)
-        rank = config.rank_for(name)
-        _check_rank(name, tuple(w.shape), roles, rank)
-        scale = config.scale_for(name, rank)
+    why = (
+        "PiSSA/OLoRA replace the base by the residual W - s·A·B of the float kernel. Run "
+        "init_pissa on the float base, then jlora.quantize the result (its residual kernels are "
+        "what get quantised)"
+    )
+    for path, w, roles, rank, scale in float_kernels(params, config, "init_pissa", why):
         a, b = factor_kernel(w, roles, rank, scale, method, dtype)
         wide = jnp.promote_types(w.dtype, dtype)
         residual = (w.astype(wide) - delta(a, b, roles, scale).astype(wide)).astype(w.dtype)
-        planned[tuple(path)] = (residual, a, b)
+        planned[path] = (residual, a, b)
 
     return place_factored(params, planned, "init_pissa")
+
+
+def float_kernels(
+    params: Any, config: LoraConfig, caller: str, why: str
+) -> Iterator[tuple[KeyPath, jax.Array, tuple[str, ...], int, float]]:
+    """``(path, W, roles, rank, scale)`` of each selected float kernel, rank checked.
+
+    Raises:
+      ValueError: for a quantised kernel (``why`` says what to do instead), a rank too large
+        for a kernel, or a kernel with no axis rule.
+    """
+    for path, w in select_kernels(params, config):
+        name = path_str(path)
+        if is_quantized(w):
+            raise ValueError(f"{caller}: kernel {name!r} is quantised; {why}")
+        roles = axis_roles(name, tuple(w.shape), config)
+        rank = config.rank_for(name)
+        _check_rank(name, tuple(w.shape), roles, rank)
+        yield tuple(path), w, roles, rank, config.scale_for(name, rank)
 
 
 def place_factored(

@@ -362,7 +362,8 @@ def test_loftq_errors():
     with pytest.raises(ValueError, match=r"init_loftq: kind must be one of"):
         jlora.init_loftq(m.params, m.config, kind="int4")
     q = jlora.quantize(m.params, m.config, kind="int8", block_size=20)
-    with pytest.raises(ValueError, match=r"init_loftq: kernel 'mlp/w_in' is already quantised"):
+    match = r"init_loftq: kernel 'mlp/w_in' is quantised; LoftQ quantises the float kernel"
+    with pytest.raises(ValueError, match=match):
         jlora.init_loftq(q, m.config, block_size=20)
     lora = jlora.init_lora(jax.random.key(0), m.params, m.config)
     with pytest.raises(ValueError, match=r"init_loftq: kernel 'mlp/w_in' already has LoRA"):
