@@ -10,12 +10,14 @@ W-sized or output-sized array. LoRA dropout, when on, is applied to the adapter'
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from jlora._dora import input_scale, output_scale, split_magnitude
 from jlora._lazy import LoraValue, Unsupported
@@ -49,25 +51,80 @@ class Dropout:
         return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
 
 
+# Up to this rank the second low-rank product runs as elementwise multiply-adds (`_widen`);
+# above it, as a matmul. On XLA:CPU at T=2048 the elementwise form is faster up to r=8 and
+# slower from r=16 (`gelu(x·W + h·B)`: 0.95-1.0x the matmul at r<=8, 1.04-1.15x at r=16).
+FUSED_MAX_RANK = 8
+
+
+def _expand(h: jax.Array, f: jax.Array) -> jax.Array:
+    """``h @ f`` for a thin ``h [T, r]``, written as r broadcast multiply-adds."""
+    acc_dtype = jnp.promote_types(h.dtype, jnp.float32)  # bf16 products still sum in f32
+    hf, ff = h.astype(acc_dtype), f.astype(acc_dtype)
+    acc = hf[:, 0:1] * ff[0]
+    for i in range(1, h.shape[1]):
+        acc = acc + hf[:, i : i + 1] * ff[i]
+    return acc.astype(h.dtype)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _widen(h: jax.Array, f: jax.Array, precision: Any) -> jax.Array:
+    """``h @ f`` for ``h [T, r]``, ``f [r, O]``: elementwise forward, matmul derivatives.
+
+    A matmul's ``[T, O]`` result is a buffer that the next op (the sum with ``x·W``) reads
+    back. As r multiply-adds it is an elementwise expression that XLA fuses into that
+    consumer, so the low-rank term writes and reads no activation-sized buffer. Its tangent
+    stays a matmul, so reverse mode transposes it to the matmuls ``dy·fᵀ`` and ``hᵀ·dy``
+    (not to r reductions over ``dy``), and forward mode works as for any matmul.
+    """
+    return _expand(h, f)
+
+
+@functools.partial(_widen.defjvp, symbolic_zeros=True)
+def _widen_jvp(precision: Any, primals: tuple, tangents: tuple) -> tuple:
+    h, f = primals
+    dh, df = tangents
+    y = _expand(h, f)
+    dims = (((1,), (0,)), ((), ()))
+    terms = [
+        lax.dot_general(a, b.astype(a.dtype), dims, precision=precision)
+        for a, b in ((dh, f), (h, df))
+        if not isinstance(a, SymbolicZero) and not isinstance(b, SymbolicZero)
+    ]
+    if not terms:
+        return y, SymbolicZero(jax.typeof(y))
+    return y, sum(terms[1:], terms[0]).astype(y.dtype)
+
+
+def low_rank_product(h: jax.Array, f: jax.Array, precision: Any, pref: Any) -> jax.Array:
+    """``h @ f`` for the rank-r intermediate ``h [T, r]`` and ``f [r, O]``.
+
+    Elementwise (fused into the consumer) up to :data:`FUSED_MAX_RANK`, a matmul above it.
+    """
+    f = f.astype(h.dtype)
+    if 0 < h.shape[1] <= FUSED_MAX_RANK:
+        return _widen(h, f, precision)
+    dims = (((1,), (0,)), ((), ()))
+    return lax.dot_general(h, f, dims, precision=precision, preferred_element_type=pref)
+
+
 def _thin(
     x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any, pref: Any
 ) -> jax.Array:
-    """``(x @ f1) * scale @ f2`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``.
+    """``(x @ f1) @ (scale * f2)`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``.
 
-    ``x @ f1`` is written as ``x @ (f1ᵀ)ᵀ`` with ``f1ᵀ`` behind an optimisation barrier, so
-    that autodiff computes ``f1``'s gradient as ``(dhᵀ @ x)ᵀ``: a wide ``[r, K]`` product and
-    a small transpose. Left alone, XLA folds that transpose into the product, and the
-    ``[K, r]``-shaped ``xᵀ @ dh`` it then runs over the token axis was up to 20x slower on
-    XLA:CPU (2.7 ms against 0.13 ms at T=2048, K=1024, r=8), more than the base ``x @ W``.
+    The scale multiplies ``f2`` (``r x O``), the smallest operand. ``x @ f1`` is written as
+    ``x @ (f1ᵀ)ᵀ`` with ``f1ᵀ`` behind an optimisation barrier, so that autodiff computes
+    ``f1``'s gradient as ``(dhᵀ @ x)ᵀ``: a wide ``[r, K]`` product and a small transpose.
+    Left alone, XLA folds that transpose into the product, and the ``[K, r]``-shaped
+    ``xᵀ @ dh`` it then runs over the token axis was up to 20x slower on XLA:CPU (2.7 ms
+    against 0.13 ms at T=2048, K=1024, r=8), more than the base ``x @ W``. The second
+    product is :func:`low_rank_product`, which fuses into the sum with the base term.
     """
     f1_t = lax.optimization_barrier(f1.T)
     dims = (((1,), (1,)), ((), ()))
     h = lax.dot_general(x, f1_t, dims, precision=precision, preferred_element_type=pref)
-    h = h * jnp.asarray(scale, h.dtype)
-    dims = (((1,), (0,)), ((), ()))
-    return lax.dot_general(
-        h, f2.astype(h.dtype), dims, precision=precision, preferred_element_type=pref
-    )
+    return low_rank_product(h, f2.astype(h.dtype) * jnp.asarray(scale, h.dtype), precision, pref)
 
 
 def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array:
@@ -177,17 +234,18 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
     h = lax.conv_general_dilated_p.bind(drop.apply(x), a_kernel, **params)
     h = jnp.moveaxis(h, out_feature, -1)
     lead = h.shape[:-1]
-    h2 = h.reshape(-1, groups, rank) * jnp.asarray(v.scale, h.dtype)
-    b = v.b.astype(h.dtype).reshape(rank, groups, -1)
-    dims = (((2,), (0,)), ((1,), (1,)))  # per group g: [T, r] · [r, out / G]
-    y = lax.dot_general(
-        h2,
-        b,
-        dims,
-        precision=params.get("precision"),
-        preferred_element_type=params.get("preferred_element_type"),
-    )
-    y = jnp.moveaxis(jnp.moveaxis(y, 0, 1).reshape(*lead, -1), -1, out_feature)
+    prec, pref = params.get("precision"), params.get("preferred_element_type")
+    b = v.b.astype(h.dtype) * jnp.asarray(v.scale, h.dtype)
+    if groups == 1:
+        y = low_rank_product(h.reshape(-1, rank), b, prec, pref).reshape(*lead, -1)
+    else:
+        dims = (((2,), (0,)), ((1,), (1,)))  # per group g: [T, r] · [r, out / G]
+        b = b.reshape(rank, groups, -1)
+        y = lax.dot_general(
+            h.reshape(-1, groups, rank), b, dims, precision=prec, preferred_element_type=pref
+        )
+        y = jnp.moveaxis(y, 0, 1).reshape(*lead, -1)
+    y = jnp.moveaxis(y, -1, out_feature)
     if mag is not None:
         out = base + y.astype(base.dtype)
         shape = [-1 if d == out_feature else 1 for d in range(out.ndim)]
@@ -226,7 +284,8 @@ def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     pos = _offset_axis(dn, len(v.shape), out)
     h = jnp.moveaxis(h, pos, -1)
     lead = h.shape[:-1]
-    y = (h.reshape(-1, rank) * jnp.asarray(v.scale, h.dtype)) @ v.b.astype(h.dtype)
+    b = v.b.astype(h.dtype) * jnp.asarray(v.scale, h.dtype)
+    y = low_rank_product(h.reshape(-1, rank), b, None, None)
     y = jnp.moveaxis(y.reshape(*lead, -1), -1, pos)
     out = base + y.astype(base.dtype)
     if mag is not None:

@@ -663,3 +663,52 @@ def test_eager_calls_compile_once_per_argument_structure():
     jax.jit(lambda q: f(q, X, "jit"))(p)
     jax.vmap(lambda x: f(p, x, "vmap"))(X)
     assert traced[6:] == ["jit", "vmap"]
+
+
+# ---- the second low-rank product: fused at small rank, a matmul above -----------------------
+
+
+@pytest.mark.parametrize("rank", [jlora._rules.FUSED_MAX_RANK, jlora._rules.FUSED_MAX_RANK + 1])
+def test_both_forms_of_the_low_rank_product_equal_merge_path(rank):
+    cfg = dataclasses.replace(CFG, rank=rank, alpha=2.0 * rank)
+    cfg = dataclasses.replace(cfg, targets=r"w|emb")
+    p = adapted({"w": normal(1, (16, 12), 1 / 4), "emb": normal(2, (10, 16))}, cfg)
+    x, ids = normal(3, (2, 3, 16)), jnp.array([[1, 4, 9], [0, 0, 3]])
+
+    def fn(q, x, ids):
+        return jnp.tanh(x @ q["w"]) + jnp.take(q["emb"], ids, axis=0) @ q["w"]
+
+    check_against_merge(fn, p, cfg, x, ids)
+    # Two uses of w: x·W and x·A each. The second products (h·B, for both uses and the lookup)
+    # are elementwise up to FUSED_MAX_RANK, and matmuls above it.
+    dots = _dot_shapes(jax.make_jaxpr(jlora.lora(fn, cfg))(p, x, ids).jaxpr)
+    assert len(dots) == (4 if rank <= jlora._rules.FUSED_MAX_RANK else 7), dots
+
+
+def test_forward_mode_and_hessian_vector_products_equal_merge_path():
+    p = plain_params()
+    lora_half, base = jlora.split(p)
+    tangent = jax.tree.map(lambda a: jnp.ones_like(a) * 0.1, lora_half)
+
+    def fn(q, x):
+        return _mlp(q, x)
+
+    def factorised(a, x):
+        return jlora.lora(fn, CFG)(jlora.combine(a, base), x)
+
+    def merged(a, x):
+        return fn(jlora.merge_params(jlora.combine(a, base), CFG), x)
+
+    out, jvp_out = jax.jvp(lambda a: factorised(a, X), (lora_half,), (tangent,))
+    want, want_jvp = jax.jvp(lambda a: merged(a, X), (lora_half,), (tangent,))
+    close(out, want)
+    close(jvp_out, want_jvp)
+    # A tangent in x alone (the adapter tangents are symbolic zeros).
+    x_jvp = jax.jvp(lambda x: factorised(lora_half, x), (X,), (jnp.ones_like(X),))[1]
+    close(x_jvp, jax.jvp(lambda x: merged(lora_half, x), (X,), (jnp.ones_like(X),))[1])
+
+    def hvp(f):
+        loss = lambda a: jnp.sum(jnp.sin(f(a, X)))  # noqa: E731
+        return jax.jvp(jax.grad(loss), (lora_half,), (tangent,))[1]
+
+    jax.tree.map(lambda a, b: close(a, b, rtol=GRAD_RTOL[F32]), hvp(factorised), hvp(merged))
