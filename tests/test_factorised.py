@@ -670,19 +670,29 @@ def test_eager_calls_compile_once_per_argument_structure():
 
 @pytest.mark.parametrize("rank", [jlora._rules.FUSED_MAX_RANK, jlora._rules.FUSED_MAX_RANK + 1])
 def test_both_forms_of_the_low_rank_product_equal_merge_path(rank):
-    cfg = dataclasses.replace(CFG, rank=rank, alpha=2.0 * rank)
-    cfg = dataclasses.replace(cfg, targets=r"w|emb")
-    p = adapted({"w": normal(1, (16, 12), 1 / 4), "emb": normal(2, (10, 16))}, cfg)
+    cfg = jlora.LoraConfig(
+        rank=rank,
+        alpha=2.0 * rank,
+        targets=r"w|emb|conv",
+        axis_rules=[("conv", ("in", "in", "out"))],
+    )
+    params = {
+        "w": normal(1, (16, 12), 1 / 4),
+        "emb": normal(2, (10, 16)),
+        "conv": normal(4, (3, 12, 12), 0.2),
+    }
+    p = adapted(params, cfg)
     x, ids = normal(3, (2, 3, 16)), jnp.array([[1, 4, 9], [0, 0, 3]])
 
     def fn(q, x, ids):
-        return jnp.tanh(x @ q["w"]) + jnp.take(q["emb"], ids, axis=0) @ q["w"]
+        h = jnp.tanh(x @ q["w"]) + jnp.take(q["emb"], ids, axis=0) @ q["w"]
+        return _conv(q["conv"], h)
 
     check_against_merge(fn, p, cfg, x, ids)
-    # Two uses of w: x·W and x·A each. The second products (h·B, for both uses and the lookup)
-    # are elementwise up to FUSED_MAX_RANK, and matmuls above it.
+    # Two uses of w: x·W and x·A each. The second products (h·B, for both uses, the lookup and
+    # the convolution) are elementwise up to FUSED_MAX_RANK, and matmuls above it.
     dots = _dot_shapes(jax.make_jaxpr(jlora.lora(fn, cfg))(p, x, ids).jaxpr)
-    assert len(dots) == (4 if rank <= jlora._rules.FUSED_MAX_RANK else 7), dots
+    assert len(dots) == (4 if rank <= jlora._rules.FUSED_MAX_RANK else 8), dots
 
 
 def test_forward_mode_and_hessian_vector_products_equal_merge_path():

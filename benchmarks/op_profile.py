@@ -1,0 +1,89 @@
+"""Where a step's time goes, op by op: XLA's own per-op durations from ``jax.profiler``.
+
+Builds the rows of ``train_step.py``, profiles each for ``--calls`` calls, and sums the
+duration of every compiled op (fusion, dot, ...) by kind: matmuls (``dot`` / YNNPACK
+``ynn``), elementwise loops, and whether the op's result is rank-sized (a thin product).
+Comparing a row with the limit shows which kind of work the gap is made of. For steadier
+numbers run it on one core and one thread:
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
+        taskset -c 1 .venv/bin/python benchmarks/op_profile.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import tempfile
+from typing import Any
+
+import jax
+import train_step
+
+ROWS = ("jlora.lora", "limit (no weight grads)", "infer: base forward", "infer: jlora.lora forward")
+_OP = re.compile(r"\s*(?:ROOT )?%(\S+) = \w+\[([^\]]*)\]\S* (\w+)\(")
+
+
+def op_kinds(compiled_text: str, rank: int) -> dict[str, str]:
+    """Each op's name in the compiled HLO -> its kind, e.g. ``"matmul thin"``."""
+    kinds = {}
+    for line in compiled_text.splitlines():
+        m = _OP.match(line)
+        if not m:
+            continue
+        name, dims, op = m.groups()
+        base = "matmul" if name.startswith("ynn") or op == "dot" else "elementwise/other"
+        thin = str(rank) in re.findall(r"\d+", dims)
+        kinds[name] = base + (" (rank-sized result)" if thin else "")
+    return kinds
+
+
+def profile(fn: Any, fn_args: tuple, calls: int) -> list[dict[str, Any]]:
+    """The profiler's complete events ("X") of ``calls`` calls of ``fn``."""
+    for _ in range(2):
+        jax.block_until_ready(fn(*fn_args))
+    with tempfile.TemporaryDirectory() as out:
+        with jax.profiler.trace(out, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*fn_args))
+        (path,) = glob.glob(f"{out}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag, default in [
+        ("d-model", 256),
+        ("layers", 4),
+        ("heads", 4),
+        ("seq", 128),
+        ("batch", 16),
+        ("rank", 8),
+        ("vocab", 512),
+        ("calls", 10),
+    ]:
+        parser.add_argument(f"--{flag}", type=int, default=default)
+    args = parser.parse_args(argv)
+    run, _ = train_step.build(args)
+    out = {}
+    for row in ROWS:
+        fn, fn_args = run[row]
+        kinds = op_kinds(fn.lower(*fn_args).compile().as_text(), args.rank)
+        ms: collections.Counter[str] = collections.Counter()
+        for event in profile(fn, fn_args, args.calls):
+            if event["name"] in kinds:
+                ms[kinds[event["name"]]] += event["dur"] / args.calls / 1e3
+        out[row] = dict(ms)
+        print(f"{row}: {sum(ms.values()):.1f} ms in ops per call")
+        for kind, t in sorted(ms.items()):
+            print(f"    {kind:40} {t:8.2f} ms")
+    return out
+
+
+if __name__ == "__main__":
+    main()
