@@ -86,13 +86,12 @@ def _widen_jvp(precision: Any, primals: tuple, tangents: tuple) -> tuple:
     dh, df = tangents
     y = _expand(h, f)
     dims = (((1,), (0,)), ((), ()))
+    # JAX calls this rule only when at least one of the two tangents is not a symbolic zero.
     terms = [
         lax.dot_general(a, b.astype(a.dtype), dims, precision=precision)
         for a, b in ((dh, f), (h, df))
         if not isinstance(a, SymbolicZero) and not isinstance(b, SymbolicZero)
     ]
-    if not terms:
-        return y, SymbolicZero(jax.typeof(y))
     return y, sum(terms[1:], terms[0]).astype(y.dtype)
 
 
