@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 import zlib
 from functools import partial
 
@@ -722,3 +723,38 @@ def test_forward_mode_and_hessian_vector_products_equal_merge_path():
         return jax.jvp(jax.grad(loss), (lora_half,), (tangent,))[1]
 
     jax.tree.map(lambda a, b: close(a, b, rtol=GRAD_RTOL[F32]), hvp(factorised), hvp(merged))
+
+
+def _innermost_axes_of_dots(hlo: str, sizes: set[int]) -> list[int]:
+    """For every dot in compiled HLO whose result's dims are exactly ``sizes`` plus leading
+    axes, the size of the result's physically innermost axis (first in XLA's minor-to-major)."""
+    found = []
+    for dims, layout in re.findall(r"= f32\[([\d,]+)\]\{([\d,]+)\} dot\(", hlo):
+        dims_, layout_ = [int(d) for d in dims.split(",")], [int(d) for d in layout.split(",")]
+        if set(dims_[-2:]) == sizes:
+            found.append(dims_[layout_[0]])
+    return found
+
+
+def test_a_gradient_is_the_wide_product_also_per_stack_entry():
+    # Plain autodiff of x·A gives A's gradient as xᵀ·dh, an [in, r] product over the tokens,
+    # which XLA:CPU ran up to 20x slower than the wide (dhᵀ·x)ᵀ: an [r, in] result, in laid
+    # out innermost. jlora.lora keeps the wide form, for 2-D and for stacked (per-expert) uses.
+    cfg = jlora.LoraConfig(
+        rank=3, alpha=6.0, targets=r"w|experts", axis_rules=[("experts", ("stack", "in", "out"))]
+    )
+    p = adapted({"w": normal(1, (8, 6), 1 / 3), "experts": normal(2, (4, 8, 6), 1 / 3)}, cfg)
+    xs = normal(7, (4, 5, 8))
+
+    def fn(q, x, xs):
+        return jnp.sin(x @ q["w"]), jnp.einsum("sti,sio->sto", xs, q["experts"])
+
+    def loss(q):
+        return sum(jnp.sum(jnp.sin(y)) for y in fn(q, X, xs))
+
+    check_against_merge(lambda q, x, xs: fn(q, x, xs)[1], p, cfg, X, xs)
+    if jax.default_backend() != "cpu":
+        pytest.skip("the layout checked below is what XLA:CPU assigns")
+    hlo = jax.jit(jlora.value_and_grad(loss, cfg)).lower(p).compile().as_text()
+    innermost = _innermost_axes_of_dots(hlo, {8, 3})  # A's gradients: in 8, rank 3
+    assert len(innermost) == 2 and set(innermost) == {8}, innermost
