@@ -57,17 +57,8 @@ def profile(fn: Any, fn_args: tuple, calls: int) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, default in [
-        ("d-model", 256),
-        ("layers", 4),
-        ("heads", 4),
-        ("seq", 128),
-        ("batch", 16),
-        ("rank", 8),
-        ("vocab", 512),
-        ("calls", 10),
-    ]:
-        parser.add_argument(f"--{flag}", type=int, default=default)
+    train_step.add_model_flags(parser)
+    parser.add_argument("--calls", type=int, default=10)
     args = parser.parse_args(argv)
     run, _ = train_step.build(args)
     out = {}

@@ -251,8 +251,8 @@ def measure(run: dict[str, tuple[Callable, tuple]], rounds: int, warmup: int) ->
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The decoder's size flags, shared with ``op_profile.py``."""
     for flag, default in [
         ("d-model", 256),
         ("layers", 4),
@@ -261,10 +261,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("batch", 16),
         ("rank", 8),
         ("vocab", 512),
-        ("rounds", 30),
-        ("warmup", 3),
     ]:
         parser.add_argument(f"--{flag}", type=int, default=default)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_flags(parser)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     run, sizes = build(args)
