@@ -196,11 +196,9 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
             (tuple(xb), tuple(stack_pos[a] for a in kb)),
         )
         h = lax.dot_general(xd, f1_t, dims1, precision=prec, preferred_element_type=pref)
-        h = h * jnp.asarray(v.scale, h.dtype)
+        f2 = f2.astype(h.dtype) * jnp.asarray(v.scale, h.dtype)
         dims2 = (((h.ndim - 1,), (ns,)), (tuple(range(len(kb))), tuple(stack_pos[a] for a in kb)))
-        y = lax.dot_general(
-            h, f2.astype(h.dtype), dims2, precision=prec, preferred_element_type=pref
-        )
+        y = lax.dot_general(h, f2, dims2, precision=prec, preferred_element_type=pref)
         out_shape = [x.shape[d] for d in xb] + out_shape
     if on_left:
         nb, nx = len(kb), len(x_free)
