@@ -5,7 +5,7 @@ jitted, timed interleaved in one process; the table gives medians after warm-up 
 ratio to full fine-tuning and to the limit (forward plus backward to the activations with every
 weight constant: no weight gradient at all). Memory is XLA's compiled ``memory_analysis()``.
 
-    .venv/bin/python benchmarks/train_step.py [--json out.json] [--rounds 30]
+    .venv/bin/python benchmarks/train_step.py [--json out.json] [--rounds 30] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 import jlora
+from jlora.runner.host_memory import keep_freed_memory
 
 TARGETS = r".*/(query|key|value|out|up|down)/kernel"
 
@@ -271,7 +272,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="call jlora.runner.host_memory.keep_freed_memory() first, as `jlora finetune` does",
+    )
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()  # before the first computation
     run, sizes = build(args)
     medians = measure(run, args.rounds, args.warmup)
     full, lim = medians["full fine-tune"], medians["limit (no weight grads)"]

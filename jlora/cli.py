@@ -19,6 +19,7 @@ import jax
 import jlora
 from jlora.runner import rundir
 from jlora.runner.config import RunConfig, load_config
+from jlora.runner.host_memory import keep_freed_memory
 from jlora.runner.report import format_results
 from jlora.runner.variants import adapt, dense_model, prepare_base
 
@@ -38,6 +39,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
+    if config.train.keep_freed_memory:
+        keep_freed_memory()  # before the first computation, so XLA's threads share the heap
     tic = time.perf_counter()
     results = finetune(config)
     print(format_results(results, config.run_dir, time.perf_counter() - tic))

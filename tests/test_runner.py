@@ -133,3 +133,21 @@ def test_lora_dropout_changes_training_once_b_is_nonzero(tmp_path, tiny_weights)
     # Warm-up makes update 1 zero, so B = 0 through step 2: dropout cannot matter yet.
     assert [losses[0.5][s] for s in (1, 2)] == [losses[0.0][s] for s in (1, 2)]
     assert losses[0.5][3] != losses[0.0][3]
+
+
+@pytest.mark.parametrize(("setting", "calls"), [("true", 1), ("false", 0)])
+def test_finetune_keeps_freed_memory_unless_told_not_to(monkeypatch, tmp_path, setting, calls):
+    import jlora.cli
+    import jlora.runner.loop
+
+    seen = []
+    monkeypatch.setattr(jlora.cli, "keep_freed_memory", lambda: seen.append("kept") or True)
+
+    def stop(config, **_):  # the point where training would start
+        seen.append("train")
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(jlora.runner.loop, "finetune", stop)
+    over = [f"run_dir={tmp_path / 'run'}", f"train.keep_freed_memory={setting}"]
+    assert main(["finetune", DEFAULT, *over]) == 2
+    assert seen == ["kept"] * calls + ["train"]  # and before the first computation

@@ -105,6 +105,10 @@ class TrainSection:
       loraplus_lr_ratio: LoRA+: B factors (and DoRA magnitudes) learn this many times faster
         than A; 1.0 is plain LoRA.
       progress: show a tqdm progress bar.
+      keep_freed_memory: let ``jlora finetune`` make glibc's malloc keep freed memory
+        (:func:`jlora.runner.host_memory.keep_freed_memory`), so that on CPU each step reuses
+        the last one's buffers instead of page-faulting them in again; about 1.4x faster on
+        the default config, at the cost of holding the peak footprint until the run ends.
     """
 
     steps: int = 300
@@ -121,6 +125,7 @@ class TrainSection:
     train_step: str = "factorised"
     loraplus_lr_ratio: float = 1.0
     progress: bool = True
+    keep_freed_memory: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ from jlora.runner.config import RunConfig, from_dict, to_dict
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 # Keys that do not change what a run computes: where it lives (moved or renamed, or named by
-# another path) and how it reports progress.
-_FREE = {"run_dir", "overwrite", "train.progress"}
+# another path), how it reports progress and how the process manages host memory.
+_FREE = {"run_dir", "overwrite", "train.progress", "train.keep_freed_memory"}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
