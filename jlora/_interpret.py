@@ -24,30 +24,20 @@ from jax.extend import core
 from jax.sharding import PartitionSpec
 
 from jlora import _lazy, _rules
-from jlora._consumers import Readers
 from jlora._lazy import LoraValue, Unsupported
 from jlora._quantized_view import dense, per_layer, then
 
 
 @dataclasses.dataclass
 class Context:
-    """What one interpretation needs besides the jaxpr: the fallback policy and dropout.
-
-    ``readers`` indexes the jaxpr being interpreted, so that a rule can ask how its result is
-    read (:class:`jlora._consumers.Readers`); :func:`interpret` sets it.
-    """
+    """What one interpretation needs besides the jaxpr: the fallback policy and dropout."""
 
     on_unsupported: str
     dropout: _rules.Dropout
-    readers: Readers | None = None
 
     def child(self, index: Any) -> Context:
         """The context of a loop body (dropout keys vary with the iteration ``index``)."""
         return Context(self.on_unsupported, self.dropout.child(index))
-
-    def fuse(self, eqn: Any) -> bool:
-        """Whether ``eqn``'s low-rank term may be fused into its readers (see ``_consumers``)."""
-        return self.readers is None or not self.readers.feeds_nonlinearity(eqn.outvars[0])
 
 
 def _is_lazy(x: Any) -> bool:
@@ -92,7 +82,6 @@ def concrete(vals: Sequence[Any], ctx: Context, prim: str) -> list[Any]:
 def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
     """Evaluates ``jaxpr`` on ``args`` (plain arrays or :class:`LoraValue`)."""
     env: dict[Any, Any] = {}
-    ctx = dataclasses.replace(ctx, readers=Readers(jaxpr))  # the same dropout state
 
     def read(v: Any) -> Any:
         return v.val if isinstance(v, core.Literal) else env[v]
@@ -313,7 +302,7 @@ def _concatenate(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
 
 def _consume(fn: Callable[..., Any]) -> Callable[[Context, Any, list[Any]], list[Any]]:
     def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-        return [fn(ctx.dropout, eqn.params, *invals, fuse=ctx.fuse(eqn))]
+        return [fn(ctx.dropout, eqn.params, *invals)]
 
     return rule
 
@@ -334,7 +323,7 @@ RULES: dict[str, Callable[[Context, Any, list[Any]], list[Any]]] = {
     "concatenate": _concatenate,
     "dot_general": _consume(_rules.dot_general),
     "conv_general_dilated": _consume(_rules.conv),
-    "gather": lambda ctx, eqn, invals: [_rules.gather(eqn.params, *invals, fuse=ctx.fuse(eqn))],
+    "gather": lambda ctx, eqn, invals: [_rules.gather(eqn.params, *invals)],
     "jit": _inline("jaxpr"),
     "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"),

@@ -96,29 +96,20 @@ def _widen_jvp(precision: Any, primals: tuple, tangents: tuple) -> tuple:
     return y, sum(terms[1:], terms[0]).astype(y.dtype)
 
 
-def low_rank_product(
-    h: jax.Array, f: jax.Array, precision: Any, pref: Any, fuse: bool = True
-) -> jax.Array:
+def low_rank_product(h: jax.Array, f: jax.Array, precision: Any, pref: Any) -> jax.Array:
     """``h @ f`` for the rank-r intermediate ``h [T, r]`` and ``f [r, O]``.
 
-    Elementwise (fused into the consumer) up to :data:`FUSED_MAX_RANK` when ``fuse``, a matmul
-    above it or when the result feeds a nonlinearity (``fuse=False``; see ``_consumers``).
+    Elementwise (fused into the consumer) up to :data:`FUSED_MAX_RANK`, a matmul above it.
     """
     f = f.astype(h.dtype)
-    if fuse and 0 < h.shape[1] <= FUSED_MAX_RANK:
+    if 0 < h.shape[1] <= FUSED_MAX_RANK:
         return _widen(h, f, precision)
     dims = (((1,), (0,)), ((), ()))
     return lax.dot_general(h, f, dims, precision=precision, preferred_element_type=pref)
 
 
 def _thin(
-    x: jax.Array,
-    f1: jax.Array,
-    f2: jax.Array,
-    scale: float,
-    precision: Any,
-    pref: Any,
-    fuse: bool = True,
+    x: jax.Array, f1: jax.Array, f2: jax.Array, scale: float, precision: Any, pref: Any
 ) -> jax.Array:
     """``(x @ f1) @ (scale * f2)`` for 2-D ``x [T, K]``, ``f1 [K, r]``, ``f2 [r, O]``.
 
@@ -133,13 +124,10 @@ def _thin(
     f1_t = lax.optimization_barrier(f1.T)
     dims = (((1,), (1,)), ((), ()))
     h = lax.dot_general(x, f1_t, dims, precision=precision, preferred_element_type=pref)
-    f2 = f2.astype(h.dtype) * jnp.asarray(scale, h.dtype)
-    return low_rank_product(h, f2, precision, pref, fuse)
+    return low_rank_product(h, f2.astype(h.dtype) * jnp.asarray(scale, h.dtype), precision, pref)
 
 
-def dot_general(
-    drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any, *, fuse: bool = True
-) -> jax.Array:
+def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array:
     """``dot_general`` with an adapted kernel on one side and a plain array on the other.
 
     The kernel's contracted axes must be exactly its ``in`` axes (``x·W``; then the delta is
@@ -194,8 +182,7 @@ def dot_general(
             xd = jnp.transpose(xd, perm)
         k = math.prod(v.shape[d] for d in first)
         t = math.prod(x.shape[d] for d in x_free)
-        x2, f1, f2 = xd.reshape(t, k), f1.reshape(k, rank), f2.reshape(rank, -1)
-        y = _thin(x2, f1, f2, v.scale, prec, pref, fuse)
+        y = _thin(xd.reshape(t, k), f1.reshape(k, rank), f2.reshape(rank, -1), v.scale, prec, pref)
         y = y.reshape(out_shape)
     else:
         # Stacked (per-layer / per-expert) products keep their batch axes. As in `_thin`, the
@@ -222,7 +209,7 @@ def dot_general(
     return base + y.astype(base.dtype)
 
 
-def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any, *, fuse: bool = True) -> jax.Array:
+def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
     """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``.
 
     Grouped and depthwise convolutions included; ``batch_group_count > 1`` is refused.
@@ -252,7 +239,7 @@ def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any, *, fuse: bool = 
     prec, pref = params.get("precision"), params.get("preferred_element_type")
     b = v.b.astype(h.dtype) * jnp.asarray(v.scale, h.dtype)
     if groups == 1:
-        y = low_rank_product(h.reshape(-1, rank), b, prec, pref, fuse).reshape(*lead, -1)
+        y = low_rank_product(h.reshape(-1, rank), b, prec, pref).reshape(*lead, -1)
     else:
         dims = (((2,), (0,)), ((1,), (1,)))  # per group g: [T, r] · [r, out / G]
         b = b.reshape(rank, groups, -1)
@@ -275,7 +262,7 @@ def _offset_axis(dn: Any, ndim: int, axis: int) -> int:
     return dn.offset_dims[kept.index(axis)]
 
 
-def gather(params: dict[str, Any], v: Any, indices: Any, *, fuse: bool = True) -> jax.Array:
+def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
     """Row lookup in an adapted table (``Embed``): ``W[ids] + s·A[ids]·B``.
 
     The lookup may index any ``in`` axes; the single ``out`` axis must be taken whole.
@@ -300,7 +287,7 @@ def gather(params: dict[str, Any], v: Any, indices: Any, *, fuse: bool = True) -
     h = jnp.moveaxis(h, pos, -1)
     lead = h.shape[:-1]
     b = v.b.astype(h.dtype) * jnp.asarray(v.scale, h.dtype)
-    y = low_rank_product(h.reshape(-1, rank), b, None, None, fuse)
+    y = low_rank_product(h.reshape(-1, rank), b, None, None)
     y = jnp.moveaxis(y.reshape(*lead, -1), -1, pos)
     out = base + y.astype(base.dtype)
     if mag is not None:
