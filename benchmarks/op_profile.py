@@ -18,6 +18,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import re
 import statistics
 import tempfile
@@ -29,7 +30,8 @@ import train_step
 from jlora.runner.host_memory import keep_freed_memory
 
 ROWS = ("jlora.lora", "limit (no weight grads)", "infer: base forward", "infer: jlora.lora forward")
-_OP = re.compile(r"\s*(?:ROOT )?%(\S+) = \w+\[([^\]]*)\]\S* (\w+)\(")
+_OP = re.compile(r"\s*(?:ROOT )?%(\S+) = \w+\[([^\]]*)\]\S* (\w+)\((.*)")
+_COMPUTATION = re.compile(r"\n%(\S+) \([^)]*\) -> \S+ \{\n(.*?)\n\}", re.S)
 
 
 def op_kinds(compiled_text: str, rank: int) -> dict[str, str]:
@@ -39,11 +41,50 @@ def op_kinds(compiled_text: str, rank: int) -> dict[str, str]:
         m = _OP.match(line)
         if not m:
             continue
-        name, dims, op = m.groups()
+        name, dims, op, _ = m.groups()
         base = "matmul" if name.startswith("ynn") or op == "dot" else "elementwise/other"
         thin = str(rank) in re.findall(r"\d+", dims)
         kinds[name] = base + (" (rank-sized result)" if thin else "")
     return kinds
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def _dot_flops(lines: list[str], rank: int) -> dict[str, tuple[int, bool]]:
+    """Each dot among ``lines`` (one computation) -> its FLOPs, and whether it is thin."""
+    shapes: dict[str, list[int]] = {}
+    out = {}
+    for line in lines:
+        m = _OP.match(line)
+        if not m:
+            continue
+        name, dims, op, rest = m.groups()
+        shapes[name] = [int(d) for d in dims.split(",") if d]
+        if op == "dot":
+            lhs = re.match(r"%([^,)\s]+)", rest).group(1)
+            contracting = re.search(r"lhs_contracting_dims=\{([^}]*)\}", rest).group(1)
+            k = math.prod(shapes[lhs][int(d)] for d in contracting.split(",") if d)
+            # Thin: x·A, dy·Bᵀ, dh·Aᵀ and the A/B gradients have the rank as a matrix dim.
+            out[name] = (2 * math.prod(shapes[name]) * k, rank in (k, *shapes[name][-2:]))
+    return out
+
+
+def dot_flops(compiled_text: str, rank: int) -> dict[str, tuple[int, bool]]:
+    """Each compiled op that runs matmuls -> (their FLOPs, whether it is a thin product)."""
+    bodies = {m.group(1): m.group(2).splitlines() for m in _COMPUTATION.finditer(compiled_text)}
+    entry = compiled_text[compiled_text.index("\nENTRY") :].splitlines()
+    out = _dot_flops(entry, rank)  # dots outside fusions
+    for line in entry:
+        m = _OP.match(line)
+        called = (
+            re.search(r"calls=%([^,\s]+)", m.group(4)) if m and m.group(3) == "fusion" else None
+        )
+        dots = _dot_flops(bodies[called.group(1)], rank).values() if called else ()
+        if dots:
+            out[m.group(1)] = (sum(f for f, _ in dots), any(t for _, t in dots))
+    return out
 
 
 def profile(fn: Any, fn_args: tuple, calls: int) -> list[dict[str, Any]]:
@@ -69,10 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.keep_freed_memory:
         keep_freed_memory()  # before the first computation
     run, _ = train_step.build(args)
-    kinds = {
-        row: op_kinds(run[row][0].lower(*run[row][1]).compile().as_text(), args.rank)
-        for row in ROWS
-    }
+    texts = {row: run[row][0].lower(*run[row][1]).compile().as_text() for row in ROWS}
+    kinds = {row: op_kinds(texts[row], args.rank) for row in ROWS}
     durations: dict[str, dict[str, list[float]]] = {
         row: collections.defaultdict(list) for row in ROWS
     }
@@ -85,12 +124,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     out = {}
     for row in ROWS:
         ms: collections.Counter[str] = collections.Counter()
+        rate: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+        flops = dot_flops(texts[row], args.rank)
         for name, ts in durations[row].items():  # an op that runs n times a call counts n times
-            ms[kinds[row][name]] += statistics.median(ts) * len(ts) / (args.calls * args.reps)
+            t = statistics.median(ts) * len(ts) / (args.calls * args.reps)
+            ms[kinds[row][name]] += t
+            if name in flops:
+                f, thin = flops[name]
+                rate["thin products" if thin else "full-size matmuls"][0] += f / 1e9
+                rate["thin products" if thin else "full-size matmuls"][1] += t
         out[row] = dict(ms)
         print(f"{row}: {sum(ms.values()):.1f} ms in ops per call (sum of per-op medians)")
         for kind, t in sorted(ms.items()):
             print(f"    {kind:40} {t:8.2f} ms")
+        for kind, (gflop, t) in sorted(rate.items()):
+            print(
+                f"    {kind:40} {gflop:6.2f} GFLOP in {t:6.1f} ms: {gflop / t * 1e3:4.0f} GFLOP/s"
+            )
     return out
 
 

@@ -59,13 +59,34 @@ FUSED_MAX_RANK = 8
 
 
 def _expand(h: jax.Array, f: jax.Array) -> jax.Array:
-    """``h @ f`` for a thin ``h [T, r]``, written as r broadcast multiply-adds."""
+    """``h @ f`` for a thin ``h [T, r]``, written as r broadcast products summed pairwise.
+
+    A pairwise sum rather than a running one: the r products are independent, so the
+    vectorised loop is not one chain of r dependent adds per element. On XLA:CPU,
+    ``gelu(a + h·B)`` at T=2048, O=1024, r=8 took 1.45 ms against 1.77 ms (gelu alone: 0.94).
+    """
     acc_dtype = jnp.promote_types(h.dtype, jnp.float32)  # bf16 products still sum in f32
     hf, ff = h.astype(acc_dtype), f.astype(acc_dtype)
-    acc = hf[:, 0:1] * ff[0]
-    for i in range(1, h.shape[1]):
-        acc = acc + hf[:, i : i + 1] * ff[i]
-    return acc.astype(h.dtype)
+    terms = [hf[:, i : i + 1] * ff[i] for i in range(h.shape[1])]
+    while len(terms) > 1:
+        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = pairs + terms[len(pairs) * 2 :]
+    return terms[0].astype(h.dtype)
+
+
+def _expand_as_reduction(h: jax.Array, f: jax.Array) -> jax.Array:
+    """``h @ f`` as one broadcast product reduced over the rank axis (for training).
+
+    Under autodiff XLA:CPU fuses this reduction, the base product ``x·W`` and their sum into
+    one YNNPACK op, so the output is written once and the fusions that read it (gelu and its
+    derivative) no longer recompute the low-rank term: ``benchmarks/train_step.py``'s step
+    went from 1.15x to 1.11-1.12x the limit in summed single-threaded op time, temp memory
+    unchanged. Without autodiff the same form let YNNPACK fuse whole MLP blocks into slower
+    ops (forward 1.25x the base against 1.11x), so the forward keeps :func:`_expand`.
+    """
+    acc_dtype = jnp.promote_types(h.dtype, jnp.float32)
+    product = h.astype(acc_dtype)[:, :, None] * f.astype(acc_dtype)[None]
+    return jnp.sum(product, axis=1).astype(h.dtype)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -76,7 +97,8 @@ def _widen(h: jax.Array, f: jax.Array, precision: Any) -> jax.Array:
     back. As r multiply-adds it is an elementwise expression that XLA fuses into that
     consumer, so the low-rank term writes and reads no activation-sized buffer. Its tangent
     stays a matmul, so reverse mode transposes it to the matmuls ``dy·fᵀ`` and ``hᵀ·dy``
-    (not to r reductions over ``dy``), and forward mode works as for any matmul.
+    (not to r reductions over ``dy``), and forward mode works as for any matmul. When
+    differentiated, the primal value comes from :func:`_expand_as_reduction` instead.
     """
     return _expand(h, f)
 
@@ -85,7 +107,7 @@ def _widen(h: jax.Array, f: jax.Array, precision: Any) -> jax.Array:
 def _widen_jvp(precision: Any, primals: tuple, tangents: tuple) -> tuple:
     h, f = primals
     dh, df = tangents
-    y = _expand(h, f)
+    y = _expand_as_reduction(h, f)
     dims = (((1,), (0,)), ((), ()))
     # JAX calls this rule only when at least one of the two tangents is not a symbolic zero.
     terms = [
