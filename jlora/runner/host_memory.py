@@ -4,8 +4,8 @@ XLA:CPU mallocs every call's temporary buffer (the activations a train step keep
 backward pass: hundreds of MB) and frees it when the call returns. glibc serves a request that
 large with a fresh ``mmap`` and unmaps it on ``free``, so each step touches new pages: the
 kernel faults in and zeroes the whole buffer again, every step. On the 2-core CI machine that
-was 71 thousand page faults per call of ``benchmarks/train_step.py``'s LoRA step (176 ms
-against 117 ms without them), and ``jlora finetune`` on the default config took 36 s against
+was 66 thousand page faults per call of ``benchmarks/train_step.py``'s LoRA step (168 ms
+against 113 ms without them), and ``jlora finetune`` on the default config took 36 s against
 25 s.
 
 :func:`keep_freed_memory` tells glibc's malloc to serve every thread from its main heap, never
