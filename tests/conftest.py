@@ -16,3 +16,15 @@ def maybe_jit(request):
     if request.param == "eager":
         return lambda fn, **kw: fn
     return lambda fn, **kw: jax.jit(fn, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_suites_allocator(monkeypatch):
+    """In-process ``jlora finetune`` calls leave this process's malloc settings alone.
+
+    ``keep_freed_memory`` is process-wide; its own tests and the CLI runs in subprocesses
+    exercise it for real.
+    """
+    import jlora.cli
+
+    monkeypatch.setattr(jlora.cli, "keep_freed_memory", lambda: False)
