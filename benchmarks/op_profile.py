@@ -48,10 +48,6 @@ def op_kinds(compiled_text: str, rank: int) -> dict[str, str]:
     return kinds
 
 
-def _dims(text: str) -> list[int]:
-    return [int(d) for d in text.split(",") if d]
-
-
 def _dot_flops(lines: list[str], rank: int) -> dict[str, tuple[int, bool]]:
     """Each dot among ``lines`` (one computation) -> its FLOPs, and whether it is thin."""
     shapes: dict[str, list[int]] = {}
