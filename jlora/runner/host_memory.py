@@ -44,9 +44,13 @@ def keep_freed_memory() -> bool:
       Windows), where it changes nothing.
 
     Example:
-      >>> from jlora.runner.host_memory import keep_freed_memory
-      >>> applied = keep_freed_memory()  # then build and run the train step
-      >>> isinstance(applied, bool)
+      First thing in a CPU training script (here a child process, so that this one's
+      allocator is left as it was):
+
+      >>> import subprocess, sys
+      >>> script = "from jlora.runner.host_memory import keep_freed_memory as keep; print(keep())"
+      >>> out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+      >>> out.stdout.strip() in {"True", "False"}
       True
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
