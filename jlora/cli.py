@@ -140,9 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except KeyboardInterrupt:
+        # The training loop has already said where the run resumes from; no traceback.
+        print(f"jlora {args.command}: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"jlora {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only or full file system, a directory where a file was
+        where = f" {err.filename!r}" if err.filename else ""
+        print(f"jlora {args.command}: error:{where} {err.strerror or err}", file=sys.stderr)
         return 2
     return 0
 

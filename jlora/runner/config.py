@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from jlora.runner.yamlfile import read_yaml
+
 DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -357,6 +359,5 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
             f"config file {path!r} does not exist (cwd {os.getcwd()!r}); pass the path to a "
             "YAML config such as configs/default.yaml"
         )
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path) or {}
     return apply_overrides(from_dict(RunConfig, data), overrides)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from jlora.runner.config import RunConfig, from_dict, to_dict
+from jlora.runner.yamlfile import read_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -45,8 +46,7 @@ def load_run_config(run_dir: str) -> RunConfig:
             f"{run_dir!r} is not a jlora run directory (no {CONFIG_FILE}); pass the run_dir of "
             "a `jlora finetune` run"
         )
-    with open(path, encoding="utf-8") as f:
-        return from_dict(RunConfig, yaml.safe_load(f))
+    return from_dict(RunConfig, read_yaml(path))
 
 
 def prepare_run_dir(config: RunConfig) -> bool:
@@ -64,8 +64,7 @@ def prepare_run_dir(config: RunConfig) -> bool:
             "a jlora run; choose another run_dir"
         )
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = _flat(yaml.safe_load(f) or {})
+        saved = _flat(read_yaml(path) or {})
         now = _flat(to_dict(config))
         diff = [
             f"{k}: {saved.get(k)!r} (saved) vs {now.get(k)!r} (now)"
