@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 
 from jlora import _lazy, _rules
 from jlora._lazy import LoraValue, Unsupported
+from jlora._primitive_params import PrimitiveParams, scan_operand_counts
 from jlora._quantized_view import dense, per_layer, then
 
 
@@ -142,7 +143,7 @@ def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[..., list[Any]]]:
 
 def _inline(key: str) -> Callable[[Context, Any, list[Any]], list[Any]]:
     def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-        closed = eqn.params[key]
+        closed = PrimitiveParams(eqn)[key]
         return interpret(closed.jaxpr, closed.consts, invals, ctx)
 
     return rule
@@ -150,18 +151,18 @@ def _inline(key: str) -> Callable[[Context, Any, list[Any]], list[Any]]:
 
 def _remat(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     arrays, unpack = _pack(invals)
+    p = PrimitiveParams(eqn)
 
     def body(*flat: Any) -> list[Any]:
-        outs = interpret(eqn.params["jaxpr"], (), unpack(flat), ctx)
+        outs = interpret(p["jaxpr"], (), unpack(flat), ctx)
         return concrete(outs, ctx, "remat")
 
-    p = eqn.params
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*arrays))
 
 
 def _scan(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    p = eqn.params
-    nc, ncar = p["num_consts"], p["num_carry"]
+    p = PrimitiveParams(eqn)
+    nc, ncar = scan_operand_counts(p)
     consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
     if any(_is_lazy(v) for v in init):
         raise Unsupported("a kernel in a scan carry")
@@ -191,7 +192,7 @@ def _scan(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
 
 
 def _while(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    p = eqn.params
+    p = PrimitiveParams(eqn)
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
     if any(_is_lazy(v) for v in init):
@@ -222,7 +223,7 @@ def _cond(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
 
         return run
 
-    return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *plain))
+    return list(lax.switch(index, [branch(b) for b in PrimitiveParams(eqn)["branches"]], *plain))
 
 
 def _spec(spec: Any, ndim: int) -> list[Any]:
@@ -231,7 +232,7 @@ def _spec(spec: Any, ndim: int) -> list[Any]:
 
 
 def _shard_map(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    p = eqn.params
+    p = PrimitiveParams(eqn)
     # The kernel's in_spec describes the dense layout: a quantised base enters dequantised.
     invals = [v.replace(w=dense(v.w)) if _is_lazy(v) else v for v in invals]
     arrays, unpack = _pack(invals)
@@ -268,7 +269,7 @@ def _move(fn: Callable[..., LoraValue]) -> Callable[[Context, Any, list[Any]], l
         v, *rest = invals
         if not _is_lazy(v) or any(_is_lazy(r) for r in rest):
             raise Unsupported("an adapted kernel used as an operand other than the array moved")
-        return [fn(v, eqn.params, rest)]
+        return [fn(v, PrimitiveParams(eqn), rest)]
 
     return rule
 
@@ -277,13 +278,13 @@ def _on_w(v: LoraValue, eqn: Any, rest: list[Any]) -> LoraValue:
     return v.replace(w=then(v.w, lambda w: _bind(eqn, [w, *rest])[0]))
 
 
-def _reshape(v: LoraValue, p: dict[str, Any], _: list[Any]) -> LoraValue:
+def _reshape(v: LoraValue, p: Mapping[str, Any], _: list[Any]) -> LoraValue:
     if p.get("dimensions") is not None:
         raise Unsupported("a reshape with a dimension permutation")
     return _lazy.reshape(v, p["new_sizes"])
 
 
-def _broadcast(v: LoraValue, p: dict[str, Any], _: list[Any]) -> LoraValue:
+def _broadcast(v: LoraValue, p: Mapping[str, Any], _: list[Any]) -> LoraValue:
     if list(p["broadcast_dimensions"]) != sorted(p["broadcast_dimensions"]):
         raise Unsupported("a broadcast that permutes the kernel's axes")
     return _lazy.broadcast_in_dim(v, p["shape"])
@@ -297,12 +298,12 @@ def _on_w_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
 
 
 def _concatenate(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    return [_lazy.concatenate(invals, eqn.params["dimension"])]
+    return [_lazy.concatenate(invals, PrimitiveParams(eqn)["dimension"])]
 
 
 def _consume(fn: Callable[..., Any]) -> Callable[[Context, Any, list[Any]], list[Any]]:
     def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-        return [fn(ctx.dropout, eqn.params, *invals)]
+        return [fn(ctx.dropout, PrimitiveParams(eqn), *invals)]
 
     return rule
 
@@ -323,7 +324,7 @@ RULES: dict[str, Callable[[Context, Any, list[Any]], list[Any]]] = {
     "concatenate": _concatenate,
     "dot_general": _consume(_rules.dot_general),
     "conv_general_dilated": _consume(_rules.conv),
-    "gather": lambda ctx, eqn, invals: [_rules.gather(eqn.params, *invals)],
+    "gather": lambda ctx, eqn, invals: [_rules.gather(PrimitiveParams(eqn), *invals)],
     "jit": _inline("jaxpr"),
     "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"),

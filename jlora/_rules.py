@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -149,7 +150,7 @@ def _thin(
     return low_rank_product(h, f2.astype(h.dtype) * jnp.asarray(scale, h.dtype), precision, pref)
 
 
-def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> jax.Array:
+def dot_general(drop: Dropout, params: Mapping[str, Any], lhs: Any, rhs: Any) -> jax.Array:
     """``dot_general`` with an adapted kernel on one side and a plain array on the other.
 
     The kernel's contracted axes must be exactly its ``in`` axes (``x·W``; then the delta is
@@ -231,7 +232,7 @@ def dot_general(drop: Dropout, params: dict[str, Any], lhs: Any, rhs: Any) -> ja
     return base + y.astype(base.dtype)
 
 
-def conv(drop: Dropout, params: dict[str, Any], x: Any, v: Any) -> jax.Array:
+def conv(drop: Dropout, params: Mapping[str, Any], x: Any, v: Any) -> jax.Array:
     """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``.
 
     Grouped and depthwise convolutions included; ``batch_group_count > 1`` is refused.
@@ -284,7 +285,7 @@ def _offset_axis(dn: Any, ndim: int, axis: int) -> int:
     return dn.offset_dims[kept.index(axis)]
 
 
-def gather(params: dict[str, Any], v: Any, indices: Any) -> jax.Array:
+def gather(params: Mapping[str, Any], v: Any, indices: Any) -> jax.Array:
     """Row lookup in an adapted table (``Embed``): ``W[ids] + s·A[ids]·B``.
 
     The lookup may index any ``in`` axes; the single ``out`` axis must be taken whole.
