@@ -54,8 +54,10 @@ def _compile(pattern: str, field: str) -> re.Pattern[str]:
 def _check_number(value: Any, field: str, kind: type, low: float, low_open: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise TypeError(f"LoraConfig.{field} must be {kind.__name__}; got {value!r}")
+    bound = f"> {low}" if low_open else f">= {low}"
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison
+        raise ValueError(f"LoraConfig.{field} must be a finite number {bound}; got {value!r}")
     if value < low or (low_open and value == low):
-        bound = f"> {low}" if low_open else f">= {low}"
         raise ValueError(f"LoraConfig.{field} must be {bound}; got {value!r}")
 
 

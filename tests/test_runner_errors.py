@@ -70,7 +70,7 @@ def test_numbers_in_overrides_parse_as_numbers():
 
 
 def test_missing_files():
-    with pytest.raises(FileNotFoundError, match=r"config file 'no/such\.yaml' does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"config 'no/such\.yaml' is neither a file"):
         load_config("no/such.yaml")
     with pytest.raises(FileNotFoundError, match=r"model\.weights 'nope\.safetensors': no file"):
         weights_path("nope.safetensors")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import math
 import os
 import re
 import typing
@@ -20,7 +22,9 @@ import yaml
 
 from jlora.runner.yamlfile import read_yaml
 
-DEFAULT_CONFIG = os.path.join("configs", "default.yaml")
+# The configs shipped inside the package (``jlora/configs/NAME.yaml``), usable from any
+# directory by NAME; the repository's ``configs/`` holds links to the same files.
+DEFAULT_CONFIG = "default"
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -103,7 +107,11 @@ class TrainSection:
       log_every: write a training-loss line to ``metrics.jsonl`` every this many steps.
       seed: seeds adapter init, data order and sampling; the run is deterministic given it.
       train_step: ``"factorised"`` (``x·W + s·(x·A)·B`` through ``jlora.lora``; no W-sized
-        weight or gradient) or ``"merge"`` (``W + s·A·B`` formed inside the loss).
+        weight or gradient) or ``"merge"`` (``W + s·A·B`` formed inside the loss). ``merge``
+        materialises a kernel-sized matrix per adapted kernel and differentiates through it,
+        so on a device mesh every step all-reduces kernel-sized gradients (one per adapted
+        kernel, as full fine-tuning would) before they reach A and B; ``factorised`` moves
+        only adapter-sized ones. Prefer ``factorised`` on a mesh.
       loraplus_lr_ratio: LoRA+: B factors (and DoRA magnitudes) learn this many times faster
         than A; 1.0 is plain LoRA.
       progress: show a tqdm progress bar.
@@ -260,32 +268,60 @@ def from_dict(cls: Any, data: Any, where: str = "") -> Any:
     return out
 
 
-_POSITIVE = {
-    "data",
-    "fsdp",
-    "tensor",
-    "steps",
-    "batch_size",
-    "seq_len",
-    "rank",
-    "eval_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "log_every",
-    "eval_batches",
-    "max_per_class",
-    "max_new_tokens",
-    "quantize_block",
+# Ranges by dotted key: (lowest, whether the lowest itself is excluded); floats must be finite.
+_RANGES: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(
+        (
+            "mesh.data",
+            "mesh.fsdp",
+            "mesh.tensor",
+            "data.seq_len",
+            "data.max_per_class",
+            "lora.rank",
+            "lora.quantize_block",
+            "train.steps",
+            "train.batch_size",
+            "train.eval_every",
+            "train.eval_batches",
+            "train.checkpoint_every",
+            "train.keep_checkpoints",
+            "train.log_every",
+        ),
+        (1, False),
+    ),
+    # 0 means none: no warm-up, an empty sample; numpy seeds must not be negative.
+    **dict.fromkeys(("train.warmup_steps", "train.seed", "generate.max_new_tokens"), (0, False)),
+    **dict.fromkeys(
+        (
+            "lora.alpha",
+            "train.learning_rate",
+            "train.head_learning_rate",
+            "train.loraplus_lr_ratio",
+        ),
+        (0.0, True),
+    ),
+    "generate.temperature": (0.0, False),  # 0 is greedy decoding
 }
+# Open or half-open unit intervals: (low, high, whether low is allowed).
+_FRACTIONS = {"data.val_fraction": (False, "(0, 1)"), "lora.dropout": (True, "[0, 1)")}
 
 
 def _check_ranges(section: Any, where: str) -> None:
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if f.name in _POSITIVE and isinstance(value, int) and value < 1:
-            raise ValueError(f"config {where}.{f.name}: must be >= 1, found {value}")
-        if f.name == "val_fraction" and not 0.0 < value < 1.0:
-            raise ValueError(f"config {where}.val_fraction: must be in (0, 1), found {value}")
+        value, dotted = getattr(section, f.name), f"{where}.{f.name}"
+        if dotted in _FRACTIONS:
+            low_ok, shown = _FRACTIONS[dotted]
+            if not (0.0 <= value < 1.0 if low_ok else 0.0 < value < 1.0):  # False for nan
+                raise ValueError(f"config {dotted}: must be in {shown}, found {value}")
+        if dotted not in _RANGES:
+            continue
+        low, open_ = _RANGES[dotted]
+        bound = f"> {low:g}" if open_ else f">= {low:g}"
+        if isinstance(value, float):
+            if not (math.isfinite(value) and (value > low if open_ else value >= low)):
+                raise ValueError(f"config {dotted}: must be a finite number {bound}, found {value}")
+        elif value < low or (open_ and value == low):
+            raise ValueError(f"config {dotted}: must be {bound}, found {value}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -339,25 +375,65 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+def shipped_configs() -> dict[str, str]:
+    """The configs shipped with jlora, by name: ``{"default": ".../jlora/configs/default.yaml"}``.
+
+    Example:
+      >>> sorted(shipped_configs())
+      ['default', 'minilm_fortunes', 'minilm_stdlib']
+    """
+    folder = importlib.resources.files("jlora") / "configs"
+    return {
+        entry.name.removesuffix(".yaml"): str(entry)
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
+
+
+def config_path(spec: str | None) -> str:
+    """The YAML file behind ``spec``: a path, or the name of a shipped config.
+
+    An existing file always wins; otherwise ``NAME`` or ``NAME.yaml`` names one of
+    :func:`shipped_configs`, and ``None`` is the shipped ``default``.
+
+    Raises:
+      FileNotFoundError: if ``spec`` is neither an existing file nor a shipped config.
+
+    Example:
+      >>> os.path.basename(config_path("minilm_stdlib"))
+      'minilm_stdlib.yaml'
+    """
+    spec = DEFAULT_CONFIG if spec is None else spec
+    if os.path.isfile(spec):
+        return spec
+    shipped = shipped_configs()
+    name = spec.removesuffix(".yaml")
+    if name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(
+        f"config {spec!r} is neither a file (cwd {os.getcwd()!r}) nor a config shipped with "
+        f"jlora ({', '.join(shipped)}); pass the path to a YAML config or one of those names"
+    )
+
+
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Reads a YAML run config (keys not given keep their defaults), then applies overrides.
 
     Args:
-      path: a YAML file; ``None`` means ``configs/default.yaml``.
+      path: a YAML file, or the name of a shipped config (:func:`config_path`); ``None``
+        means the shipped ``default``.
       overrides: dotted ``key=value`` strings, applied after the file.
 
     Returns:
       The validated :class:`RunConfig`.
 
     Raises:
-      FileNotFoundError: if the file does not exist.
+      FileNotFoundError: if the file does not exist and no shipped config has that name.
       KeyError, TypeError, ValueError: as :func:`from_dict`.
+
+    Example:
+      >>> load_config("default", ["train.steps=7"]).train.steps
+      7
     """
-    path = DEFAULT_CONFIG if path is None else path
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"config file {path!r} does not exist (cwd {os.getcwd()!r}); pass the path to a "
-            "YAML config such as configs/default.yaml"
-        )
-    data = read_yaml(path) or {}
+    data = read_yaml(config_path(path)) or {}
     return apply_overrides(from_dict(RunConfig, data), overrides)
