@@ -2,7 +2,8 @@
 
 Compiles both steps of examples/sharded_train.py on a (data, fsdp, tensor) mesh of fake CPU
 devices for several model widths and sums the result sizes of every collective in the compiled
-HLO (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute), per device.
+HLO (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute), per device, times
+the number of times each runs (ops in a scan body run once per iteration).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/collectives.py [--json F]
 """
@@ -25,7 +26,7 @@ import jlora
 def per_kind(compiled):
     out = defaultdict(int)
     for c in jlora.collectives(compiled):
-        out[c.kind] += c.nbytes
+        out[c.kind] += c.total_bytes  # ops in scanned layers run once per layer
     return out
 
 
@@ -38,7 +39,7 @@ def gradient_bytes(compiled, trainable):
     total = 0
     for c in jlora.collectives(compiled):
         if c.kind in ("all-reduce", "reduce-scatter"):
-            total += sum(math.prod(s) * 4 for s in c.shapes if s in shapes)
+            total += c.count * sum(math.prod(s) * 4 for s in c.shapes if s in shapes)
     return total
 
 
