@@ -171,7 +171,7 @@ def test_errors():
     "kwargs, error, match",
     [
         (dict(method="ties"), ValueError, r"method must be one of \('cat', 'linear', 'svd'\)"),
-        (dict(method="svd"), ValueError, r"method='svd'\) needs the target rank.*rank=None"),
+        (dict(method="svd", rank=0), ValueError, r"method='svd'\): rank must be a positive int"),
         (dict(method="cat", rank=4), ValueError, r"rank= only applies to method='svd'"),
         (dict(method="linear"), ValueError, r"same rank at each kernel; at 'mlp/w_in' the ranks"),
         (dict(weights={"q": 1.0}), KeyError, r"no adapter named 'q'"),
