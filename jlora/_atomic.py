@@ -118,6 +118,41 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
+def _temp_file(path: str) -> Iterator[tuple[int, str]]:
+    """An open ``(fd, temp path)`` next to ``path``; fsynced and renamed over it on success.
+
+    The caller closes ``fd`` (before the block ends), so that a number the OS has since reused
+    is never closed here.
+    """
+    sweep_stale(path)
+    while True:
+        tmp = temp_name(os.path.abspath(path))
+        try:
+            # O_EXCL: a fresh file of our own; 0o666 lets the umask decide, as open() does.
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the umask made of 0o666
+        yield fd, tmp
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            # The writer replaced the file with its own (safetensors writes 0o600 temp files).
+            os.chmod(tmp, mode)
+        sync = os.open(tmp, os.O_RDWR)  # writable: Windows cannot flush a read-only handle
+        try:
+            os.fsync(sync)
+        finally:
+            os.close(sync)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """A temporary path to write ``path``'s new contents to; moved over ``path`` on success.
 
@@ -137,34 +172,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
       >>> pathlib.Path(d, "y.txt").read_text(), os.listdir(d)
       ('hi', ['y.txt'])
     """
-    path = os.fspath(path)
-    sweep_stale(path)
-    while True:
-        tmp = temp_name(os.path.abspath(path))
-        try:
-            # O_EXCL: a fresh file of our own; 0o666 lets the umask decide, as open() does.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    with _temp_file(os.fspath(path)) as (fd, tmp):
         os.close(fd)
-        break
-    try:
         yield tmp
-        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
-            # The writer replaced the file with its own (safetensors writes 0o600 temp files).
-            os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDWR)  # writable: Windows cannot flush a read-only handle
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -184,5 +194,5 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
       >>> pathlib.Path(d, "x.txt").read_bytes(), os.listdir(d)
       (b'hello', ['x.txt'])
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with _temp_file(os.fspath(path)) as (fd, _), os.fdopen(fd, "wb") as f:
         f.write(data)
