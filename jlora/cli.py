@@ -1,13 +1,15 @@
 """The ``jlora`` command: ``finetune``, ``merge``, ``eval``, ``generate`` and ``summary``.
 
-Run ``jlora finetune`` for the built-in default (``configs/default.yaml``); ``key=value``
-arguments override config fields by their dotted names, e.g.
-``jlora finetune train.steps=50 lora.rank=4``.
+Run ``jlora finetune`` for the built-in default; ``key=value`` arguments override config
+fields by their dotted names, e.g. ``jlora finetune train.steps=50 lora.rank=4``. A config is a
+YAML file or the name of one shipped with jlora (``default``, ``minilm_stdlib``, ...), so
+``jlora finetune minilm_stdlib`` works from any directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -18,7 +20,7 @@ import jax
 
 import jlora
 from jlora.runner import rundir
-from jlora.runner.config import RunConfig, load_config
+from jlora.runner.config import RunConfig, load_config, shipped_configs
 from jlora.runner.host_memory import keep_freed_memory
 from jlora.runner.report import format_results
 from jlora.runner.variants import adapt, dense_model, prepare_base
@@ -94,7 +96,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     """Shows what a config would adapt, without training (shapes only, nothing allocated)."""
     from jlora.runner.tasks import make_task
 
-    path, overrides = _split_args([args.config, *args.overrides])
+    path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
     task = make_task(config)
     abstract = jax.eval_shape(
@@ -103,12 +105,44 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(jlora.summary(abstract))
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, found {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0, found {text} (0 is greedy decoding)"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``jlora`` command."""
+    """The argument parser of the ``jlora`` command.
+
+    Example:
+      >>> build_parser().parse_args(["generate", "runs/default", "Hi"]).temperature
+      0.7
+    """
     parser = argparse.ArgumentParser(prog="jlora", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    config_help = (
+        "a YAML config file, or the name of a config shipped with jlora: "
+        f"{', '.join(shipped_configs())} (none given: default), followed by dotted key=value "
+        "overrides, e.g. train.steps=50 lora.rank=4"
+    )
     p = sub.add_parser("finetune", help="LoRA-fine-tune from a config (resumes if interrupted)")
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
     p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("merge", help="fold a run's adapter into the base and save it")
     p.add_argument("run_dir")
@@ -119,13 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from a run's adapted language model")
     p.add_argument("run_dir")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=_count, default=200, help="bytes to sample (>= 0)")
+    p.add_argument(
+        "--temperature", type=_temperature, default=0.7, help="softmax temperature; 0 is greedy"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("summary", help="what a config would adapt: shapes, counts, % trainable")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    # argparse %-formats help strings: a literal percent sign is written %%.
+    p = sub.add_parser("summary", help="what a config would adapt: shapes, counts, %% trainable")
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
     p.set_defaults(fn=cmd_summary)
     return parser
 

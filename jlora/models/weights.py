@@ -14,14 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from jlora._atomic import atomic_path
 from jlora._paths import path_str
 
 
 def save_params(path: str | os.PathLike[str], params: Any, metadata: Mapping[str, str]) -> None:
-    """Writes a nested dict of arrays to ``path`` (atomically: temp file, then rename).
+    """Writes a nested dict of arrays to ``path`` atomically (:func:`jlora._atomic.atomic_path`).
 
     Example:
       >>> import tempfile, os, jax.numpy as jnp
@@ -32,9 +33,8 @@ def save_params(path: str | os.PathLike[str], params: Any, metadata: Mapping[str
       ((2, 2), 'hi')
     """
     flat = {path_str(p): np.asarray(x) for p, x in jax.tree.flatten_with_path(params)[0]}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(flat, tmp, metadata=dict(metadata))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(flat, tmp, metadata=dict(metadata))
 
 
 def load_params(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -42,13 +42,22 @@ def load_params(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
+      ValueError: if it is not a safetensors file (another format, truncated, a directory).
     """
+    path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"weights file {os.fspath(path)!r} does not exist")
-    with safe_open(os.fspath(path), framework="numpy") as f:
-        metadata = dict(f.metadata() or {})
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+        flat = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(
+            f"weights file {path!r} is not a safetensors file ({err}); give a file written by "
+            "jlora (save_params, jlora merge) or another safetensors writer"
+        ) from None
     tree: dict[str, Any] = {}
-    for name, value in load_file(os.fspath(path)).items():
+    for name, value in flat.items():
         *parents, leaf = name.split("/")
         node = tree
         for key in parents:

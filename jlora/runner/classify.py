@@ -58,11 +58,46 @@ def _fortunes(category: str) -> list[str]:
         raise FileNotFoundError(
             f"fortune category file {path!r} not found; install Debian's fortunes "
             "(apt-get install fortunes), choose data.categories among those installed, or use "
-            "data.source=stdlib (configs/minilm_stdlib.yaml), which needs no install"
+            "data.source=stdlib (jlora finetune minilm_stdlib), which needs no install"
         )
     with open(path, encoding="utf-8", errors="replace") as f:
         items = f.read().split("\n%\n")
     return [" ".join(t.split()) for t in items if t.strip()]
+
+
+def _read_jsonl(path: str) -> dict[str, list[str]]:
+    """Texts by label from a JSON-lines file of ``{"text": ..., "label": ...}``; blank lines skip.
+
+    Raises:
+      ValueError: naming ``path:line`` for a line that is not JSON or not such an object, or
+        naming ``path`` if it is not UTF-8 text.
+    """
+    by_label: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data.source {path!r} is not UTF-8 text ({err.reason} at byte {err.start}); give a "
+            'JSON-lines file of {"text": ..., "label": ...} records'
+        ) from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}:{n}: line {n} is not JSON ({err.msg} at column {err.colno}); each line "
+                'must be one object like {"text": "...", "label": "..."}'
+            ) from None
+        if not isinstance(rec, dict) or "text" not in rec or "label" not in rec:
+            raise ValueError(
+                f"{path}:{n}: expected a JSON object with 'text' and 'label', found "
+                f"{line.strip()[:60]!r}"
+            )
+        by_label.setdefault(str(rec["label"]), []).append(str(rec["text"]))
+    return by_label
 
 
 def load_examples(data: DataSection, seed: int) -> tuple[list[str], list[int], list[str]]:
@@ -85,15 +120,7 @@ def load_examples(data: DataSection, seed: int) -> tuple[list[str], list[int], l
                 f"data.source {data.source!r}: for kind=bert give 'stdlib', 'fortunes' or a "
                 'JSON-lines file of {"text": ..., "label": ...} records'
             )
-        with open(data.source, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    rec = json.loads(line)
-                    by_label.setdefault(str(rec["label"]), []).append(str(rec["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{data.source}:{n}: expected a JSON object with 'text' and 'label'"
-                    ) from None
+        by_label = _read_jsonl(data.source)
     if len(by_label) < 2:
         raise ValueError(f"data.source {data.source!r} has {len(by_label)} label(s); need >= 2")
     names = sorted(by_label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import os
 from typing import Any, cast
 
@@ -43,6 +44,24 @@ def weights_path(spec: str) -> str:
     return path
 
 
+def next_token(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
+    """A token drawn from ``softmax(logits / temperature)``; ``temperature == 0`` is argmax.
+
+    The logits are shifted by their maximum before dividing, so a tiny temperature drives the
+    others to ``-inf`` (greedy in effect) instead of overflowing to ``inf - inf = nan``.
+
+    Example:
+      >>> logits = jnp.array([1.0, 3.0, 2.0])
+      >>> int(next_token(logits, jnp.float32(0.0), jax.random.key(0)))
+      1
+      >>> int(next_token(logits, jnp.float32(1e-30), jax.random.key(0)))
+      1
+    """
+    greedy = temperature <= 0
+    shifted = (logits - jnp.max(logits)) / jnp.where(greedy, 1.0, temperature)
+    return jnp.where(greedy, jnp.argmax(logits), jax.random.categorical(key, shifted))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "steps"))
 def _sample(
     model: Llama,
@@ -57,10 +76,26 @@ def _sample(
         buf, key = carry
         logits = cast(jax.Array, model.apply({"params": params}, buf[None]))[0, start + i - 1]
         key, sub = jax.random.split(key)
-        token = jax.random.categorical(sub, logits / temp)
+        token = next_token(logits, temp, sub)
         return buf.at[start + i].set(token.astype(buf.dtype)), key
 
     return jax.lax.fori_loop(0, steps, body, (buf, key))[0]
+
+
+def _model_config(path: str, meta: dict[str, str]) -> LlamaConfig:
+    """The :class:`LlamaConfig` stored in a weights file's metadata."""
+    if "config" not in meta:
+        raise ValueError(
+            f"model.weights {path!r} has no 'config' in its metadata, so it is not a jlora "
+            "Llama base; use 'builtin:llama_pydoc' or a file written by scripts/pretrain_base.py"
+        )
+    try:
+        return LlamaConfig(**json.loads(meta["config"]))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ValueError(
+            f"model.weights {path!r}: its metadata 'config' is not a Llama config ({err}); use "
+            "a file written by scripts/pretrain_base.py"
+        ) from None
 
 
 class LanguageModelTask:
@@ -70,8 +105,9 @@ class LanguageModelTask:
 
     def __init__(self, config: RunConfig) -> None:
         """Loads the base weights and the text named by ``config``."""
-        self.base, meta = load_params(weights_path(config.model.weights))
-        self.model_config = LlamaConfig(**json.loads(meta["config"]))
+        path = weights_path(config.model.weights)
+        self.base, meta = load_params(path)
+        self.model_config = _model_config(path, meta)
         self.model = Llama(self.model_config)
         self.extra: dict[str, Any] = {}
         self.config = config
@@ -81,9 +117,13 @@ class LanguageModelTask:
                 f"config data.seq_len {seq} exceeds the model's max_len "
                 f"{self.model_config.max_len}; lower data.seq_len"
             )
-        train, val = split_tokens(encode(load_text(config.data.source)), config.data.val_fraction)
-        self.batches = LMBatches(train, seq, batch, config.train.seed)
-        windows = eval_windows(val, seq, config.train.eval_batches * batch)
+        source = config.data.source
+        train, val = split_tokens(encode(load_text(source)), config.data.val_fraction)
+        try:
+            self.batches = LMBatches(train, seq, batch, config.train.seed)
+            windows = eval_windows(val, seq, config.train.eval_batches * batch)
+        except ValueError as err:  # too little text: say which text
+            raise ValueError(f"data.source {source!r}: {err}") from None
         # Whole batches only, so evaluation compiles once (at least one batch, padded by reuse).
         self.val = np.resize(windows, (max(len(windows) // batch, 1) * batch, seq + 1))
         model = self.model
@@ -115,7 +155,25 @@ class LanguageModelTask:
     def generate(
         self, params: Any, prompt: str, max_new_tokens: int, temperature: float, seed: int
     ) -> str:
-        """Samples a continuation of ``prompt`` (the prompt included in the result)."""
+        """Samples a continuation of ``prompt`` (the prompt included in the result).
+
+        Args:
+          params: the (merged) model parameters.
+          prompt: the text to continue; non-empty and shorter than the model's ``max_len``.
+          max_new_tokens: bytes to sample (>= 0; fewer if the model's ``max_len`` is reached).
+          temperature: softmax temperature (>= 0); 0 is greedy (argmax) decoding.
+          seed: seeds the sampling.
+
+        Raises:
+          ValueError: for an empty or too long prompt, a negative ``max_new_tokens``, or a
+            negative or non-finite ``temperature``.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, found {max_new_tokens}")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(
+                f"temperature must be a finite number >= 0, found {temperature} (0 is greedy)"
+            )
         tokens = encode(prompt)
         room = self.model_config.max_len - len(tokens)
         if not tokens.size or room < 1:

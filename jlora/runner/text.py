@@ -24,6 +24,7 @@ def load_text(source: str) -> str:
 
     Raises:
       FileNotFoundError: if ``source`` is neither a known name nor an existing file.
+      ValueError: if the file is empty or not UTF-8 text (a binary file); the path is named.
 
     Example:
       >>> len(load_text("sonnets")) > 90_000
@@ -40,8 +41,17 @@ def load_text(source: str) -> str:
             f"text source {source!r} is neither one of {SOURCES} nor an existing file; "
             "give a known name or the path to a UTF-8 text file"
         )
-    with open(source, encoding="utf-8") as f:
-        return f.read()
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data.source {source!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "give a text file (a binary or differently encoded file cannot be trained on)"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"data.source {source!r} is empty; give a file with text to train on")
+    return text
 
 
 def encode(text: str) -> np.ndarray:
