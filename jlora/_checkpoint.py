@@ -2,8 +2,11 @@
 
 A checkpoint is one step directory ``<directory>/<step>/`` holding ``state`` (any pytree of
 arrays: adapters, optimizer state, PRNG keys, counters; written by orbax, sharded arrays written
-by every host in parallel) and ``metadata`` (a JSON dict for what is not an array: data
-position, epoch, run config). Orbax writes each step to a temporary directory and renames it
+by every host in parallel), ``metadata`` (a JSON dict for what is not an array: data
+position, epoch, run config) and ``checksums`` (the SHA-256 of every leaf's values as saved, so
+that bytes flipped on disk are caught on restore instead of resuming from garbage; leaves not
+fully addressable from this process, i.e. sharded over several hosts, are not hashed). Orbax
+writes each step to a temporary directory and renames it
 when complete, so a crash never leaves a half checkpoint that looks finished. Only the newest
 ``keep`` steps are kept.
 
@@ -15,6 +18,7 @@ adapter of another rank, another optimizer) fails naming the leaf instead of dee
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -38,10 +42,31 @@ def _manager(directory: str | os.PathLike[str], keep: int | None = None) -> ocp.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, create=True
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "metadata": ocp.JsonCheckpointHandler(),
+        "checksums": ocp.JsonCheckpointHandler(),
+    }
     return ocp.CheckpointManager(
         os.path.abspath(os.fspath(directory)), options=options, item_handlers=handlers
     )
+
+
+def _digest(x: Any) -> str | None:
+    """SHA-256 of a leaf's dtype, shape and values; ``None`` where this host cannot see them."""
+    if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return None  # numpy / Python leaves may come back as another dtype; multi-host shards
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    host = np.ascontiguousarray(jax.device_get(x))
+    h = hashlib.sha256(f"{host.dtype.str}{host.shape}".encode())
+    h.update(host.tobytes())
+    return h.hexdigest()
+
+
+def _digests(state: Any) -> dict[str, str]:
+    leaves = jax.tree.flatten_with_path(state)[0]
+    return {path_str(p): d for p, x in leaves if (d := _digest(x)) is not None}
 
 
 def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
@@ -102,6 +127,7 @@ def save_checkpoint(
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 metadata=ocp.args.JsonSave(dict(metadata or {})),
+                checksums=ocp.args.JsonSave({"sha256": _digests(state)}),
             ),
         )
         manager.wait_until_finished()
@@ -145,8 +171,29 @@ def _check_like(where: str, saved: Any, like: Any) -> None:
             )
 
 
+def _short(err: Exception) -> str:
+    """The first line of an orbax / tensorstore error, without its long JSON spec."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text.split(" [tensorstore_spec=")[0][:300]
+
+
+def _verify(where: str, state: Any, saved: Mapping[str, str]) -> None:
+    found = _digests(state)
+    for name, digest in saved.items():
+        if name in found and found[name] != digest:
+            raise ValueError(
+                f"restore_checkpoint: {where} is corrupted: the values of {name!r} do not match "
+                f"the SHA-256 saved with them ({found[name][:12]}... vs {digest[:12]}...); "
+                "restore an earlier step, or pass verify=False to read it anyway"
+            )
+
+
 def restore_checkpoint(
-    directory: str | os.PathLike[str], like: Any, *, step: int | None = None
+    directory: str | os.PathLike[str],
+    like: Any,
+    *,
+    step: int | None = None,
+    verify: bool = True,
 ) -> Restored:
     """Restores the checkpoint of ``step`` (default: the latest) shaped and placed like ``like``.
 
@@ -156,6 +203,8 @@ def restore_checkpoint(
         ``sharding`` (if any) places the restored array, so a state can be restored onto another
         mesh; leaves without one go to the default device.
       step: which step; ``None`` for the latest.
+      verify: check the restored values against the SHA-256 of each leaf saved with them
+        (checkpoints saved before jlora stored checksums are restored unchecked).
 
     Returns:
       ``Restored(step, state, metadata)``.
@@ -164,7 +213,9 @@ def restore_checkpoint(
       FileNotFoundError: if there is no checkpoint, or none for ``step`` (available steps
         listed).
       ValueError: if a leaf of ``like`` is missing from the checkpoint, the checkpoint holds a
-        leaf ``like`` lacks, or a shape differs.
+        leaf ``like`` lacks, or a shape differs; if the checkpoint's files cannot be decoded,
+        or (with ``verify``) a leaf's values differ from the checksum saved with them: the
+        checkpoint is corrupted.
 
     Example:
       >>> import jax, jax.numpy as jnp, tempfile
@@ -188,14 +239,25 @@ def restore_checkpoint(
         )
     # Python / numpy scalars in `like` (counters, data positions) are restored as 0-d arrays.
     like = jax.tree.map(lambda x: x if hasattr(x, "shape") else np.asarray(x), like)
+    at = f"step {step} of {where!r}"
+    items = {
+        "state": ocp.args.StandardRestore(jax.tree.map(_abstract, like)),
+        "metadata": ocp.args.JsonRestore(),
+    }
+    if verify and os.path.isdir(os.path.join(where, str(step), "checksums")):
+        items["checksums"] = ocp.args.JsonRestore()
     with _manager(directory) as manager:
-        saved = manager.item_metadata(step)["state"]
-        _check_like(f"step {step} of {where!r}", saved, like)
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(_abstract, like)),
-                metadata=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            saved = manager.item_metadata(step)["state"]
+            _check_like(at, saved, like)
+            out = manager.restore(step, args=ocp.args.Composite(**items))
+        except ValueError as err:  # tensorstore: a chunk that does not decompress or parse
+            if str(err).startswith("restore_checkpoint:"):
+                raise
+            raise ValueError(
+                f"restore_checkpoint: {at} is corrupted: its files cannot be read ({_short(err)}); "
+                f"restore an earlier step (found steps {steps})"
+            ) from err
+    if "checksums" in items:
+        _verify(at, out["state"], (out["checksums"] or {}).get("sha256", {}))
     return Restored(step, out["state"], dict(out["metadata"] or {}))

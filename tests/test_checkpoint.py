@@ -174,3 +174,54 @@ def test_python_scalars_in_state(tmp_path):
     jlora.save_checkpoint(tmp_path, 1, {"w": jnp.ones(2), "position": 5, "lr": np.float32(0.5)})
     r = jlora.restore_checkpoint(tmp_path, {"w": jnp.ones(2), "position": 0, "lr": np.float32(0)})
     assert int(r.state["position"]) == 5 and float(r.state["lr"]) == 0.5
+
+
+def flip_bytes(step_dir):
+    """Flips 16 bytes in the middle of every data file orbax wrote for a step."""
+    files = list(step_dir.glob("state/**/d/*"))
+    assert files
+    for path in files:
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + 16)):
+            data[i] ^= 0x5A
+        path.write_bytes(bytes(data))
+
+
+def _checksums_file(directory, step):
+    import os
+
+    return os.path.join(directory, str(step), "checksums", "metadata")
+
+
+def test_values_that_differ_from_their_checksum_are_refused(tmp_path):
+    import json
+
+    jlora.save_checkpoint(tmp_path, 1, {"x": jnp.arange(4.0), "rng": jax.random.key(3)})
+    path = _checksums_file(tmp_path, 1)
+    with open(path) as f:
+        saved = json.load(f)
+    assert set(saved["sha256"]) == {"x", "rng"}
+    saved["sha256"]["x"] = "0" * 64  # as if the data files had changed under it
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    like = {"x": jnp.zeros(4), "rng": jax.random.key(0)}
+    with pytest.raises(ValueError, match=r"step 1 of .* is corrupted: the values of 'x' do not"):
+        jlora.restore_checkpoint(tmp_path, like)
+    r = jlora.restore_checkpoint(tmp_path, like, verify=False)
+    np.testing.assert_array_equal(r.state["x"], np.arange(4.0))
+
+
+def test_flipped_bytes_in_the_data_files_are_refused(tmp_path):
+    jlora.save_checkpoint(tmp_path, 1, {"x": jnp.linspace(0.0, 1.0, 4096)})
+    flip_bytes(tmp_path / "1")
+    with pytest.raises(ValueError, match=r"step 1 of .* is corrupted"):
+        jlora.restore_checkpoint(tmp_path, {"x": jnp.zeros(4096)})
+
+
+def test_checkpoints_saved_without_checksums_still_restore(tmp_path):
+    import shutil
+
+    jlora.save_checkpoint(tmp_path, 2, {"x": jnp.ones(3)})
+    shutil.rmtree(tmp_path / "2" / "checksums")  # as saved before checksums existed
+    r = jlora.restore_checkpoint(tmp_path, {"x": jnp.zeros(3)})
+    np.testing.assert_array_equal(r.state["x"], np.ones(3))
