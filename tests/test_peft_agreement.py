@@ -7,8 +7,10 @@ Needs the ``peft`` extra; skipped without it.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -19,10 +21,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
 
 import jlora  # noqa: E402
 
-pytestmark = [pytest.mark.peft]
+pytestmark = [
+    pytest.mark.peft,
+    # PEFT announces that it copies embed_tokens / lm_head, and that LoRA on a tied lm_head
+    # needs care when merging in PyTorch; import_peft checks those copies.
+    pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`:UserWarning"),
+]
 
 FAN_IN, FAN_OUT = 5, 6
 WEIGHTS = {"x": 0.7, "y": -1.5}
@@ -164,3 +174,172 @@ def test_combine_adapters_with_rslora_keeps_scale_one_where_peft_gives_sqrt_r():
     close(jlora_delta(base, got) * math.sqrt(8), _np(fc.get_delta_weight("c")))
     exact = sum(w * _np(fc.get_delta_weight(n)) for n, w in WEIGHTS.items())
     close(jlora_delta(base, got), exact)
+
+
+# ---- import_peft of PEFT's default save of an adapter on lm_head --------------------------------
+
+
+def tiny_llama(tied: bool):
+    cfg = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=24,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def jax_base(model) -> dict:
+    """The Flax-Llama-shaped base of a PyTorch model: ``(in, out)`` kernels, embedding tables."""
+    base: dict = {}
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module = module.base_layer
+        if "lora_" in name or "base_layer" in name:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            leaf = {"kernel": jnp.asarray(_np(module.weight).T, jnp.float32)}
+        elif isinstance(module, torch.nn.Embedding):
+            leaf = {"embedding": jnp.asarray(_np(module.weight), jnp.float32)}
+        else:
+            continue
+        *parents, last = name.split(".")
+        node = base
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = leaf
+    return base
+
+
+def save_peft(model, path, targets, **save_kwargs):
+    """A PEFT adapter on ``targets`` with random factors, saved as ``save_pretrained`` does."""
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    )
+    pm.save_pretrained(path, **save_kwargs)
+    return pm
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_import_peft_accepts_peft_default_save_of_an_lm_head_adapter(tmp_path, tied):
+    model = tiny_llama(tied)
+    base = jax_base(model)
+    pm = save_peft(model, tmp_path, ["q_proj", "lm_head"])
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.base_layer.weight" in keys  # what used to be refused
+
+    params, cfg = jlora.import_peft(tmp_path, base, jlora.peft.LLAMA)
+
+    merged = jlora.merge_params(params, cfg)
+    torch_model = pm.base_model.model
+    for module, path in [
+        (torch_model.lm_head, ("lm_head",)),
+        (
+            torch_model.model.layers[0].self_attn.q_proj,
+            ("model", "layers", "0", "self_attn", "q_proj"),
+        ),
+    ]:
+        got = merged
+        want = base
+        for part in path:
+            got, want = got[part], want[part]
+        delta = np.asarray(got["kernel"], np.float64) - np.asarray(want["kernel"], np.float64)
+        close(delta.T, _np(module.get_delta_weight("default")))
+
+
+def test_import_peft_refuses_an_lm_head_copy_that_differs_from_the_base(tmp_path):
+    model = tiny_llama(True)
+    base = jax_base(model)
+    save_peft(model, tmp_path, ["q_proj", "lm_head"])
+    kernel = base["lm_head"]["kernel"]
+    moved = {**base, "lm_head": {"kernel": kernel.at[3, 5].add(0.5)}}
+    with pytest.raises(
+        ValueError,
+        match=r"key 'base_model\.model\.lm_head\.base_layer\.weight' holds full base weights, "
+        r"PEFT's copy of the kernel 'lm_head/kernel' that differs from base_params' by up to "
+        r"0\.5 .*not the base the adapter was trained on",
+    ):
+        jlora.import_peft(tmp_path, moved, jlora.peft.LLAMA)
+    wider = {**base, "lm_head": {"kernel": jnp.zeros((16, 25))}}
+    with pytest.raises(
+        ValueError,
+        match=r"'lm_head/kernel' that differs from base_params' in shape: \(24, 16\) "
+        r"against \(25, 16\) \(in PyTorch's layout\)\. The vocabulary was resized",
+    ):
+        jlora.import_peft(tmp_path, wider, jlora.peft.LLAMA)
+
+
+def test_import_peft_checks_copies_of_unadapted_embedding_layers(tmp_path):
+    # save_embedding_layers=True copies embed_tokens and lm_head even where no LoRA sits.
+    model = tiny_llama(False)
+    base = jax_base(model)
+    save_peft(model, tmp_path, ["q_proj"], save_embedding_layers=True)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= keys
+    params, _ = jlora.import_peft(tmp_path, base, jlora.peft.LLAMA)
+    assert sorted(params["lm_head"]) == ["kernel"]
+    table = base["model"]["embed_tokens"]["embedding"]
+    moved = {**base, "model": {**base["model"], "embed_tokens": {"embedding": table * 2}}}
+    with pytest.raises(ValueError, match=r"copy of the embedding table 'model/embed_tokens/emb"):
+        jlora.import_peft(tmp_path, moved, jlora.peft.LLAMA)
+    headless = {k: v for k, v in base.items() if k != "lm_head"}
+    with pytest.raises(
+        ValueError,
+        match=r"key 'base_model\.model\.lm_head\.weight' is not a LoRA factor: it holds full "
+        r"weights of module 'lm_head', but no un-adapted kernel of base_params",
+    ):
+        jlora.import_peft(tmp_path, headless, jlora.peft.LLAMA)
+
+
+# ---- fan_in_fan_out: what PEFT does with it ------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_flag", [True, False])
+def test_import_peft_gpt2_square_kernel_agrees_with_peft_for_either_fan_in_fan_out(
+    tmp_path, file_flag
+):
+    # PEFT's lora_A is (r, in) and lora_B (out, r) whatever fan_in_fan_out says: the flag only
+    # tells how the update lies on the stored weight, and PEFT sets it from the layer type
+    # (Conv1D -> True, Linear -> False, with a warning). So an adapter file saying false over
+    # GPT-2's Conv1D means exactly what it means with true, for PEFT and for jlora.
+    cfg = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=8)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["attn.c_proj"],
+            init_lora_weights=False,
+            fan_in_fan_out=True,
+        ),
+    )
+    pm.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["fan_in_fan_out"] = file_flag
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    fresh = transformers.GPT2LMHeadModel(cfg).eval()
+    fresh.load_state_dict(weights)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(fresh, tmp_path)
+    layer = loaded.base_model.model.transformer.h[0].attn.c_proj
+    assert layer.fan_in_fan_out is True  # PEFT overrode the file's false for Conv1D
+    assert any("Setting fan_in_fan_out to True" in str(w.message) for w in caught) != file_flag
+    want = _np(layer.get_delta_weight("default"))  # (in, out), as Conv1D stores it
+    assert want.shape == (8, 8)
+
+    w = weights["transformer.h.0.attn.c_proj.weight"].numpy()
+    base = {"transformer": {"h": {"0": {"attn": {"c_proj": {"kernel": jnp.asarray(w.T)}}}}}}
+    params, lcfg = jlora.import_peft(tmp_path, base, jlora.peft.GPT2)  # Flax GPT-2: (out, in)
+    merged = jlora.merge_params(params, lcfg)["transformer"]["h"]["0"]["attn"]["c_proj"]
+    got = np.asarray(merged["kernel"], np.float64) - w.T
+    close(got.T, want)
+    assert rel(got, want) > 0.5  # square, so only the values tell a transposed update apart

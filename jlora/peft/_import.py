@@ -4,13 +4,25 @@ Everything is checked before anything is built: the config's options (DoRA, trai
 ``modules_to_save`` and other non-LoRA parts are refused, not dropped), every key (a key that
 is not a LoRA factor, or names a module the mapping gives no kernel for, is an error), every
 factor's rank against ``r`` / ``rank_pattern``, and every shape against the base kernel.
+
+Full weights PEFT saves beside the factors (``save_embedding_layers``: ``<module>.base_layer.
+weight`` of an adapted ``lm_head`` / ``embed_tokens``, ``<module>.weight`` of an un-adapted one)
+are accepted only where they equal the base kernel, compared in PyTorch's layout.
+
+``fan_in_fan_out`` is not needed to read the factors: PEFT's ``lora_A`` is ``(r, in)`` and
+``lora_B`` ``(out, r)`` whatever it says. It only tells PEFT how ``B@A`` lies on the stored
+weight, and PEFT resets it from the layer type (``Conv1D``: true, ``Linear``: false), so a file
+saying false over GPT-2's ``Conv1D`` loads into PEFT exactly as one saying true. The kernel's
+layout on the JAX side comes from the mapping's axes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,7 +46,8 @@ from jlora.peft._format import (
 )
 from jlora.peft._mapping import PeftMapping
 
-BASE_SUFFIX = ".base_layer.weight"
+BASE_SUFFIX = ".base_layer.weight"  # an adapted module's own weight, as PEFT copies it
+COPY_SUFFIX = ".weight"  # an un-adapted module's weight
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA, one value per output feature
 
 # Options that add something a LoRA A/B pair cannot hold: refused, never silently dropped.
@@ -92,16 +105,21 @@ def _read_factors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, np.nd
     with open(where, "rb") as f:
         tensors = decode(f.read(), where)
     modules: dict[str, dict[str, Any]] = {}
-    base_copies: dict[str, np.ndarray] = {}  # PEFT's save_embedding_layers copies
+    base_copies: dict[str, np.ndarray] = {}  # full weights by key (save_embedding_layers)
     for key, value in sorted(tensors.items()):  # file order is not meaningful
         if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):  # DoRA
             module = key[len(PREFIX) : -len(MAGNITUDE_SUFFIX)]
             modules.setdefault(module, {"embedding": False})["m"] = value
             continue
         if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
-            base_copies[key[len(PREFIX) : -len(BASE_SUFFIX)]] = value
+            base_copies[key] = value
             continue
         parsed = parse_key(key)
+        if parsed is None and key.startswith(PREFIX) and key.endswith(COPY_SUFFIX):
+            # A whole module's weight: PEFT's save_embedding_layers copy of an un-adapted
+            # embed_tokens / lm_head; checked against the base once the mapping is known.
+            base_copies[key] = value
+            continue
         if parsed is None:
             raise ValueError(
                 f"{where}: key {key!r} is not a LoRA factor (expected "
@@ -121,31 +139,74 @@ def _read_factors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, np.nd
     return modules, base_copies
 
 
+def _torch_weight(kernel: np.ndarray, roles: tuple[str, ...], embedding: bool) -> np.ndarray:
+    """One module's slice of a kernel as PyTorch stores it: ``(out, in)``, embeddings ``(in, out)``.
+
+    PEFT copies only ``nn.Linear`` / ``nn.Embedding`` weights (its ``has_valid_embedding_base_
+    layer``), so the layer type, not ``fan_in_fan_out``, fixes the layout.
+    """
+    order = ("in", "out") if embedding else ("out", "in")
+    axes = [i for role in order for i, r in enumerate(roles) if r == role]
+    fan = [math.prod(kernel.shape[i] for i, r in enumerate(roles) if r == role) for role in order]
+    return kernel.transpose(axes).reshape(fan)
+
+
 def _check_base_copies(
     path: str,
     base_copies: dict[str, np.ndarray],
     modules: dict[str, dict[str, Any]],
     owners: dict[str, tuple[str, tuple[int, ...]]],
+    roles_of: Callable[[str], tuple[str, ...]],
+    embed_pattern: str,
     base: dict[str, Any],
 ) -> None:
-    """Accepts PEFT's copies of adapted embedding tables only if they are the base's own."""
-    for module, value in base_copies.items():
-        key = PREFIX + module + BASE_SUFFIX
-        if module not in modules or not modules[module]["embedding"] or module not in owners:
+    """Accepts PEFT's copies of base weights only where they equal base_params' own.
+
+    PEFT's ``save_embedding_layers="auto"`` writes the full weight of every targeted
+    ``embed_tokens`` / ``lm_head`` (``<module>.base_layer.weight``), tied or not; with ``True``
+    also un-targeted ones (``<module>.weight``). A copy equal to the base adds nothing; one that
+    differs is a trained or resized table, which a LoRA adapter cannot hold.
+    """
+    for key, value in base_copies.items():
+        adapted = key.endswith(BASE_SUFFIX)
+        module = key[len(PREFIX) : -len(BASE_SUFFIX if adapted else COPY_SUFFIX)]
+        if module not in owners or adapted != (module in modules):
+            where = "adapted" if adapted else "un-adapted"
             raise ValueError(
-                f"{path!r}: key {key!r} holds full base weights, not LoRA factors; jlora imports "
-                "LoRA adapters only (PEFT writes these for adapted embeddings; any other module's "
-                "weights would be trained weights a LoRA adapter cannot hold)"
+                f"{path!r}: key {key!r} is not a LoRA factor: it holds full weights of module "
+                f"{module!r}, but no {where} kernel of base_params maps to that module for it to "
+                "be a copy of (PEFT copies only adapted modules' weights as '<module>.base_layer."
+                "weight', and un-adapted embed_tokens / lm_head as '<module>.weight'). jlora "
+                "imports LoRA factors only: fix the mapping, or, if that module is unchanged, "
+                "re-save with save_pretrained(..., save_embedding_layers=False)"
             )
-        kernel = owners[module][0]
-        ours = np.asarray(base[kernel], np.float32)
+        kernel, index = owners[module]
+        roles = roles_of(kernel)  # PyTorch's roles: the mapping's axes, else jlora's
+        embedding = modules[module]["embedding"] if adapted else re.fullmatch(embed_pattern, kernel)
+        stack = [i for i, r in enumerate(roles) if r == "stack"]
+        layer = np.moveaxis(np.asarray(base[kernel], np.float32), stack, range(len(stack)))[index]
+        inner = tuple(r for r in roles if r != "stack")
+        ours = _torch_weight(layer, inner, bool(embedding))
         theirs = value.astype(np.float32)
-        if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=1e-2, atol=1e-3):
+        what = "embedding table" if embedding else "kernel"
+        copy = (
+            f"{path!r}: key {key!r} holds full base weights, PEFT's copy of the {what} "
+            f"{kernel!r} that differs from base_params'"
+        )
+        if ours.shape != theirs.shape:
             raise ValueError(
-                f"{path!r}: key {key!r} is a copy of the embedding table {kernel!r} that differs "
-                f"from base_params' (shape {theirs.shape} vs {ours.shape}): the vocabulary was "
-                "resized or the table trained, which a LoRA adapter cannot hold. Import onto the "
-                "matching base, or save the adapter without that change"
+                f"{copy} in shape: {theirs.shape} against {ours.shape} (in PyTorch's layout). "
+                "The vocabulary was resized or the adapter belongs to another model; a LoRA "
+                "adapter cannot hold that. Import onto the base it was trained from"
+            )
+        if not np.allclose(ours, theirs, rtol=1e-2, atol=1e-3):
+            worst = float(np.max(np.abs(ours - theirs)))
+            raise ValueError(
+                f"{copy} by up to {worst:.3g} (largest |weight| {float(np.max(np.abs(ours))):.3g};"
+                " equal means within rtol 1e-2, atol 1e-3). Either base_params is not the base "
+                "the adapter was trained on (import onto that one), or the module itself was "
+                "trained, which a LoRA adapter cannot hold (merge the adapter in PyTorch with "
+                "merge_and_unload and convert the whole model instead)"
             )
 
 
@@ -245,7 +306,20 @@ def import_peft(
 
     if base_copies:
         leaves = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
-        _check_base_copies(path, base_copies, modules, owners, leaves)
+
+        def torch_roles(kernel: str) -> tuple[str, ...]:
+            shape, roles, axes = kernels[kernel]
+            return roles or axes or _roles(kernel, shape, roles_config, mapping)
+
+        _check_base_copies(
+            path,
+            base_copies,
+            modules,
+            owners,
+            torch_roles,
+            roles_config.embed_pattern,
+            leaves,
+        )
 
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
