@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from functools import partial
 from typing import Any
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 import jlora
 from jlora._quantized import is_quantized
-from jlora.runner import rundir
+from jlora.runner import resume, rundir
 from jlora.runner.config import RunConfig, to_dict
+from jlora.runner.interrupt import StopRequest
 from jlora.runner.mesh import batch_sharding, make_mesh, shard_state
 from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
@@ -93,10 +95,17 @@ def _adapted(trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any
 def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     """Runs (or resumes) the fine-tune that ``config`` describes; returns its results.
 
+    The run directory is locked for the whole run. Ctrl-C stops at the next step boundary,
+    saves a checkpoint of the last completed step and raises ``KeyboardInterrupt`` after
+    saying where the run resumes from.
+
     Raises:
-      ValueError: bad config values, a target regex that matches nothing, or a run directory
-        holding a different run.
-      FloatingPointError: if the training loss becomes NaN or infinite (checkpoints kept).
+      ValueError: bad config values, a target regex that matches nothing, a run directory
+        holding a different run or in use by another process, or no usable checkpoint.
+      FloatingPointError: if the training loss or the trained state becomes NaN or infinite
+        (finite checkpoints kept).
+      OSError: a checkpoint or the adapter cannot be written (named in the message).
+      KeyboardInterrupt: on Ctrl-C, once the run is saved.
     """
     run_dir, t = config.run_dir, config.train
     task = make_task(config)  # every input is checked before the run directory is touched
@@ -113,58 +122,100 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     tx = make_optimizer(config)
     state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
     loss_fn = make_loss(task, cfg, t.train_step)
-    resuming = rundir.prepare_run_dir(config)
+    changes = rundir.config_changes(config)
+    with rundir.open_run_dir(config) as resuming:
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        before_path = os.path.join(run_dir, "before.json")
+        start, window = 0, []
+        like = jax.eval_shape(lambda: state)
+        restored = resume.restore_good(ckpt_dir, like, log) if resuming else None
+        if restored is not None:
+            state, start = restored.state, int(restored.metadata["step"])
+            # The losses since the last log line, so that line averages the same steps.
+            window = [float(x) for x in restored.metadata.get("window", [])]
+            resume.prune(ckpt_dir, t.keep_checkpoints)
+            rundir.rewind_metrics(run_dir, start)
+            if changes:
+                rundir.append_metrics(run_dir, {"step": start, "config_change": changes})
+                log(
+                    f"changed on resume at step {start}: "
+                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+                )
+            log(f"resuming {run_dir} from the checkpoint of step {start}")
+        else:
+            rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
+            trainable = {"lora": lora, "extra": task.initial_extra(start_model)}
+            state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
+        if not os.path.isfile(before_path):
+            log("evaluating the base model ...")
+            rundir.write_json(before_path, task.show(start_model, state["trainable"]["extra"]))
+        before = _read_json(before_path)
+        if start == 0:  # the base's scores start the eval curve
+            scores = {k: v for k, v in before.items() if isinstance(v, float)}
+            rundir.append_metrics(run_dir, {"step": 0, **scores})
+
+        jit_options: dict[str, Any] = {}
+        if mesh is not None:  # lay everything out on the mesh, and keep it so from step to step
+            base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
+            jit_options["out_shardings"] = (state_shardings, NamedSharding(mesh, PartitionSpec()))
+        else:
+            put_batch = partial(jax.tree.map, jax.numpy.asarray)  # a batch may be a tuple (bert)
+
+        @partial(jax.jit, **jit_options)
+        def step_fn(
+            state: dict[str, Any], base: Any, batch: Any, step: jax.Array
+        ) -> tuple[dict[str, Any], Any]:
+            rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
+            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
+            updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+            trainable = optax.apply_updates(state["trainable"], updates)
+            new = {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+            return new, (loss, _all_finite((trainable, opt_state)))
+
+        with StopRequest() as stop:
+            state = _train(
+                config, task, cfg, step_fn, state, base, put_batch, start, window, stop, log
+            )
+        return _finish(config, task, cfg, state, base, before)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.array([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
+def _train(
+    config: RunConfig,
+    task: Task,
+    cfg: jlora.LoraConfig,
+    step_fn: Any,
+    state: dict[str, Any],
+    base: Any,
+    put_batch: Any,
+    start: int,
+    window: list[float],
+    stop: StopRequest,
+    log: Any,
+) -> dict[str, Any]:
+    """Steps ``start + 1`` to ``train.steps``: log, evaluate, checkpoint; stop on Ctrl-C."""
+    run_dir, t = config.run_dir, config.train
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    before_path = os.path.join(run_dir, "before.json")
-    start = 0
-    if resuming and jlora.checkpoint_steps(ckpt_dir):
-        restored = jlora.restore_checkpoint(ckpt_dir, jax.eval_shape(lambda: state))
-        state, start = restored.state, int(restored.metadata["step"])
-        rundir.rewind_metrics(run_dir, start)
-        log(f"resuming {run_dir} from the checkpoint of step {start}")
-    else:
-        rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
-        trainable = {"lora": lora, "extra": task.initial_extra(start_model)}
-        state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
-    if not os.path.isfile(before_path):
-        log("evaluating the base model ...")
-        rundir.write_json(before_path, task.show(start_model, state["trainable"]["extra"]))
-    before = _read_json(before_path)
-    if start == 0:  # the base's scores start the eval curve
-        scores = {k: v for k, v in before.items() if isinstance(v, float)}
-        rundir.append_metrics(run_dir, {"step": 0, **scores})
+    # A bar redrawn into a log file or a pipe is one line per refresh: lines per log step there.
+    show_bar = t.progress and sys.stderr.isatty()
+    bar = tqdm(total=t.steps, initial=start, disable=not show_bar, desc="finetune", unit="step")
 
-    jit_options: dict[str, Any] = {}
-    if mesh is not None:  # lay everything out on the mesh, and keep it so from step to step
-        base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
-        jit_options["out_shardings"] = (state_shardings, NamedSharding(mesh, PartitionSpec()))
-    else:
-        put_batch = partial(jax.tree.map, jax.numpy.asarray)  # a batch may be a tuple (bert)
+    def save(step: int) -> None:
+        meta = {"step": step, "data_position": step, "config": to_dict(config), "window": window}
+        with stop.critical():
+            resume.save(ckpt_dir, step, state, meta, t.keep_checkpoints)
 
-    @partial(jax.jit, **jit_options)
-    def step_fn(
-        state: dict[str, Any], base: Any, batch: Any, step: jax.Array
-    ) -> tuple[dict[str, Any], Any]:
-        rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-        trainable = optax.apply_updates(state["trainable"], updates)
-        return {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}, loss
-
-    bar = tqdm(total=t.steps, initial=start, disable=not t.progress, desc="finetune", unit="step")
-    window: list[float] = []
     tic, units = time.perf_counter(), 0
     for step in range(start + 1, t.steps + 1):
-        state, loss = step_fn(state, base, put_batch(task.train_batch(step - 1)), step)
+        state, (loss, finite) = step_fn(state, base, put_batch(task.train_batch(step - 1)), step)
         loss = float(loss)
-        if not math.isfinite(loss):
+        if not (math.isfinite(loss) and bool(finite)):
             bar.close()
-            done = jlora.checkpoint_steps(ckpt_dir)
-            kept = f"the last good checkpoint is step {done[-1]}" if done else "no checkpoint yet"
-            raise FloatingPointError(
-                f"training loss is {loss} at step {step}; stopped without saving ({kept} in "
-                f"{ckpt_dir!r}). Lower train.learning_rate and re-run the same command to resume"
-            )
+            raise _diverged(ckpt_dir, step, loss)
         window.append(loss)
         if step == start + 1:  # throughput excludes the first step's compilation
             tic, units = time.perf_counter(), 0
@@ -180,6 +231,13 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
                 f"{task.unit}_per_s": rate,
             }
             rundir.append_metrics(run_dir, record)
+            if t.progress and not show_bar:
+                print(
+                    f"step {step}/{t.steps}: train_loss {record['train_loss']:.4f}, "
+                    f"{rate:,.0f} {task.unit}/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             window = []
         if step % t.eval_every == 0 or step == t.steps:
             scores = task.evaluate(
@@ -188,10 +246,48 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             rundir.append_metrics(run_dir, {"step": step, **scores})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 or step == t.steps:
-            meta = {"step": step, "data_position": step, "config": to_dict(config)}
-            jlora.save_checkpoint(ckpt_dir, step, state, metadata=meta, keep=t.keep_checkpoints)
+            save(step)
+        if stop.requested:
+            bar.close()
+            if step not in jlora.checkpoint_steps(ckpt_dir):
+                save(step)
+            log(
+                f"interrupted after step {step}: its checkpoint is in {ckpt_dir!r}; resume with "
+                f"the same command: resumes from step {step}"
+            )
+            raise KeyboardInterrupt
     bar.close()
-    return _finish(config, task, cfg, state, base, before)
+    return state
+
+
+def _diverged(ckpt_dir: str, step: int, loss: float) -> FloatingPointError:
+    """The error for a non-finite loss or update at ``step``; sets aside a checkpoint it spoils.
+
+    A NaN loss at ``step`` is the loss of the state saved as step ``step - 1``: resuming from
+    that checkpoint meets the same NaN whatever the learning rate, so it is moved aside.
+    """
+    moved = ""
+    if not math.isfinite(loss) and (step - 1) in jlora.checkpoint_steps(ckpt_dir):
+        where = resume.set_aside(ckpt_dir, step - 1, "diverged")
+        moved = (
+            f"; the checkpoint of step {step - 1}, whose state gave this loss, moved to {where!r}"
+        )
+    done = jlora.checkpoint_steps(ckpt_dir)
+    if done:
+        kept = f"the last good checkpoint is step {done[-1]} in {ckpt_dir!r}{moved}"
+        then = f"it resumes from step {done[-1]} with the new value"
+    else:
+        kept = f"no good checkpoint in {ckpt_dir!r}{moved}"
+        then = "it starts over with the new value"
+    what = (
+        f"training loss is {loss} at step {step}"
+        if not math.isfinite(loss)
+        else f"the update of step {step} made the adapters or optimizer state non-finite"
+    )
+    return FloatingPointError(
+        f"{what}; stopped without saving ({kept}). Lower train.learning_rate (or raise "
+        f"train.warmup_steps) and re-run the same command: {then}"
+    )
 
 
 def _read_json(path: str) -> Any:
@@ -210,7 +306,22 @@ def _finish(
     run_dir = config.run_dir
     trainable = state["trainable"]
     params = jlora.combine(trainable["lora"], base)
-    jlora.save_adapter(os.path.join(run_dir, "adapter"), params, cfg)
+    adapter_dir = os.path.join(run_dir, "adapter")
+    bad = resume.non_finite(trainable)
+    if bad is not None:  # never replace a saved adapter with a broken one
+        raise FloatingPointError(
+            f"the trained {bad!r} holds NaN or infinite values; not saved to {adapter_dir!r} "
+            "(any adapter there is left as it was)"
+        )
+    try:
+        jlora.save_adapter(adapter_dir, params, cfg)
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"{err.strerror or err}: could not save the adapter (the previous one, if any, is "
+            "left as it was; the checkpoints are kept, so re-running the same command retries)",
+            adapter_dir,
+        ) from err
     task.save_extra(run_dir, trainable["extra"])
     after = task.show(_adapted(trainable, base, cfg), trainable["extra"])
     counts = _counts(params, trainable["extra"])

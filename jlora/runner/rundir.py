@@ -2,26 +2,59 @@
 
 Layout: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per line),
 ``loss_curve.png``, ``before.json`` / ``results.json`` (what the base and the adapted model
-scored), ``adapter/`` (``jlora.save_adapter`` files), ``checkpoints/`` (orbax).
+scored), ``adapter/`` (``jlora.save_adapter`` files), ``head.safetensors`` (a trained head),
+``merged.safetensors`` (``jlora merge``), ``checkpoints/`` (orbax) and ``.lock`` (held while a
+run is going). :data:`OWNED` lists them: ``overwrite=true`` deletes those and nothing else, so
+a run directory can share a folder with the user's own files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
 
 from jlora.runner.config import RunConfig, from_dict, to_dict
+from jlora.runner.lock import LOCK_FILE, hold_lock
 from jlora.runner.yamlfile import read_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+# Everything jlora writes into a run directory (and the ``.tmp`` files of its atomic writes).
+OWNED = (
+    CONFIG_FILE,
+    METRICS_FILE,
+    "loss_curve.png",
+    "before.json",
+    "results.json",
+    "head.safetensors",
+    "merged.safetensors",
+    "adapter",
+    "checkpoints",
+    LOCK_FILE,
+)
+# The first line of a config.yaml that jlora wrote: overwrite=true deletes only such a file.
+_MARK = "# written by jlora finetune: the resolved config of this run (do not edit)\n"
 # Keys that do not change what a run computes: where it lives (moved or renamed, or named by
 # another path), how it reports progress and how the process manages host memory.
 _FREE = {"run_dir", "overwrite", "train.progress", "train.keep_freed_memory"}
+# Keys a resumed run may change, so that the advice after a NaN loss ("lower the learning
+# rate and re-run") can be followed: the optimiser's step sizes (they enter only its schedule
+# functions, not the shapes of its state) and how often checkpoints are saved and kept. Not
+# the model, adapters, data, seed, batch, step count or anything else that shapes the state
+# or the data stream. A change is recorded in config.yaml and metrics.jsonl.
+RESUMABLE = {
+    "train.learning_rate",
+    "train.warmup_steps",
+    "train.head_learning_rate",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,29 +82,94 @@ def load_run_config(run_dir: str) -> RunConfig:
     return from_dict(RunConfig, read_yaml(path))
 
 
-def prepare_run_dir(config: RunConfig) -> bool:
-    """Creates or checks ``config.run_dir``; returns whether it already held this run.
+def _written_by_jlora(path: str, saved: Any) -> bool:
+    with open(path, encoding="utf-8") as f:
+        if f.readline() == _MARK:
+            return True
+    # A config.yaml of a jlora before the mark: a complete resolved config, key for key.
+    full = set(_flat(to_dict(RunConfig())))
+    return isinstance(saved, dict) and set(_flat(saved)) == full
 
-    Raises:
-      ValueError: if the directory holds a run with a different config (the differing keys are
-        listed) and ``overwrite`` is false, or is a non-empty directory that is not a run.
-    """
-    run_dir = config.run_dir
+
+def _check_dir(run_dir: str) -> None:
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(
+            f"run_dir {run_dir!r} is a file, not a directory; choose a run_dir that is a "
+            "directory or does not exist yet (jlora creates it)"
+        )
     path = os.path.join(run_dir, CONFIG_FILE)
-    if os.path.isdir(run_dir) and os.listdir(run_dir) and not os.path.isfile(path):
+    others = set(os.listdir(run_dir)) - {LOCK_FILE} if os.path.isdir(run_dir) else set()
+    if others and not os.path.isfile(path):
         raise ValueError(
             f"run_dir {run_dir!r} exists, is not empty and holds no {CONFIG_FILE}, so it is not "
             "a jlora run; choose another run_dir"
         )
+    if os.path.isfile(path) and not _written_by_jlora(path, read_yaml(path)):
+        raise ValueError(
+            f"{path!r} was not written by jlora (it is not the resolved config of a run), so "
+            f"{run_dir!r} is not a jlora run and jlora will not overwrite it; choose another "
+            "run_dir"
+        )
+
+
+def config_changes(config: RunConfig) -> dict[str, list[Any]]:
+    """The :data:`RESUMABLE` keys whose values differ from the run saved in ``config.run_dir``.
+
+    Returns:
+      ``{"train.learning_rate": [saved, now], ...}``; empty if there is no saved run.
+    """
+    path = os.path.join(config.run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    saved, now = _flat(read_yaml(path) or {}), _flat(to_dict(config))
+    return {k: [saved.get(k), now[k]] for k in sorted(RESUMABLE) if saved.get(k) != now[k]}
+
+
+def _delete_owned(run_dir: str) -> None:
+    for name in os.listdir(run_dir):
+        if name == LOCK_FILE or name.removesuffix(".tmp") not in OWNED:
+            continue  # the lock stays held; everything else is the user's
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+
+
+def _write_config(config: RunConfig, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(_MARK)
+        yaml.safe_dump(to_dict(config), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(config: RunConfig) -> bool:
+    """Creates or checks ``config.run_dir``; returns whether it already held this run.
+
+    The saved run counts as this run if they differ only in where the run lives, how it
+    reports progress, or :data:`RESUMABLE` keys (then ``config.yaml`` is updated).
+    ``overwrite=true`` deletes only what jlora wrote there (:data:`OWNED`).
+
+    Raises:
+      ValueError: if the directory holds a run with a different config (the differing keys are
+        listed) and ``overwrite`` is false; is a non-empty directory that is not a run, or
+        holds a ``config.yaml`` that jlora did not write; or ``run_dir`` is a file.
+    """
+    run_dir = config.run_dir
+    path = os.path.join(run_dir, CONFIG_FILE)
+    _check_dir(run_dir)
     if os.path.isfile(path):
         saved = _flat(read_yaml(path) or {})
         now = _flat(to_dict(config))
         diff = [
             f"{k}: {saved.get(k)!r} (saved) vs {now.get(k)!r} (now)"
             for k in sorted(set(saved) | set(now))
-            if k not in _FREE and saved.get(k) != now.get(k)
+            if k not in _FREE | RESUMABLE and saved.get(k) != now.get(k)
         ]
         if not diff:
+            if config_changes(config):
+                _write_config(config, path)
             return True
         if not config.overwrite:
             raise ValueError(
@@ -79,13 +177,29 @@ def prepare_run_dir(config: RunConfig) -> bool:
                 + "\n  ".join(diff)
                 + "\npass overwrite=true to delete it and start over, or choose another run_dir"
             )
-        shutil.rmtree(run_dir)
+        _delete_owned(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(to_dict(config), f, sort_keys=False)
-    os.replace(tmp, path)
+    _write_config(config, path)
     return False
+
+
+@contextlib.contextmanager
+def open_run_dir(config: RunConfig) -> Iterator[bool]:
+    """:func:`prepare_run_dir` under the run directory's lock, held until the block ends.
+
+    The directory is checked before the lock file is created in it, so a refused directory
+    is left exactly as it was.
+
+    Yields:
+      whether ``config.run_dir`` already held this run.
+
+    Raises:
+      ValueError: as :func:`prepare_run_dir`, or if another jlora process holds the lock.
+    """
+    _check_dir(config.run_dir)
+    os.makedirs(config.run_dir, exist_ok=True)
+    with hold_lock(config.run_dir):
+        yield prepare_run_dir(config)
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
