@@ -75,14 +75,17 @@ def init_lora(key: jax.Array, params: Any, config: LoraConfig, *, shardings: Any
         ``None``. Each A and B is then created already laid out by the spec derived from its
         kernel's (see :func:`jlora.lora_shardings`); under ``jax.jit`` that means no host round
         trip and no replicated copy. Bare ``PartitionSpec``s need an active mesh
-        (``jax.sharding.use_mesh``).
+        (``with jax.set_mesh(mesh):``).
 
     Returns:
       A new tree: ``params`` with the adapter leaves added; no input leaf is changed.
 
     Raises:
-      ValueError: if targets match nothing or a non-kernel, a rank is too large, a kernel has no
-        axis rule, a kernel is already adapted, or its parent is not a dict.
+      ValueError: if targets match nothing, a non-kernel or an integer / boolean leaf, a rank is
+        too large, a kernel has no axis rule, a kernel is already adapted, or its parent is not
+        a dict.
+      TypeError: if ``params`` holds Flax boxed parameters; unbox them and pass their specs as
+        ``shardings`` (the message shows how).
 
     Example:
       >>> import jax, jax.numpy as jnp

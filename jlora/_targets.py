@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jlora._config import LoraConfig, Selector, selectors
 from jlora._layout import adapter_owner
@@ -25,12 +27,53 @@ def _matches(selectors: Sequence[Selector], path: str, leaf: Any) -> bool:
     return False
 
 
+def _is_float(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
+
+
+def _flax_box(x: Any) -> str | None:
+    """``"linen"`` / ``"nnx"`` for Flax's boxed parameters, else ``None``."""
+    # Looked up, not imported: if Flax was never imported, no tree can hold its boxes.
+    meta, nnx = sys.modules.get("flax.core.meta"), sys.modules.get("flax.nnx")
+    if meta is not None and isinstance(x, meta.AxisMetadata):
+        return "linen"
+    if nnx is not None and isinstance(x, nnx.Variable):
+        return "nnx"
+    return None
+
+
+def _refuse_boxes(params: Any) -> None:
+    leaves = jax.tree.flatten_with_path(params, is_leaf=lambda x: _flax_box(x) is not None)[0]
+    for path, leaf in leaves:
+        kind = _flax_box(leaf)
+        if kind is None:
+            continue
+        where = f"{type(leaf).__name__} at {path_str(path)!r}"
+        if kind == "linen":
+            fix = (
+                "unbox them with flax.linen.meta.unbox(params) (nn.unbox) and pass their "
+                "shardings, nn.get_partition_spec(params) (through nn.logical_to_mesh for "
+                "logical names), as init_lora(..., shardings=...); jlora.lora_shardings(...) "
+                "then gives the shardings of the adapted tree"
+            )
+        else:
+            fix = (
+                "take the arrays with nnx.to_pure_dict(state) and their shardings with "
+                "nnx.to_pure_dict(nnx.get_partition_spec(state)), passed as "
+                "init_lora(..., shardings=...)"
+            )
+        raise TypeError(
+            f"params holds Flax boxed parameters ({where}); jlora adapts trees of plain "
+            f"arrays, and would add adapters beside the box's .value. To use them, {fix}"
+        )
+
+
 def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]:
     """The ``(path, kernel)`` pairs of ``params`` that ``config`` adapts, in tree order.
 
-    Adapter leaves already in the tree are never candidates. Each selected leaf must be an
-    array of rank >= 2, or a quantised kernel (``jlora.quantize``: QLoRA bases take adapters
-    like float ones).
+    Adapter leaves already in the tree are never candidates. Each selected leaf must be a
+    floating-point array of rank >= 2, or a quantised kernel (``jlora.quantize``: QLoRA bases
+    take adapters like float ones).
 
     Args:
       params: a parameter tree.
@@ -41,7 +84,9 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
 
     Raises:
       ValueError: if nothing matches (the message lists real paths), or a match is not a
-        kernel of rank >= 2.
+        floating-point kernel of rank >= 2.
+      TypeError: if ``params`` holds Flax boxed parameters (``nn.Partitioned``,
+        ``nnx.Variable``); the message says how to unbox them and keep their shardings.
 
     Example:
       >>> import jax.numpy as jnp
@@ -49,6 +94,7 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
       >>> [path_str(p) for p, _ in select_kernels(tree, LoraConfig())]
       ['dense/kernel']
     """
+    _refuse_boxes(params)
     chosen = []
     for path, leaf in jax.tree.flatten_with_path(params, is_leaf=is_quantized)[0]:
         if adapter_owner(getattr(path[-1], "key", None)) is not None:
@@ -63,6 +109,14 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
                 f"targets selected {name!r}, which is {type(leaf).__name__} of shape {shape}; "
                 "LoRA adapts kernels of rank >= 2. Narrow targets (e.g. r'.*/kernel') or add "
                 "this path to exclude"
+            )
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and not is_quantized(leaf) and not _is_float(dtype):
+            raise ValueError(
+                f"targets selected {name!r}, a {jnp.dtype(dtype).name} array of shape "
+                f"{tuple(shape)}; LoRA adds a float update W + s·A·B, which an integer or "
+                "boolean leaf cannot hold. Add this path to exclude or narrow targets (for "
+                "quantised kernels use jlora.quantize, whose kernels take adapters)"
             )
         chosen.append((path, leaf))
     if not chosen:
