@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from typing import Any
@@ -45,6 +46,60 @@ _WEIGHTS = re.compile(r"adapter-[0-9a-f]{16}\.safetensors")
 
 def _spec(name: str, x: Any) -> dict[str, Any]:
     return {"name": name, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
+
+
+def _describe(config: LoraConfig, kernel: str, rank: int) -> str:
+    how = f"alpha {config.alpha_for(kernel):g} / {'sqrt(' if config.use_rslora else ''}r"
+    return f"{how}{')' if config.use_rslora else ''}, r = {rank}"
+
+
+def check_config(
+    where: str,
+    recorded: LoraConfig,
+    kernels: list[tuple[str, tuple[int, ...], tuple[str, ...], int, float]],
+    given: LoraConfig,
+    given_name: str = "the config given",
+) -> None:
+    """Refuses ``given`` unless it gives every adapted kernel the recorded roles, rank and scale.
+
+    The tree holds only A and B: a rank shows in their shapes, but alpha, ``alpha_pattern`` and
+    ``use_rslora`` do not, so a config of another alpha would silently scale the update. Files
+    record them; this is where a file and a config meet.
+
+    Args:
+      where: the file, for the message.
+      recorded: the config the file records (for describing it).
+      kernels: ``(path, shape, roles, rank, scale)`` per adapted kernel, as recorded.
+      given: the config the caller means to use with these adapters.
+      given_name: how the message names ``given``.
+
+    Raises:
+      ValueError: naming the first kernel where roles, rank or scale differ, with both values.
+
+    Example:
+      >>> cfg = LoraConfig(rank=2, alpha=4.0)
+      >>> check_config("x", cfg, [("d/kernel", (3, 3), ("in", "out"), 2, 2.0)], cfg)
+    """
+    fix = (
+        "Use the config the file records (the one load_adapter / import_peft returns when no "
+        "config is passed), or a config with the same alpha, alpha_pattern, rank and use_rslora"
+    )
+    for kernel, shape, roles, rank, scale in kernels:
+        got_roles = axis_roles(kernel, shape, given)
+        if got_roles != tuple(roles):
+            raise ValueError(
+                f"{where}: kernel {kernel!r} was adapted with axis roles {tuple(roles)}, but "
+                f"{given_name} lays it out as {got_roles} (axis_rules differ). {fix}"
+            )
+        got_rank = given.rank_for(kernel)
+        got_scale = given.scale_for(kernel, got_rank)
+        if got_rank != rank or not math.isclose(got_scale, scale, rel_tol=1e-9):
+            raise ValueError(
+                f"{where}: kernel {kernel!r} was trained with scale {scale:g} "
+                f"({_describe(recorded, kernel, rank)}), but {given_name} has scale "
+                f"{got_scale:g} there ({_describe(given, kernel, got_rank)}); merging or "
+                f"applying with it would scale the update by {got_scale / scale:.4g}. {fix}"
+            )
 
 
 def save_adapter(path: str | os.PathLike[str], params: Any, config: LoraConfig) -> None:
@@ -248,26 +303,38 @@ def _check_base(
     return roles
 
 
-def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, LoraConfig]:
+def load_adapter(
+    path: str | os.PathLike[str], base_params: Any, *, config: LoraConfig | None = None
+) -> tuple[Any, LoraConfig]:
     """Loads an adapter saved by :func:`save_adapter` onto ``base_params``.
 
     Every file, tensor name, shape and dtype is checked, and every adapted path and kernel shape
     is checked against ``base_params``, before anything is built; ``base_params`` itself is never
     modified.
 
+    The file records each kernel's rank and scale (``alpha / r``, or ``alpha / sqrt(r)``) as
+    well as the config; they must agree. A ``config`` passed in must give every adapted kernel
+    the same axis roles, rank and scale: the tree alone shows the rank (A's shape) but not
+    alpha or ``use_rslora``, so another alpha would otherwise merge a differently scaled model
+    without a word.
+
     Args:
       path: the adapter directory.
       base_params: the un-adapted parameters of the model the adapter was trained on.
+      config: the config you mean to use with the adapter (e.g. the one you trained with), to
+        be checked against the recorded one; ``None`` to take the recorded one.
 
     Returns:
       ``(params, config)``: ``base_params`` with the A/B leaves beside their kernels (as
-      :func:`jlora.init_lora` would place them), and the adapter's ``LoraConfig``.
+      :func:`jlora.init_lora` would place them), and the adapter's recorded ``LoraConfig``.
 
     Raises:
       FileNotFoundError: if the directory, its JSON or its weights file is missing.
       ValueError: for a corrupted or truncated file, a missing or extra tensor, a kernel the
-        base lacks or has with another shape, adapters whose shapes do not fit the config, or a
-        base that already holds adapters.
+        base lacks or has with another shape, adapters whose shapes do not fit the config, a
+        recorded scale the recorded config does not give, a ``config`` that gives a kernel
+        another scale, rank or axis roles, or a base that already holds adapters.
+      TypeError: if ``config`` is neither a ``LoraConfig`` nor ``None``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -278,8 +345,16 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, L
       >>> params, _ = load_adapter(path, base)
       >>> params["dense"]["kernel_lora_b"].shape
       (2, 3)
+      >>> _ = load_adapter(path, base, config=jlora.LoraConfig(rank=2, alpha=16.0))
+      Traceback (most recent call last):
+      ValueError: ... scale 4 (alpha 8 / r, r = 2), but the config given has scale 8 ...
     """
     path = os.fspath(path)
+    given = config
+    if given is not None and not isinstance(given, LoraConfig):
+        raise TypeError(
+            f"load_adapter: config must be a LoraConfig or None; got {type(given).__name__}"
+        )
     manifest = _read_manifest(path)
     try:
         config = LoraConfig.from_dict(manifest["lora_config"])
@@ -291,6 +366,20 @@ def load_adapter(path: str | os.PathLike[str], base_params: Any) -> tuple[Any, L
 
     check_unadapted(base_params)
     roles = _check_base(path, entries, config, base_params)
+    kernels = [
+        (
+            e["kernel"],
+            tuple(e["kernel_shape"]),
+            tuple(e.get("roles", roles[e["kernel"]])),
+            int(e.get("rank", e["a"]["shape"][-1])),
+            float(e.get("scale", config.scale_for(e["kernel"], e["a"]["shape"][-1]))),
+        )
+        for e in entries
+    ]
+    where = f"adapter {path!r}"
+    check_config(where, config, kernels, config, f"its {CONFIG_FILE}'s lora_config")
+    if given is not None:
+        check_config(where, config, kernels, given)
     params = place_adapters(
         base_params,
         {e["kernel"]: (tensors[e["a"]["name"]], tensors[e["b"]["name"]]) for e in entries},

@@ -373,6 +373,100 @@ def test_base_already_adapted(saved):
         jlora.load_adapter(path, _trained(base))
 
 
+# ---- the recorded scale: a config of another alpha is refused where a file meets it --------------
+
+
+def test_load_with_the_training_config_or_an_equivalent_one(saved):
+    path, base = saved
+    params, cfg = jlora.load_adapter(path, base, config=CFG)
+    assert cfg == CFG
+    # Other targets, same scale everywhere adapted (alpha 4 / r 2 = 2): accepted.
+    same_scale = dataclasses.replace(CFG, targets=".*kernel", alpha_pattern={".*Dense_0.*": 4.0})
+    params2, cfg2 = jlora.load_adapter(path, base, config=same_scale)
+    assert cfg2 == CFG  # the recorded config is what comes back
+    _same(params, params2)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            dict(alpha=8.0),
+            r"adapter '.*': kernel 'params/Dense_0/kernel' was trained with scale "
+            r"2 \(alpha 4 / r, r = 2\), but the config given has scale 4 there \(alpha 8 / r, "
+            r"r = 2\); merging or applying with it would scale the update by 2\. Use the config",
+        ),
+        (
+            dict(use_rslora=True),
+            r"scale 2 \(alpha 4 / r, r = 2\), but the config given has scale 2\.82843 there "
+            r"\(alpha 4 / sqrt\(r\), r = 2\)",
+        ),
+        (
+            dict(alpha_pattern={".*Dense_0.*": 1.0}),
+            r"'params/Dense_0/kernel' was trained with scale 2 .*has scale 0\.5 there",
+        ),
+        (
+            dict(rank_pattern={".*Dense_0.*": 4}, alpha_pattern={".*Dense_0.*": 8.0}),
+            r"'params/Dense_0/kernel' was trained with scale 2 \(alpha 4 / r, r = 2\), but the "
+            r"config given has scale 2 there \(alpha 8 / r, r = 4\)",
+        ),
+        (
+            dict(axis_rules=[(".*/query/kernel", ("in", "in", "out"))]),
+            r"'params/MultiHeadDotProductAttention_0/query/kernel' was adapted with axis roles "
+            r"\('in', 'out', 'out'\), but the config given lays it out as \('in', 'in', 'out'\)",
+        ),
+    ],
+)
+def test_load_refuses_a_config_of_another_scale(saved, change, match):
+    path, base = saved
+    with pytest.raises(ValueError, match=match):
+        jlora.load_adapter(path, base, config=dataclasses.replace(CFG, **change))
+
+
+def test_load_refuses_a_config_that_is_not_one(saved):
+    path, base = saved
+    with pytest.raises(TypeError, match=r"load_adapter: config must be a LoraConfig or None; got"):
+        jlora.load_adapter(path, base, config={"alpha": 4.0})
+
+
+def test_load_refuses_a_manifest_whose_scales_disagree_with_its_config(saved):
+    path, base = saved
+    # A hand-edited alpha: the per-kernel scales recorded at save time no longer follow from it.
+    _rewrite(path, lambda m: m["lora_config"].update(alpha=16.0))
+    with pytest.raises(
+        ValueError,
+        match=r"was trained with scale 2 \(alpha 16 / r, r = 2\), but its adapter_config\.json's "
+        r"lora_config has scale 8 there",
+    ):
+        jlora.load_adapter(path, base)
+
+
+def test_import_peft_refuses_a_config_of_another_scale(tmp_path):
+    base, _ = _base()
+    jlora.export_peft(tmp_path, _trained(base), CFG, jlora.peft.hf_mapping("flax"))
+    mapping = jlora.peft.hf_mapping("flax")
+    _, cfg = jlora.import_peft(tmp_path, base, mapping, config=CFG)
+    assert cfg.scale_for("params/Dense_0/kernel") == 2.0
+    with pytest.raises(
+        ValueError,
+        match=r"PEFT adapter .*: kernel 'params/.*' was trained with scale 2 \(alpha 4 / r, "
+        r"r = 2\), but the config given has scale 1 there \(alpha 2 / r, r = 2\)",
+    ):
+        jlora.import_peft(tmp_path, base, mapping, config=dataclasses.replace(CFG, alpha=2.0))
+    with pytest.raises(TypeError, match=r"import_peft: config must be a LoraConfig or None"):
+        jlora.import_peft(tmp_path, base, mapping, config=4.0)
+
+
+def test_merge_params_cannot_see_alpha_in_the_tree(saved):
+    # The documented limit: the tree holds A and B only, so merge_params with another alpha
+    # cannot be refused; a rank shows in A's shape and is.
+    path, base = saved
+    params, _ = jlora.load_adapter(path, base)
+    jlora.merge_params(params, dataclasses.replace(CFG, alpha=8.0))  # no error possible
+    with pytest.raises(ValueError, match=r"do not fit this config"):
+        jlora.merge_params(params, dataclasses.replace(CFG, rank=3))
+
+
 def test_kernel_in_non_dict_container(tmp_path):
     cfg = jlora.LoraConfig(rank=1)
     base = {"d": {"kernel": jnp.ones((2, 2))}}

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jlora._adapter_files import check_config
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._dora import place_peft_magnitudes
@@ -224,7 +225,11 @@ def _roles(
 
 
 def import_peft(
-    path: str | os.PathLike[str], base_params: Any, mapping: PeftMapping
+    path: str | os.PathLike[str],
+    base_params: Any,
+    mapping: PeftMapping,
+    *,
+    config: LoraConfig | None = None,
 ) -> tuple[Any, LoraConfig]:
     """Reads a PEFT LoRA adapter (``save_pretrained`` output) onto a JAX base tree.
 
@@ -234,10 +239,16 @@ def import_peft(
     and ``use_rslora`` is built, so ``jlora.merge_params`` gives PEFT's merged weights. A DoRA
     adapter (``use_dora``) brings each module's ``lora_magnitude_vector`` as ``k_lora_m``.
 
+    A ``config`` passed in is checked against the one the file gives: every adapted kernel must
+    get the same axis roles, rank and scale (``lora_alpha / r``, ``alpha_pattern``,
+    ``use_rslora``), since the tree shows only the rank.
+
     Args:
       path: the PEFT adapter directory.
       base_params: the un-adapted JAX parameters of the model the adapter was trained on.
       mapping: kernel paths to PyTorch module names (e.g. ``jlora.peft.BERT``).
+      config: the config you mean to use with the adapter, to be checked; ``None`` to take the
+        file's.
 
     Returns:
       ``(params, config)``: the adapted tree and its LoraConfig (targets are the exact kernel
@@ -248,7 +259,10 @@ def import_peft(
       ValueError: for a corrupted file, unsupported PEFT options, a key that is not a LoRA
         factor or names a module no base kernel maps to, a missing factor, a rank that differs
         from the config's, a shape that does not fit the base kernel, or DoRA magnitudes that
-        are partial or belong to a module laid out the other way round.
+        are partial or belong to a module laid out the other way round, a copy of a base
+        weight that differs from ``base_params``, or a ``config`` that gives a kernel another
+        scale, rank or axis roles than the file.
+      TypeError: if ``config`` is neither a ``LoraConfig`` nor ``None``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -262,6 +276,11 @@ def import_peft(
       ((4, 2), 2)
     """
     path = os.fspath(path)
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"import_peft: config must be a LoraConfig or None; got {type(config).__name__}"
+        )
+    given = config
     cfg = _read_config(path)
     modules, base_copies = _read_factors(path)
     check_unadapted(base_params)
@@ -402,6 +421,12 @@ def import_peft(
         dropout=float(cfg.get("lora_dropout") or 0.0),
         axis_rules=mapping.axis_rules,
     )
+    if given is not None:
+        kernels_used = [
+            (k, kernels[k][0], kernel_roles[k], ranks[k], config.scale_for(k, ranks[k]))
+            for k in factors
+        ]
+        check_config(f"PEFT adapter {path!r}", config, kernels_used, given)
     params = place_adapters(base_params, factors, kernel_roles, f"PEFT adapter {path!r}")
     if magnitudes:
         params = place_peft_magnitudes(params, config, magnitudes)
