@@ -73,6 +73,12 @@ def merge_params(params: Any, config: LoraConfig) -> Any:
 
     DoRA kernels (with a ``k_lora_m`` magnitude) become ``m · (W + s·A·B) / ||W + s·A·B||``.
 
+    ``config`` must be the one the adapters were trained with. The tree holds only A and B: a
+    rank shows in their shapes and is checked, but ``s`` (alpha, ``alpha_pattern``,
+    ``use_rslora``) does not, so another alpha merges a differently scaled model and cannot be
+    caught here. Take the config from :func:`jlora.load_adapter` / :func:`jlora.import_peft`,
+    which record it, or pass yours to them as ``config=`` to have it checked.
+
     Args:
       params: an adapted tree (from :func:`jlora.init_lora`, possibly trained).
       config: the config the tree was initialised with (it gives scales and axis roles).
