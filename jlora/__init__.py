@@ -24,7 +24,7 @@ from jlora._loraplus import loraplus_labels
 from jlora._merge import merge_params, unmerge_params
 from jlora._mesh import Collective, collectives, partition_specs
 from jlora._mixed import mixed_batch
-from jlora._optim import lora_optimizer
+from jlora._optim import lora_optimizer, optimizer_shardings
 from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
 from jlora._pissa import init_pissa, pissa_to_lora
@@ -65,6 +65,7 @@ __all__ = [
     "merge_params",
     "merge_quantized",
     "mixed_batch",
+    "optimizer_shardings",
     "partition_specs",
     "path_str",
     "pissa_to_lora",
