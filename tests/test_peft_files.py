@@ -306,11 +306,17 @@ def test_import_extra_key(small_peft):
         jlora.import_peft(path, base, jlora.peft.LLAMA)
 
 
-def test_import_refuses_base_weights_of_a_linear(small_peft):
+def test_import_refuses_base_weights_of_a_linear_that_differ(small_peft):
     path, base = small_peft
     key = "base_model.model.fc.base_layer.weight"
     _edit_tensors(path, lambda t: t.update({key: np.ones((3, 4), np.float32)}))
-    with pytest.raises(ValueError, match=r"fc\.base_layer\.weight' holds full base weights"):
+    jlora.import_peft(path, base, jlora.peft.LLAMA)  # PEFT's copy of the (all-ones) base: fine
+    _edit_tensors(path, lambda t: t.update({key: np.full((3, 4), 2.0, np.float32)}))
+    with pytest.raises(
+        ValueError,
+        match=r"fc\.base_layer\.weight' holds full base weights, PEFT's copy of the kernel "
+        r"'fc/kernel' that differs from base_params' by up to 1",
+    ):
         jlora.import_peft(path, base, jlora.peft.LLAMA)
 
 
