@@ -100,6 +100,8 @@ def test_bad_family_options_are_clear_errors(tmp_path, tiny_weights):
         prepare_base(config, make_task(config).base)
     with pytest.raises(ValueError, match=r"block_size=48; pick a block size"):
         run(tmp_path / "b", tiny_weights, 1, **{"lora.quantize": "int8", "lora.quantize_block": 48})
-    with pytest.raises(ValueError, match=r"loraplus_lr_ratio must be > 0.*got -1.0"):
+    with pytest.raises(
+        ValueError, match=r"loraplus_lr_ratio: must be a finite number > 0, found -1.0"
+    ):
         run(tmp_path / "r", tiny_weights, 1, **{"train.loraplus_lr_ratio": -1.0})
     assert not (tmp_path / "b").exists() and not (tmp_path / "r").exists()
