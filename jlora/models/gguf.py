@@ -201,6 +201,40 @@ def _expected_shape(hf: str, c: dict[str, Any]) -> tuple[int, ...]:
     return (rows.get(part, d),)
 
 
+def _open(path: str) -> GGUFReader:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as err:
+        raise ValueError(
+            f"{path!r} is not a readable GGUF file ({type(err).__name__}: {err}); it may be "
+            "truncated or another format. Give a .gguf file from llama.cpp's converter"
+        ) from None
+    return reader
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every metadata key of a GGUF file -> its value; no architecture checks (tokenizers).
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: if it is not a readable GGUF file.
+
+    Example:
+      >>> import os, tempfile, gguf
+      >>> f = os.path.join(tempfile.mkdtemp(), "t.gguf")
+      >>> w = gguf.GGUFWriter(f, "gemma2")
+      >>> for write in (w.write_header_to_file, w.write_kv_data_to_file, w.close):
+      ...     write()
+      >>> read_gguf_metadata(f)["general.architecture"]
+      'gemma2'
+    """
+    path = os.fspath(path)
+    return {name: _value(field) for name, field in _open(path).fields.items()}
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
     """Opens a GGUF file (memory-mapped): HF config, metadata and tensor shapes, no tensor data.
 
@@ -238,15 +272,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
       (['LlamaForCausalLM'], True, {'model.embed_tokens.weight': (3, 4), 'model.norm.weight': (4,)})
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OverflowError) as err:
-        raise ValueError(
-            f"{path!r} is not a readable GGUF file ({type(err).__name__}: {err}); it may be "
-            "truncated or another format. Give a .gguf file from llama.cpp's converter"
-        ) from None
+    reader = _open(path)
     meta = {name: _value(field) for name, field in reader.fields.items()}
     tensors = {t.name: t for t in reader.tensors}
     config = _config(path, meta, tensors)
