@@ -379,3 +379,16 @@ def test_smollm2_135m_instruct():
         total += x.size
     assert total == 134_515_008
     print(f"SmolLM2 read + dequantise all: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+@pytest.mark.peft
+def test_tensors_equal_transformers_gguf_loader(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    weights = hf_weights(tie=False)
+    write_gguf(tmp_path / "m.gguf", weights)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    theirs = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    ours = dict(gguf_tensors(read_gguf(tmp_path / "m.gguf")))
+    assert sorted(ours) == sorted(theirs)
+    for name, x in ours.items():
+        np.testing.assert_array_equal(x, theirs[name], err_msg=name)
