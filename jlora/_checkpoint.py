@@ -5,10 +5,12 @@ arrays: adapters, optimizer state, PRNG keys, counters; written by orbax, sharde
 by every host in parallel), ``metadata`` (a JSON dict for what is not an array: data
 position, epoch, run config) and ``checksums`` (the SHA-256 of every leaf's values as saved, so
 that bytes flipped on disk are caught on restore instead of resuming from garbage; leaves not
-fully addressable from this process, i.e. sharded over several hosts, are not hashed). Orbax
-writes each step to a temporary directory and renames it
-when complete, so a crash never leaves a half checkpoint that looks finished. Only the newest
-``keep`` steps are kept.
+fully addressable from this process, i.e. sharded over several hosts, are not hashed). Beside
+them, ``files.sha256.json`` holds the SHA-256 of every file orbax wrote for ``state``, checked
+before orbax reads any of them: a damaged chunk is then a clear error rather than a failure
+inside orbax's readers (single-process saves only). Orbax writes each step to a temporary
+directory and renames it when complete, so a crash never leaves a half checkpoint that looks
+finished. Only the newest ``keep`` steps are kept.
 
 Restoring takes a ``like`` tree (concrete arrays, or ``jax.ShapeDtypeStruct`` e.g. from
 ``jax.eval_shape``, with ``.sharding`` where the result should be sharded). Its paths and
@@ -19,6 +21,7 @@ adapter of another rank, another optimizer) fails naming the leaf instead of dee
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -27,7 +30,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jlora._atomic import atomic_write
 from jlora._paths import path_str
+
+FILE_CHECKSUMS = "files.sha256.json"
 
 
 class Restored(NamedTuple):
@@ -67,6 +73,36 @@ def _digest(x: Any) -> str | None:
 def _digests(state: Any) -> dict[str, str]:
     leaves = jax.tree.flatten_with_path(state)[0]
     return {path_str(p): d for p, x in leaves if (d := _digest(x)) is not None}
+
+
+def _file_digests(step_dir: str) -> dict[str, str]:
+    """SHA-256 of every file under ``step_dir/state``, by path relative to ``step_dir``."""
+    out = {}
+    for root, _, files in os.walk(os.path.join(step_dir, "state")):
+        for name in files:
+            path = os.path.join(root, name)
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            out[os.path.relpath(path, step_dir)] = h.hexdigest()
+    return out
+
+
+def _verify_files(where: str, step_dir: str) -> None:
+    path = os.path.join(step_dir, FILE_CHECKSUMS)
+    if not os.path.isfile(path):
+        return  # saved by several processes, or before jlora kept file checksums
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    found = _file_digests(step_dir)
+    for name, digest in sorted(saved.items()):
+        if found.get(name) != digest:
+            what = "is missing" if name not in found else "differs from the SHA-256 saved with it"
+            raise ValueError(
+                f"restore_checkpoint: {where} is corrupted: its file {name!r} {what}; restore "
+                "an earlier step, or pass verify=False to read it anyway"
+            )
 
 
 def checkpoint_steps(directory: str | os.PathLike[str]) -> list[int]:
@@ -131,6 +167,10 @@ def save_checkpoint(
             ),
         )
         manager.wait_until_finished()
+    if jax.process_count() == 1:  # with several hosts, no one process sees every file
+        step_dir = os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+        data = json.dumps(_file_digests(step_dir), indent=1, sort_keys=True).encode()
+        atomic_write(os.path.join(step_dir, FILE_CHECKSUMS), data)
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
@@ -203,8 +243,9 @@ def restore_checkpoint(
         ``sharding`` (if any) places the restored array, so a state can be restored onto another
         mesh; leaves without one go to the default device.
       step: which step; ``None`` for the latest.
-      verify: check the restored values against the SHA-256 of each leaf saved with them
-        (checkpoints saved before jlora stored checksums are restored unchecked).
+      verify: check the checkpoint's files, before reading them, and the restored values
+        against the SHA-256s saved with them (checkpoints saved before jlora stored checksums
+        are restored unchecked).
 
     Returns:
       ``Restored(step, state, metadata)``.
@@ -246,12 +287,14 @@ def restore_checkpoint(
     }
     if verify and os.path.isdir(os.path.join(where, str(step), "checksums")):
         items["checksums"] = ocp.args.JsonRestore()
+    if verify:
+        _verify_files(at, os.path.join(where, str(step)))
     with _manager(directory) as manager:
         try:
             saved = manager.item_metadata(step)["state"]
             _check_like(at, saved, like)
             out = manager.restore(step, args=ocp.args.Composite(**items))
-        except ValueError as err:  # tensorstore: a chunk that does not decompress or parse
+        except Exception as err:  # tensorstore: a chunk that does not decompress or parse
             if str(err).startswith("restore_checkpoint:"):
                 raise
             raise ValueError(

@@ -214,8 +214,25 @@ def test_values_that_differ_from_their_checksum_are_refused(tmp_path):
 def test_flipped_bytes_in_the_data_files_are_refused(tmp_path):
     jlora.save_checkpoint(tmp_path, 1, {"x": jnp.linspace(0.0, 1.0, 4096)})
     flip_bytes(tmp_path / "1")
+    # Caught from the files' checksums, before orbax reads a damaged chunk.
+    with pytest.raises(ValueError, match=r"step 1 of .* is corrupted: its file 'state/.*' differs"):
+        jlora.restore_checkpoint(tmp_path, {"x": jnp.zeros(4096)})
+
+
+def test_damaged_files_without_file_checksums_are_still_refused(tmp_path):
+    jlora.save_checkpoint(tmp_path, 1, {"x": jnp.linspace(0.0, 1.0, 4096)})
+    (tmp_path / "1" / "files.sha256.json").unlink()  # as a multi-process save leaves it
+    flip_bytes(tmp_path / "1")
     with pytest.raises(ValueError, match=r"step 1 of .* is corrupted"):
         jlora.restore_checkpoint(tmp_path, {"x": jnp.zeros(4096)})
+
+
+def test_a_missing_state_file_is_refused(tmp_path):
+    jlora.save_checkpoint(tmp_path, 1, {"x": jnp.arange(8.0)})
+    victim = next((tmp_path / "1").glob("state/**/d/*"))
+    victim.unlink()
+    with pytest.raises(ValueError, match=r"is corrupted: its file 'state/.*' is missing"):
+        jlora.restore_checkpoint(tmp_path, {"x": jnp.zeros(8)})
 
 
 def test_checkpoints_saved_without_checksums_still_restore(tmp_path):

@@ -26,7 +26,6 @@ STEPS = 10
 # Orbax's failed reads of a corrupted step leave tensorstore callbacks for an event loop it has
 # already closed; they are reported (as unraisable exceptions, not raised) during whichever
 # test of this module runs next, so the whole module tolerates them.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 @pytest.fixture(scope="module")
