@@ -134,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
       >>> build_parser().parse_args(["generate", "runs/default", "Hi"]).temperature
       0.7
     """
-    parser = argparse.ArgumentParser(prog="jlora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="jlora", description=__doc__.splitlines()[0].replace("``", "")
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     config_help = (
         "a YAML config file, or the name of a config shipped with jlora: "
