@@ -21,13 +21,29 @@ from jlora.peft._convert import module_names, orientation, to_peft
 from jlora.peft._format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, factor_key
 from jlora.peft._mapping import PeftMapping
 
+#: PEFT's ``TaskType`` values.
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+
 
 def _most_common(values: list[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
 def export_peft(
-    path: str | os.PathLike[str], params: Any, config: LoraConfig, mapping: PeftMapping
+    path: str | os.PathLike[str],
+    params: Any,
+    config: LoraConfig,
+    mapping: PeftMapping,
+    *,
+    base_model_name_or_path: str | os.PathLike[str] | None = None,
+    task_type: str | None = None,
 ) -> list[str]:
     """Writes the adapters of ``params`` as a PEFT LoRA adapter that ``PeftModel`` loads.
 
@@ -44,15 +60,21 @@ def export_peft(
       params: an adapted tree (from :func:`jlora.init_lora`, trained).
       config: its LoraConfig.
       mapping: kernel paths to PyTorch module names (e.g. ``jlora.peft.LLAMA``).
+      base_model_name_or_path: the base model's Hub id or directory (e.g. one written by
+        :func:`jlora.models.pretrained.save_pretrained`), recorded so that
+        ``peft.AutoPeftModelForCausalLM.from_pretrained(path)`` loads the base by itself.
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ...); ``None`` keeps
+        ``mapping.task_type``. The ``AutoPeftModelFor...`` classes need one.
 
     Returns:
       The PyTorch module names written, in tree order.
 
     Raises:
-      ValueError: if ``params`` holds no adapters, a kernel is left unmapped by ``mapping``, two
-        kernels map to one module, the mapping's layout cannot express a kernel's factors, or
-        DoRA magnitudes cannot be written (some kernels DoRA and others not; a DoRA kernel
-        whose PyTorch module is laid out the other way round).
+      ValueError: if ``task_type`` is not one of PEFT's :data:`TASK_TYPES`, ``params`` holds
+        no adapters, a kernel is left unmapped by ``mapping``, two kernels map to one module,
+        the mapping's layout cannot express a kernel's factors, or DoRA magnitudes cannot be
+        written (some kernels DoRA and others not; a DoRA kernel whose PyTorch module is laid
+        out the other way round).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora, tempfile
@@ -60,7 +82,17 @@ def export_peft(
       >>> p = jlora.init_lora(jax.random.key(0), {"fc": {"kernel": jnp.ones((4, 3))}}, cfg)
       >>> export_peft(tempfile.mkdtemp(), p, cfg, jlora.peft.LLAMA)
       ['fc']
+      >>> d = tempfile.mkdtemp()
+      >>> _ = export_peft(d, p, cfg, jlora.peft.LLAMA, base_model_name_or_path="org/base",
+      ...                 task_type="CAUSAL_LM")
+      >>> import json, pathlib
+      >>> json.loads(pathlib.Path(d, "adapter_config.json").read_text())["task_type"]
+      'CAUSAL_LM'
     """
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(
+            f"export_peft: task_type {task_type!r} is not one of PEFT's task types {TASK_TYPES}"
+        )
     adapted = resolve_sites(params, config)
     if not adapted:
         raise ValueError(
@@ -134,7 +166,7 @@ def export_peft(
     alpha0 = _most_common([alphas[m] for m in modules])
     peft_config = {
         "peft_type": "LORA",
-        "task_type": mapping.task_type,
+        "task_type": mapping.task_type if task_type is None else task_type,
         "r": r0,
         "lora_alpha": alpha0,
         "target_modules": modules,
@@ -148,7 +180,9 @@ def export_peft(
         "init_lora_weights": True,
         "use_dora": bool(dora),
         "inference_mode": True,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": (
+            None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+        ),
         "revision": None,
     }
     _write(os.fspath(path), encode(tensors), json.dumps(peft_config, indent=2).encode())
