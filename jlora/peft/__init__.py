@@ -13,13 +13,22 @@ Example:
 from jlora.peft._builtin import BUILTIN_BERT, BUILTIN_LLAMA, builtin_llama
 from jlora.peft._export import export_peft
 from jlora.peft._import import import_peft
-from jlora.peft._mapping import BERT, GPT2, LLAMA, ModuleRule, PeftMapping, hf_mapping
+from jlora.peft._mapping import (
+    BERT,
+    GPT2,
+    HF_DECODER,
+    LLAMA,
+    ModuleRule,
+    PeftMapping,
+    hf_mapping,
+)
 
 __all__ = [
     "BERT",
     "BUILTIN_BERT",
     "BUILTIN_LLAMA",
     "GPT2",
+    "HF_DECODER",
     "LLAMA",
     "ModuleRule",
     "PeftMapping",

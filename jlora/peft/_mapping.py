@@ -225,3 +225,20 @@ GPT2 = hf_mapping("gpt2", kernel_axes=("out", "in"), fan_in_fan_out=True, embedd
 LLAMA = hf_mapping("llama")
 #: Flax BERT of ``transformers<5``, and any BERT (e.g. jlora's MiniLM) named the HF way.
 BERT = hf_mapping("bert")
+#: jlora's Llama-family decoder (:class:`jlora.models.decoder.Decoder`, HF parameter names, layers
+#: stacked ``[L, in, out]``) -> transformers ``*ForCausalLM``: ``model/layers/self_attn/q_proj/
+#: kernel`` is ``model.layers.{i}.self_attn.q_proj`` for every layer ``i``, plus ``lm_head`` and
+#: ``model.embed_tokens``. Its ``axis_rules`` equal ``jlora.models.decoder.DECODER_AXIS_RULES``.
+HF_DECODER = PeftMapping(
+    "hf-decoder",
+    (
+        ModuleRule(
+            r"(?:.*/)?model/layers/(.*)/kernel",
+            r"model.layers.{layer}.\1",
+            axes=("stack", "in", "out"),
+        ),
+        ModuleRule(r"(?:.*/)?lm_head/kernel", "lm_head"),
+        ModuleRule(r"(?:.*/)?model/embed_tokens/embedding", "model.embed_tokens"),
+    ),
+    task_type="CAUSAL_LM",
+)

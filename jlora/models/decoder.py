@@ -1,0 +1,686 @@
+r"""The Llama-family decoder every real checkpoint runs on (Llama, Mistral, Qwen2, Qwen3).
+
+Design note (the layout lives here and in :mod:`jlora.models.decoder_weights` only): the
+``"params"`` collection uses Hugging Face's module names, kernels ``(in, out)`` = HF
+``weight.T``, and the decoder layers stacked on axis 0 by ``nn.scan`` (role ``"stack"``), so
+LoRA targets read like PEFT's (``r".*(q_proj|v_proj)/kernel"``) and one layer is compiled once::
+
+    model/embed_tokens/embedding                 [V, D]
+    model/layers/input_layernorm/scale           [L, D]
+    model/layers/self_attn/{q,k,v}_proj/kernel   [L, D, H*hd]   (+ bias [L, H*hd], Qwen2)
+    model/layers/self_attn/o_proj/kernel         [L, H*hd, D]
+    model/layers/self_attn/{q,k}_norm/scale      [L, hd]        (Qwen3)
+    model/layers/post_attention_layernorm/scale  [L, D]
+    model/layers/mlp/{gate,up}_proj/kernel       [L, D, F]
+    model/layers/mlp/down_proj/kernel            [L, F, D]
+    model/norm/scale                             [D]
+    lm_head/kernel                               [D, V]   (absent with tied embeddings)
+
+The 3-D stacked kernels need one axis rule, :data:`DECODER_AXIS_RULES`
+(``("stack", "in", "out")``), also given by ``jlora.peft.HF_DECODER.axis_rules``.
+
+Attention follows transformers' eager path: scores ``q·kᵀ/sqrt(hd)`` masked with the dtype's
+minimum (never ``-inf``, so a query with no visible key gets a uniform, finite softmax),
+softmax in float32, grouped-query heads sharing kv head ``h // (H / H_kv)``. Masks work on
+*slots*: the token index in the row without a cache, the cache slot with one; a sliding
+window keeps keys at slots ``s > q - window``, as transformers does for unpadded input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, cast
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jlora.models.rope import apply_rope, check_rope_scaling, rope_cos_sin, rope_inv_freq
+
+__all__ = [
+    "DECODER_AXIS_RULES",
+    "SUPPORTED_ARCHITECTURES",
+    "Decoder",
+    "DecoderConfig",
+    "causal_lm_loss",
+    "init_cache",
+]
+
+#: ``LoraConfig.axis_rules`` for the stacked layer kernels ``[L, in, out]``.
+DECODER_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"(?:.*/)?model/layers/(.*)/kernel", ("stack", "in", "out")),
+)
+
+# transformers' defaults per architecture for keys a config.json may leave out
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None, head_dim=None, rms_norm_eps=1e-6,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+    ),
+    "MistralForCausalLM": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=None, rms_norm_eps=1e-6,
+        max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2, sliding_window=4096,
+    ),
+    "Qwen2ForCausalLM": dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=None, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+    ),
+    "Qwen3ForCausalLM": dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+    ),
+}  # fmt: skip
+#: The ``architectures`` values :meth:`DecoderConfig.from_hf` accepts.
+SUPPORTED_ARCHITECTURES = tuple(_DEFAULTS)
+_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_OPTIONS = ("dtype", "param_dtype", "remat", "scan_layers")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Shape and options of a Llama-family decoder, readable from a Hugging Face config.json.
+
+    Attributes:
+      vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, head_dim, rms_norm_eps, rope_theta, rope_scaling,
+        max_position_embeddings, tie_word_embeddings, bos_token_id, eos_token_id: as in
+        transformers' configs (``head_dim`` explicit; ``rope_scaling`` a dict or ``None``).
+      attention_bias: q/k/v projections have biases (Qwen2).
+      qk_norm: RMSNorm over each head of q and k before the rotation (Qwen3).
+      sliding_window: every layer attends only to the last ``sliding_window`` slots, or
+        ``None`` (Mistral; Qwen2/3 with ``use_sliding_window`` on all layers).
+      architecture: the HF class name, e.g. ``"LlamaForCausalLM"``.
+      dtype: compute dtype (activations); logits are returned in float32 anyway.
+      param_dtype: dtype the parameters are created and loaded in.
+      remat: rematerialise each layer in the backward pass (``nn.remat``).
+      scan_layers: ``True`` compiles one layer in a loop; ``False`` unrolls the loop (same
+        stacked parameters), to compare compile and run times.
+
+    Example:
+      >>> c = DecoderConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+      ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+      >>> c.head_dim, c.to_hf()["architectures"]
+      (8, ['LlamaForCausalLM'])
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    scan_layers: bool = True
+
+    def __post_init__(self) -> None:
+        """Fills ``num_key_value_heads``/``head_dim`` and checks heads and rope scaling."""
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.architecture not in _DEFAULTS:
+            raise ValueError(_unsupported(self.architecture))
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if kv is None or kv < 1 or heads % kv:
+            raise ValueError(
+                f"DecoderConfig: num_attention_heads {heads} must be a multiple of "
+                f"num_key_value_heads {kv} (grouped-query attention); fix the config"
+            )
+        if self.head_dim is None or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(
+                f"DecoderConfig: head_dim {self.head_dim} must be even (rotary pairs); fix the "
+                "config's head_dim"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(
+                f"DecoderConfig: sliding_window must be a positive int or None; got "
+                f"{self.sliding_window}"
+            )
+        check_rope_scaling(self.rope_scaling)
+
+    def __hash__(self) -> int:
+        """Hashes the fields with ``rope_scaling`` and lists made hashable."""
+        return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **options: Any) -> DecoderConfig:
+        """The config for a Hugging Face ``config.json`` (as a dict).
+
+        Keys the file leaves out take transformers' default for its architecture.
+
+        Args:
+          hf: the parsed config.json.
+          **options: execution options, not in config.json: ``dtype``, ``param_dtype``,
+            ``remat``, ``scan_layers``.
+
+        Returns:
+          A :class:`DecoderConfig`.
+
+        Raises:
+          ValueError: for an architecture other than :data:`SUPPORTED_ARCHITECTURES`, a
+            feature this decoder does not implement (``hidden_act`` other than silu, MLP or
+            output-projection biases, sliding windows on only some layers, an unsupported
+            ``rope_scaling``), or inconsistent head counts.
+          TypeError: for an unknown option.
+
+        Example:
+          >>> c = DecoderConfig.from_hf({"architectures": ["Qwen2ForCausalLM"],
+          ...     "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2})
+          >>> c.attention_bias, c.head_dim, c.vocab_size
+          (True, 8, 151936)
+        """
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"DecoderConfig.from_hf: unknown options {unknown}; options are {_OPTIONS} "
+                "(everything else comes from config.json)"
+            )
+        arch = _architecture(hf)
+        d = dict(_DEFAULTS[arch])
+        d.update({k: hf[k] for k in d if k in hf})
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"config.json: hidden_act {hf['hidden_act']!r} is not supported ({arch}); this "
+                "decoder implements SwiGLU with silu"
+            )
+        if hf.get("mlp_bias", False):
+            raise ValueError("config.json: mlp_bias true is not supported; only bias-free MLPs")
+        attention_bias = arch == "Qwen2ForCausalLM"
+        if arch != "Qwen2ForCausalLM" and hf.get("attention_bias", False):
+            raise ValueError(
+                f"config.json: attention_bias true ({arch}) adds an o_proj bias, which this "
+                "decoder does not implement (only Qwen2's q/k/v biases)"
+            )
+        sliding = _sliding_window(arch, hf, d["num_hidden_layers"])
+        d.pop("sliding_window", None)
+        scaling = hf.get("rope_scaling")
+        return cls(
+            **d,
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=None if scaling is None else dict(scaling),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=sliding,
+            architecture=arch,
+            **options,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json (dict) that transformers loads as this model.
+
+        Example:
+          >>> DecoderConfig(hidden_size=32, num_attention_heads=4).to_hf()["model_type"]
+          'llama'
+        """
+        out: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": _MODEL_TYPES[self.architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": jnp.dtype(self.param_dtype).name,
+        }
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+            out["attention_bias"] = False
+        if self.architecture == "MistralForCausalLM":
+            out["sliding_window"] = self.sliding_window
+        if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+            out["max_window_layers"] = 0  # every layer slides, as this config says
+        return out
+
+
+def _unsupported(arch: Any) -> str:
+    return (
+        f"architecture {arch!r} is not supported by jlora's decoder; supported: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    archs = hf.get("architectures")
+    if archs:
+        if len(archs) != 1 or archs[0] not in _DEFAULTS:
+            raise ValueError(f"config.json: {_unsupported(archs[0] if len(archs) == 1 else archs)}")
+        return str(archs[0])
+    by_type = {v: k for k, v in _MODEL_TYPES.items()}
+    if hf.get("model_type") in by_type:
+        return by_type[hf["model_type"]]
+    raise ValueError(
+        f"config.json: neither 'architectures' nor a known 'model_type' (found "
+        f"{hf.get('model_type')!r}); {_unsupported(None)}"
+    )
+
+
+def _sliding_window(arch: str, hf: Mapping[str, Any], layers: int) -> int | None:
+    if arch == "MistralForCausalLM":
+        return hf.get("sliding_window", 4096)
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") or not hf.get("use_sliding_window"):
+        return None
+    window = hf.get("sliding_window", 4096)
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+        else "full_attention"
+        for i in range(layers)
+    ]  # fmt: skip
+    if all(t == "full_attention" for t in types):
+        return None
+    if all(t == "sliding_attention" for t in types):
+        return int(window)
+    raise ValueError(
+        f"config.json: sliding window on some layers only ({types.count('sliding_attention')} "
+        f"of {layers}, max_window_layers {hf.get('max_window_layers', 28)}) is not supported; "
+        "this decoder slides on all layers or none"
+    )
+
+
+def _heads(c: DecoderConfig) -> tuple[int, int, int]:
+    """``(heads, kv heads, head_dim)``; ``__post_init__`` has filled the optional ones."""
+    return c.num_attention_heads, cast(int, c.num_key_value_heads), cast(int, c.head_dim)
+
+
+def init_cache(
+    config: DecoderConfig, batch: int, max_len: int, dtype: Any = None
+) -> dict[str, jax.Array]:
+    """An empty key/value cache: ``{"k", "v"}`` of shape ``[L, batch, max_len, H_kv, hd]``.
+
+    The layer axis comes first so the cache is scanned with the stacked layers. Keys are
+    stored after the rotation, so a slot's entry never changes once written.
+
+    Args:
+      config: the model's config.
+      batch: rows decoded together.
+      max_len: slots per row (prompt plus generated tokens).
+      dtype: storage dtype; defaults to ``config.dtype``.
+
+    Returns:
+      A dict of zero arrays.
+
+    Example:
+      >>> c = DecoderConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+      ...                   num_hidden_layers=3)
+      >>> init_cache(c, batch=2, max_len=16)["k"].shape
+      (3, 2, 16, 2, 8)
+    """
+    _, kv, hd = _heads(config)
+    shape = (config.num_hidden_layers, batch, max_len, kv, hd)
+    dtype = config.dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class RMSNorm(nn.Module):
+    """``scale · x / sqrt(mean(x²) + eps)``, normalised in float32 as transformers does."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalises over the last axis."""
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # transformers casts back to the input dtype before multiplying by the weight
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def _dense(c: DecoderConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class _Attention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        layer_cache: dict[str, jax.Array] | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        c = self.config
+        b, t, _ = x.shape
+        h, kv, hd = _heads(c)
+        q = _dense(c, h * hd, "q_proj", c.attention_bias)(x).reshape(b, t, h, hd)
+        k = _dense(c, kv * hd, "k_proj", c.attention_bias)(x).reshape(b, t, kv, hd)
+        v = _dense(c, kv * hd, "v_proj", c.attention_bias)(x).reshape(b, t, kv, hd)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+            ck = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), start
+            )
+            cv = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), start
+            )
+            new_cache = {"k": ck, "v": cv}
+            k, v = ck.astype(c.dtype), cv.astype(c.dtype)
+        q = q.reshape(b, t, kv, h // kv, hd)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(hd**-0.5, q.dtype)
+        scores = jnp.where(
+            mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
+        )
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        return _dense(c, c.hidden_size, "o_proj")(out), new_cache
+
+
+class _MLP(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = _dense(c, c.intermediate_size, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class _Layer(nn.Module):
+    """One pre-norm decoder layer; the scan body (carry ``x``, per-layer cache slice)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        layer_cache: dict[str, jax.Array] | None,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+        attn, new_cache = _Attention(c, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
+        )
+        x = x + attn
+        x = x + _MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return x, new_cache
+
+
+class _Model(nn.Module):
+    """HF's ``model``: embeddings, the stacked layers and the final norm."""
+
+    config: DecoderConfig
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+        )
+        layer: Any = nn.remat(_Layer, prevent_cse=False) if c.remat else _Layer
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            # a fully unrolled scan lowers to straight-line code, with the same stacked params
+            unroll=1 if c.scan_layers else c.num_hidden_layers,
+        )(c)
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: dict[str, jax.Array] | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        x = self.embed_tokens(tokens)
+        x, new_cache = self.layers(x, cache, cos, sin, mask, cache_index)
+        return self.norm(x), new_cache
+
+
+def _attention_mask(
+    c: DecoderConfig,
+    batch: int,
+    t: int,
+    segment_ids: jax.Array | None,
+    cache_len: int | None,
+    cache_index: jax.Array | None,
+    kv_mask: jax.Array | None,
+) -> jax.Array:
+    """``[batch or 1, T, S]`` bool: may query slot ``q`` see key slot ``s``."""
+    if cache_len is None:
+        q_slot = jnp.arange(t)
+        k_slot = jnp.arange(t)
+    else:
+        q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        k_slot = jnp.arange(cache_len, dtype=jnp.int32)
+    allowed = k_slot[None, :] <= q_slot[:, None]
+    if c.sliding_window is not None:
+        allowed &= k_slot[None, :] > q_slot[:, None] - c.sliding_window
+    allowed = allowed[None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if kv_mask is not None:
+        allowed = allowed & jnp.asarray(kv_mask, bool)[:, None, :]
+    return jnp.broadcast_to(allowed, (batch, *allowed.shape[1:]))
+
+
+class Decoder(nn.Module):
+    r"""A Llama-family causal LM (HF ``*ForCausalLM``) in Flax Linen, with HF parameter names.
+
+    ``__call__(tokens, positions=None, *, segment_ids=None, cache=None, cache_index=None,
+    kv_mask=None)``:
+
+    - ``tokens`` int ``[B, T]``; ``positions`` int ``[B, T]`` rotary positions, default
+      ``arange(T)`` per row (plus ``cache_index`` with a cache).
+    - Without ``cache``: causal attention over the T tokens. ``segment_ids`` ``[B, T]`` (packed
+      rows) stop attention across segments (a query sees keys with an equal id; no id is
+      special, so padding given its own id, e.g. 0, is seen only by padding); give
+      ``positions`` that restart per segment. ``kv_mask`` ``[B, T]`` hides keys. Returns
+      logits ``[B, T, V]`` float32.
+    - With ``cache`` (:func:`init_cache`, ``S`` slots): the T tokens' keys and values are
+      written at slots ``cache_index .. cache_index+T-1`` (``cache_index`` a scalar, may be
+      traced), and the query at slot ``cache_index+t`` sees slots ``s <= cache_index+t`` with
+      ``kv_mask[b, s]`` true (``[B, S]``, default all true; false for left padding). Returns
+      ``(logits, new_cache)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> c = DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+      ...                   num_hidden_layers=2, num_attention_heads=2)
+      >>> tokens = jnp.zeros((1, 4), jnp.int32)
+      >>> params = Decoder(c).init(jax.random.key(0), tokens)["params"]
+      >>> params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape
+      (2, 16, 16)
+      >>> Decoder(c).apply({"params": params}, tokens).shape
+      (1, 4, 50)
+    """
+
+    config: DecoderConfig
+
+    def setup(self) -> None:
+        """Declares ``model`` and, unless the embeddings are tied, ``lm_head``."""
+        c = self.config
+        self.model = _Model(c)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c, c.vocab_size, "lm_head")
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        cache_index: jax.Array | int | None = None,
+        kv_mask: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+        """Next-token logits for ``tokens`` (and the updated cache when one is given).
+
+        Raises:
+          ValueError: for ``tokens`` not 2-D, ``positions``/``segment_ids``/``kv_mask`` of
+            the wrong shape, a cache without ``cache_index`` (or the reverse), a cache that
+            does not fit the config or batch, or ``segment_ids`` with a cache.
+        """
+        c = self.config
+        cache_len = _check_inputs(c, tokens, positions, segment_ids, cache, cache_index, kv_mask)
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if cache is not None:
+                positions = positions + jnp.asarray(cache_index, jnp.int32)
+        inv_freq, factor = rope_inv_freq(_heads(c)[2], c.rope_theta, c.rope_scaling)
+        cos, sin = rope_cos_sin(positions, inv_freq, factor, c.dtype)
+        index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
+        mask = _attention_mask(c, b, t, segment_ids, cache_len, index, kv_mask)
+        x, new_cache = self.model(tokens, cos, sin, mask, cache, index)
+        if c.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, cast(dict[str, jax.Array], new_cache)
+
+
+def _check_inputs(
+    c: DecoderConfig,
+    tokens: Any,
+    positions: Any,
+    segment_ids: Any,
+    cache: Any,
+    cache_index: Any,
+    kv_mask: Any,
+) -> int | None:
+    shape = tuple(getattr(tokens, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"Decoder: tokens must be [batch, seq] int; got shape {shape}")
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(
+                f"Decoder: {name} must have the tokens' shape {shape}; got {tuple(value.shape)}"
+            )
+    if (cache is None) != (cache_index is None):
+        raise ValueError(
+            "Decoder: cache and cache_index go together (cache_index is the first slot the new "
+            f"tokens are written to); got cache {'None' if cache is None else 'given'} and "
+            f"cache_index {cache_index!r}"
+        )
+    if cache is None:
+        if kv_mask is not None and tuple(kv_mask.shape) != shape:
+            raise ValueError(
+                f"Decoder: without a cache, kv_mask must be [batch, seq] = {shape}; got "
+                f"{tuple(kv_mask.shape)}"
+            )
+        return None
+    if segment_ids is not None:
+        raise ValueError(
+            "Decoder: segment_ids (packed rows) cannot be used with a cache; decode one "
+            "sequence per row and mark padding with kv_mask"
+        )
+    expected = (c.num_hidden_layers, shape[0], None, c.num_key_value_heads, c.head_dim)
+    for key in ("k", "v"):
+        found = tuple(getattr(cache.get(key) if isinstance(cache, dict) else None, "shape", ()))
+        if len(found) != 5 or any(
+            e is not None and e != f for e, f in zip(expected, found, strict=True)
+        ):
+            raise ValueError(
+                f"Decoder: cache[{key!r}] has shape {found}; expected [layers, batch, max_len, "
+                f"kv_heads, head_dim] = {expected} (None: any). Make it with init_cache(config, "
+                f"batch={shape[0]}, max_len=...)"
+            )
+    cache_len = int(cache["k"].shape[2])
+    if kv_mask is not None and tuple(kv_mask.shape) != (shape[0], cache_len):
+        raise ValueError(
+            f"Decoder: with a cache, kv_mask must be [batch, max_len] = {(shape[0], cache_len)}; "
+            f"got {tuple(kv_mask.shape)}"
+        )
+    return cache_len
+
+
+def causal_lm_loss(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """Mean cross-entropy of ``targets`` under ``logits`` over the tokens where ``mask`` is true.
+
+    ``logits[b, t]`` predicts ``targets[b, t]`` (shift targets yourself); with no mask, every
+    token counts. A mask with no true entry gives 0.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> round(float(causal_lm_loss(jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32))), 4)
+      1.3863
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if mask is None:
+        return jnp.mean(nll)
+    weights = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
