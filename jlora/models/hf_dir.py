@@ -149,7 +149,8 @@ def _header(path: str) -> dict[str, _Entry]:
             "truncated or corrupted. Download or save it again"
         ) from None
     entries = {}
-    for name in names:
+    # in file order, so reading streams through the file
+    for name in sorted(names, key=lambda k: header[k]["data_offsets"][0]):
         info = header[name]
         if info["dtype"] not in _DTYPES:
             raise ValueError(
@@ -316,7 +317,7 @@ def _write_shards(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], limit: in
     if len(written) == 1:
         os.rename(os.path.join(tmp, written[0][0]), os.path.join(tmp, WEIGHTS_FILE))
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for k, (name, names) in enumerate(written, 1):
         final = _shard_name(k, len(written))
         os.rename(os.path.join(tmp, name), os.path.join(tmp, final))
@@ -406,9 +407,15 @@ def write_hf_dir(
 
 
 def check_shapes(
-    weights: HFWeights, expected: Mapping[str, tuple[int, ...]], ignore: Iterable[str] = ()
+    weights: HFWeights,
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    optional: Iterable[str] = (),
+    ignore: Iterable[str] = (),
 ) -> None:
-    """Checks that the files hold exactly the ``expected`` tensors and shapes (``ignore`` aside).
+    """Checks that the files hold exactly the ``expected`` tensors with their shapes.
+
+    Tensors named in ``optional`` may be absent; those in ``ignore`` are not checked at all.
 
     Raises:
       ValueError: for a tensor the model lacks, a missing one, or a shape that differs; the
@@ -430,7 +437,8 @@ def check_shapes(
                 f"weights file {where!r}: tensor {name!r} has shape {shape}, but config.json's "
                 f"sizes give {tuple(expected[name])}; the config and weights disagree"
             )
-    if missing := [n for n in expected if n not in weights.shapes]:
+    absent = set(optional)
+    if missing := [n for n in expected if n not in weights.shapes and n not in absent]:
         raise ValueError(
             f"{weights.directory!r} lacks {len(missing)} tensor(s) the model needs, e.g. "
             f"{missing[:3]}; the checkpoint is incomplete"
