@@ -58,10 +58,31 @@ def _restore(run_dir: str) -> tuple[RunConfig, Any, Any, jlora.LoraConfig]:
     return config, task, params, cfg
 
 
+def _merge_hf(run_dir: str) -> None:
+    """``merge --format hf``: the merged model as a Hugging Face directory, ``merged_hf/``."""
+    from jlora.models.pretrained import export_merged_hf, load_pretrained
+
+    config = rundir.load_run_config(run_dir)
+    path = getattr(config.model, "path", None)
+    if not path:  # refused before any weight is read
+        raise ValueError(
+            "--format hf needs a run of a Hugging Face / GGUF model (model.path); this run "
+            f"uses model.kind={config.model.kind}. Use --format safetensors (the default)"
+        )
+    base = load_pretrained(path)
+    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), base.params)
+    out = os.path.join(run_dir, "merged_hf")
+    export_merged_hf(out, base, params, cfg)
+    print(f"wrote {out}: a Hugging Face model directory with the adapter folded in (W + s·A·B)")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     """Folds a run's adapter into the base and saves the merged weights."""
     from jlora.models.weights import save_params
 
+    if args.format == "hf":
+        _merge_hf(args.run_dir)
+        return
     config, task, params, cfg = _restore(args.run_dir)
     merged = dense_model(params, cfg)
     out = os.path.join(args.run_dir, "merged.safetensors")
@@ -148,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("merge", help="fold a run's adapter into the base and save it")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="safetensors: RUN_DIR/merged.safetensors (jlora's parameter tree); hf: "
+        "RUN_DIR/merged_hf/, a Hugging Face model directory (runs of a pretrained model.path)",
+    )
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("eval", help="evaluate the base and the adapted model of a run")
     p.add_argument("run_dir")
