@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +161,7 @@ def test_eos_stops_a_row_while_the_others_continue(params, reference):
         PROMPTS,
         init_cache=standin_cache,
         max_new_tokens=8,
-        eos_ids=sorted(eos_all),
+        eos_ids=np.asarray(sorted(eos_all)),  # numpy ids too
     )
     assert got == [r[:1] for r in reference]
 
@@ -328,30 +327,126 @@ def test_refusals(change, match):
         generate(**kw)
 
 
-def test_cached_vs_uncached_speed(capsys):
-    """Prints tokens/s of cached against uncached greedy decoding (a measurement, no assert)."""
-    params = init_standin(0)
-    prompts, n = [list(range(1, 9))] * 4, 24
-    kw = dict(init_cache=standin_cache, max_new_tokens=n)
-    generate(standin_step, params, prompts, **kw)  # compile
-    start = time.perf_counter()
-    generate(standin_step, params, prompts, **kw)
-    cached = len(prompts) * n / (time.perf_counter() - start)
+# The real decoder (jlora.models.decoder) on a tiny random config: layers stacked on the cache's
+# axis 0 (L=2) next to 3 rows, so a mixed batch slicing the wrong axis could not pass.
+@pytest.fixture(scope="module")
+def decoder():
+    from jlora.models.decoder import Decoder, DecoderConfig, init_cache
 
-    @functools.partial(jax.jit, static_argnames="n")
-    def uncached(params, tokens, n):
-        def body(i, buf):
-            logits = standin_apply(params, buf)
-            nxt = jnp.argmax(logits[:, tokens.shape[1] + i - 1], axis=-1).astype(jnp.int32)
-            return buf.at[:, tokens.shape[1] + i].set(nxt)
+    config = DecoderConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Decoder(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    # Weights of 0.2 rather than 0.02: decisive logits, so greedy ties cannot flip on rounding.
+    params = jax.tree.map(lambda x: x * 10 if x.ndim >= 2 else x, params)
 
-        buf = jnp.zeros((tokens.shape[0], tokens.shape[1] + n), jnp.int32)
-        return jax.lax.fori_loop(0, n, body, buf.at[:, : tokens.shape[1]].set(tokens))
+    def step(p, tokens, positions, cache, cache_index, kv_mask):
+        return model.apply(
+            {"params": p}, tokens, positions, cache=cache, cache_index=cache_index, kv_mask=kv_mask
+        )
 
-    tokens = jnp.asarray(prompts, jnp.int32)
-    uncached(params, tokens, n).block_until_ready()
-    start = time.perf_counter()
-    uncached(params, tokens, n).block_until_ready()
-    full = len(prompts) * n / (time.perf_counter() - start)
-    with capsys.disabled():
-        print(f"\nstand-in decoder: cached {cached:.0f} tok/s, uncached {full:.0f} tok/s")
+    uncached = jax.jit(lambda p, tokens: model.apply({"params": p}, tokens))
+    return step, functools.partial(init_cache, config), uncached, params
+
+
+def test_decoder_greedy_cached_equals_uncached_loop(decoder):
+    step, init_cache, uncached, params = decoder
+    want = [greedy_uncached(params, p, 8, apply=uncached) for p in PROMPTS]
+    assert len({tuple(r) for r in want}) == 3
+    got = generate(step, params, PROMPTS, init_cache=init_cache, max_new_tokens=8, cache_len=64)
+    assert got == want
+
+
+def test_decoder_lora_and_mixed_step(decoder):
+    from jlora.models.decoder import DECODER_AXIS_RULES
+
+    step, init_cache, uncached, params = decoder
+    cfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=r".*(q_proj|v_proj|up_proj)/kernel",
+        axis_rules=DECODER_AXIS_RULES,
+    )
+    p = jlora.init_lora(jax.random.key(1), params, cfg)
+    lora_a, base = jlora.split(p)
+    lora_a = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(x.size), x.shape) * 0.3, lora_a
+    )
+    lora_b = jax.tree.map(lambda x: -x, lora_a)
+    bank = jlora.add_adapter(jlora.add_adapter({}, "a", lora_a, cfg), "b", lora_b, cfg)
+    kw = dict(init_cache=init_cache, max_new_tokens=8)
+    merged = jlora.merge_params(jlora.combine(lora_a, base), cfg)
+    want = [greedy_uncached(merged, prompt, 8, apply=uncached) for prompt in PROMPTS]
+    assert generate(jlora.lora(step, cfg), jlora.combine(lora_a, base), PROMPTS, **kw) == want
+    rows = ["b", None, "a"]
+    alone = []
+    for name, prompt in zip(rows, PROMPTS, strict=True):
+        tree, c = jlora.select_adapter(base, bank, name)
+        tree = tree if c is None else jlora.merge_params(tree, c)
+        alone.append(greedy_uncached(tree, prompt, 8, apply=uncached))
+    assert len({tuple(r) for r in alone}) == 3
+    assert generate(mixed_step(step, rows), (base, bank), PROMPTS, **kw) == alone
+
+
+@pytest.mark.peft
+def test_decoder_greedy_equals_transformers_generate():
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from jlora.models.decoder import Decoder, DecoderConfig, init_cache
+    from jlora.models.decoder_weights import hf_to_params
+
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            w.copy_((1.0 if name.endswith("norm.weight") else 0.0) + 0.2 * torch.randn_like(w))
+    config = DecoderConfig.from_hf(hf_config.to_dict())
+    state = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    params = hf_to_params(config, state.items())
+    model = Decoder(config)
+
+    def step(p, tokens, positions, cache, cache_index, kv_mask):
+        return model.apply(
+            {"params": p}, tokens, positions, cache=cache, cache_index=cache_index, kv_mask=kv_mask
+        )
+
+    width = max(map(len, PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS])
+
+    def hf_generate(eos):
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=8,
+                pad_token_id=0,
+                eos_token_id=eos,
+            )[:, width:].tolist()
+        return [r[: r.index(eos) + 1] if eos in r else r for r in out]
+
+    kw = dict(init_cache=functools.partial(init_cache, config), max_new_tokens=8)
+    want = hf_generate(eos=V - 1)
+    assert generate(step, params, PROMPTS, eos_ids=V - 1, **kw) == want
+    eos = want[0][2]  # a token row 0 emits, so some row stops early
+    want = hf_generate(eos=eos)
+    assert min(map(len, want)) < 8
+    assert generate(step, params, PROMPTS, eos_ids=eos, **kw) == want

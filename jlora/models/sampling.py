@@ -261,10 +261,8 @@ def _validated(
         raise ValueError(f"generate: top_k must be >= 1 (or None for all tokens), found {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must be in (0, 1] (or None), found {top_p}")
-    eos = () if eos_ids is None else (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids)
-    return _Settings(
-        max_new_tokens, float(temperature), top_k, top_p, tuple(map(int, eos)), int(pad_id)
-    )
+    eos = () if eos_ids is None else tuple(int(e) for e in np.atleast_1d(eos_ids))
+    return _Settings(max_new_tokens, float(temperature), top_k, top_p, eos, int(pad_id))
 
 
 def mixed_step(step: Step, rows: Sequence[str | None] | Any, *, cache_batch_axis: int = 1) -> Step:
