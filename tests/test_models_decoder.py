@@ -35,12 +35,16 @@ def config(**kw):
 @functools.cache
 def model_and_params(**kw):
     c = config(**kw)
-    params = Decoder(c).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    # norms away from 1 so that every parameter matters
-    params = jax.tree.map(
-        lambda x: x + 0.1 * (x.ndim <= 2) * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params
-    )
-    return c, params
+
+    @jax.jit
+    def init():
+        params = Decoder(c).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+        # norms and biases away from 1 and 0, so that every parameter matters
+        return jax.tree.map(
+            lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), params
+        )
+
+    return c, init()
 
 
 @functools.cache

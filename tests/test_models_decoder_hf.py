@@ -161,21 +161,23 @@ def test_export_peft_loads_onto_transformers(tmp_path):
     )
     p = jlora.init_lora(jax.random.key(1), {"params": params}, cfg)
     # a trained-looking adapter: B (and the embedding's A) away from zero
-    p = jax.tree.map_with_path(
-        lambda k, x: (
-            x + 0.1 * jax.random.normal(jax.random.key(len(str(k))), x.shape)
-            if "lora" in jax.tree_util.keystr(k)
-            else x
-        ),
-        p,
-    )
+    p = jax.jit(
+        lambda p: jax.tree.map_with_path(
+            lambda k, x: (
+                x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape))
+                if "lora" in jax.tree_util.keystr(k)
+                else x
+            ),
+            p,
+        )
+    )(p)
     names = jlora.export_peft(tmp_path, p, cfg, jlora.peft.HF_DECODER)
     assert "model.layers.1.self_attn.q_proj" in names and "model.embed_tokens" in names
     served = PeftModel.from_pretrained(model, tmp_path).eval()
     expected = torch_logits(served, TOKENS)
     got = jax.jit(jlora.lora(Decoder(config).apply, cfg))(p, TOKENS)
     close(got, expected, 1e-4)
-    merged = Decoder(config).apply(jlora.merge_params(p, cfg), TOKENS)
+    merged = jax.jit(Decoder(config).apply)(jlora.merge_params(p, cfg), TOKENS)
     close(merged, expected, 1e-4)
 
 
