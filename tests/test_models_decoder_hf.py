@@ -41,6 +41,10 @@ CASES = {
     "mistral-window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=3)),
     "qwen2-bias-tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3-qknorm-head_dim": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=16)),
+    "qwen2-window-all-layers": (
+        "Qwen2Config",
+        dict(num_key_value_heads=4, use_sliding_window=True, sliding_window=4, max_window_layers=0),
+    ),
 }
 
 
