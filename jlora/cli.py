@@ -70,7 +70,10 @@ def _merge_hf(run_dir: str) -> None:
             f"uses model.kind={config.model.kind}. Use --format safetensors (the default)"
         )
     base = load_pretrained(path)
-    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), base.params)
+    # A QLoRA run's adapter belongs to the quantised base; export_merged_hf merges it in float.
+    # (Stand-ins for a run config, as some tests use, may carry only the model section.)
+    base_params = prepare_base(config, base.params) if hasattr(config, "lora") else base.params
+    params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), base_params)
     out = os.path.join(run_dir, "merged_hf")
     export_merged_hf(out, base, params, cfg)
     print(f"wrote {out}: a Hugging Face model directory with the adapter folded in (W + s·A·B)")
@@ -103,27 +106,80 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Samples from a run's adapted language model."""
-    config, task, params, cfg = _restore(args.run_dir)
+    """Samples from a run's adapted language model (merged: ``W + s·A·B`` folded in)."""
+    config = rundir.load_run_config(args.run_dir)  # refusals before any weight is read
     if config.model.kind != "llama":
         raise ValueError(
             f"generate needs a language-model run; {args.run_dir!r} is a {config.model.kind} run"
         )
+    given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
+    given += ["--chat"] if args.chat else []
+    if config.model.path is None and given:
+        raise ValueError(
+            f"{', '.join(given)} need a run of a checkpoint (model.path); {args.run_dir!r} runs "
+            "the built-in byte-level model, which samples with --temperature only"
+        )
+    config, task, params, cfg = _restore(args.run_dir)
     merged = dense_model(params, cfg)
-    print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    if config.model.path is None:  # the built-in byte-level model: no tokenizer, no cache
+        print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+        return
+    options = {"top_k": args.top_k, "top_p": args.top_p, "chat": args.chat}
+    print(
+        task.generate(
+            merged, args.prompt, args.max_new_tokens, args.temperature, args.seed, **options
+        )
+    )
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    """Shows what a config would adapt, without training (shapes only, nothing allocated)."""
-    from jlora.runner.tasks import make_task
+    """Shows what a config would adapt, without training (shapes only, nothing allocated).
 
+    For a checkpoint (``model.path``) only its config is read: the parameter shapes come from
+    ``jax.eval_shape`` over the decoder, so a 7B model is summarised without its weights.
+    """
     path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
-    task = make_task(config)
+    if config.model.path is not None:
+        from jlora.runner.pretrained_lm import abstract_base, checkpoint_config
+
+        decoder, source = checkpoint_config(config.model)
+        where = (
+            config.model.path if source == config.model.path else f"{config.model.path} ({source})"
+        )
+        print(
+            f"model: {where}: {decoder.architecture}, {decoder.num_hidden_layers} layers, "
+            f"hidden {decoder.hidden_size}, vocab {decoder.vocab_size} (weights not read)"
+        )
+        base = abstract_base(decoder)
+    else:
+        from jlora.runner.tasks import make_task
+
+        print(f"model: {config.model.kind} {config.model.weights}")
+        base = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_task(config).base
+        )
     abstract = jax.eval_shape(
-        lambda: adapt(jax.random.key(0), prepare_base(config, task.base), config)
+        lambda b: adapt(jax.random.key(0), prepare_base(config, b), config), base
     )
     print(jlora.summary(abstract))
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], found {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, found {value}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -183,11 +239,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample from a run's adapted language model")
     p.add_argument("run_dir")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=_count, default=200, help="bytes to sample (>= 0)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_count,
+        default=200,
+        help="tokens to sample (>= 0; bytes for the built-in model); sampling stops at EOS",
+    )
     p.add_argument(
         "--temperature", type=_temperature, default=0.7, help="softmax temperature; 0 is greedy"
     )
+    p.add_argument(
+        "--top-k", type=_positive, default=None, help="sample among the K most likely tokens"
+    )
+    p.add_argument(
+        "--top-p", type=_probability, default=None, help="sample from the nucleus of mass P"
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send PROMPT as a user message through the model's chat template; print the answer",
+    )
     p.set_defaults(fn=cmd_generate)
     # argparse %-formats help strings: a literal percent sign is written %%.
     p = sub.add_parser("summary", help="what a config would adapt: shapes, counts, %% trainable")

