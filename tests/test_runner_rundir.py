@@ -159,3 +159,19 @@ def test_progress_is_one_line_per_log_step_when_stderr_is_not_a_terminal(
     metrics = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in metrics if "train_loss" in r]
     assert f"train_loss {logged[0]['train_loss']:.4f}" in lines[0]
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path, tiny_weights):
+    import yaml
+
+    cfg = config(tmp_path / "run", tiny_weights, 2)
+    assert prepare_run_dir(cfg) is False
+    path = tmp_path / "run" / "config.yaml"
+    mark, body = path.read_text().split("\n", 1)
+    saved = yaml.safe_load(body)
+    del saved["model"]["remat"]  # as written by a jlora that had no such key
+    path.write_text(mark + "\n" + yaml.safe_dump(saved, sort_keys=False))
+    assert prepare_run_dir(cfg) is True
+    changed = config(tmp_path / "run", tiny_weights, 2, **{"train.seed": 7})
+    with pytest.raises(ValueError, match=r"train.seed: 0 \(saved\) vs 7 \(now\)"):
+        prepare_run_dir(changed)

@@ -34,6 +34,7 @@ OWNED = (
     "results.json",
     "head.safetensors",
     "merged.safetensors",
+    "merged_hf",
     "adapter",
     "checkpoints",
     LOCK_FILE,
@@ -65,6 +66,15 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _saved(path: str) -> dict[str, Any]:
+    """The flat config saved at ``path``; keys added to jlora since then read as their defaults.
+
+    So a run saved before a new config key existed resumes, as long as the new key keeps its
+    default (which is what that run computed with).
+    """
+    return {**_flat(to_dict(RunConfig())), **_flat(read_yaml(path) or {})}
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -121,7 +131,7 @@ def config_changes(config: RunConfig) -> dict[str, list[Any]]:
     path = os.path.join(config.run_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         return {}
-    saved, now = _flat(read_yaml(path) or {}), _flat(to_dict(config))
+    saved, now = _saved(path), _flat(to_dict(config))
     return {k: [saved.get(k), now[k]] for k in sorted(RESUMABLE) if saved.get(k) != now[k]}
 
 
@@ -160,7 +170,7 @@ def prepare_run_dir(config: RunConfig) -> bool:
     path = os.path.join(run_dir, CONFIG_FILE)
     _check_dir(run_dir)
     if os.path.isfile(path):
-        saved = _flat(read_yaml(path) or {})
+        saved = _saved(path)
         now = _flat(to_dict(config))
         diff = [
             f"{k}: {saved.get(k)!r} (saved) vs {now.get(k)!r} (now)"
