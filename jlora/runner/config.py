@@ -109,8 +109,18 @@ class TrainSection:
     Attributes:
       steps: optimizer steps in total (a resumed run continues up to this).
       batch_size: sequences (or examples) per step.
-      learning_rate: peak Adam learning rate (after linear warm-up, then cosine decay).
+      learning_rate: peak Adam learning rate (after linear warm-up, then ``schedule``).
       warmup_steps: linear warm-up steps.
+      schedule: the learning rate after warm-up: ``"cosine"`` (cosine decay to
+        ``learning_rate / 10`` at ``steps``), ``"linear"`` (straight down to
+        ``learning_rate / 10`` at ``steps``) or ``"constant"`` (``learning_rate`` throughout).
+      grad_accum: micro-batches of ``batch_size`` per optimizer step. The step averages their
+        losses and gradients (a ``lax.scan``, so memory is one micro-batch's), which for a
+        per-token mean loss is the update of one batch of ``grad_accum * batch_size``.
+      weight_decay: decoupled weight decay on the adapters (AdamW, ``optax.adamw``; the decay
+        is multiplied by the learning rate); 0.0 is plain Adam.
+      clip_norm: clip the gradient (adapters and head together) to this global norm;
+        ``null`` disables clipping.
       head_learning_rate: learning rate of a classification head (``bert`` only).
       eval_every: evaluate every this many steps (and at the end).
       eval_batches: at most this many batches of validation data per evaluation.
@@ -137,6 +147,10 @@ class TrainSection:
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 20
+    schedule: str = "cosine"
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
     head_learning_rate: float = 3e-3
     eval_every: int = 100
     eval_batches: int = 4
@@ -148,6 +162,16 @@ class TrainSection:
     loraplus_lr_ratio: float = 1.0
     progress: bool = True
     keep_freed_memory: bool = True
+
+    def __post_init__(self) -> None:
+        # An optional number: the range tables below hold only plain numbers.
+        if self.clip_norm is not None and not (
+            math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ValueError(
+                f"config train.clip_norm: must be a finite number > 0 (or null for no "
+                f"clipping), found {self.clip_norm}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +236,7 @@ CHOICES = {
     "model.kind": ("llama", "bert"),
     "model.dtype": ("float32", "bfloat16"),
     "train.train_step": ("merge", "factorised"),
+    "train.schedule": ("cosine", "linear", "constant"),
     "lora.init": ("kaiming", "gaussian"),
     "lora.quantize": ("none", "int8", "nf4"),
 }
@@ -352,11 +377,15 @@ _RANGES: dict[str, tuple[float, bool]] = {
             "train.checkpoint_every",
             "train.keep_checkpoints",
             "train.log_every",
+            "train.grad_accum",
         ),
         (1, False),
     ),
     # 0 means none: no warm-up, an empty sample; numpy seeds must not be negative.
-    **dict.fromkeys(("train.warmup_steps", "train.seed", "generate.max_new_tokens"), (0, False)),
+    **dict.fromkeys(
+        ("train.warmup_steps", "train.seed", "generate.max_new_tokens", "train.weight_decay"),
+        (0, False),
+    ),
     **dict.fromkeys(
         (
             "lora.alpha",

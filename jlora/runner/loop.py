@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
@@ -32,24 +33,50 @@ from jlora.runner.tasks import Task, lora_config, make_task
 from jlora.runner.variants import adapt, adapter_optimizer, dense_model, prepare_base
 
 
+def make_schedule(config: RunConfig) -> optax.Schedule:
+    """The adapters' learning rate by step: warm-up, then ``train.schedule``.
+
+    Linear warm-up from 0 to ``train.learning_rate`` over ``train.warmup_steps``, then cosine or
+    linear decay to ``learning_rate / 10`` at ``train.steps``, or constant.
+
+    Example:
+      >>> from jlora.runner.config import apply_overrides
+      >>> cfg = apply_overrides(RunConfig(), ["train.schedule=constant", "train.steps=10"])
+      >>> round(float(make_schedule(cfg)(9)), 6), cfg.train.learning_rate
+      (0.003, 0.003)
+    """
+    t = config.train
+    lr, warm = t.learning_rate, min(t.warmup_steps, t.steps - 1)
+    if t.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warm, t.steps, lr / 10)
+    after = (
+        optax.linear_schedule(lr, lr / 10, t.steps - warm)
+        if t.schedule == "linear"
+        else optax.constant_schedule(lr)
+    )
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), after], [warm])
+
+
 def make_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """Adam with warm-up and cosine decay for the adapters, Adam for a head, clipped at norm 1.
+    """Adam(W) on the adapters by :func:`make_schedule`, Adam for a head, clipped together.
+
+    AdamW when ``train.weight_decay`` > 0; the gradient is clipped at global norm
+    ``train.clip_norm`` (``None``: unclipped).
 
     With ``train.loraplus_lr_ratio`` the adapters' Adam runs in LoRA+ groups (B faster).
     """
     t = config.train
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, min(t.warmup_steps, t.steps - 1), t.steps, t.learning_rate / 10
-    )
 
     def labels(tree: dict[str, Any]) -> dict[str, Any]:
         return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in tree.items()}
 
+    # identity() for no clipping keeps the optimizer state's structure the same either way.
+    clip = optax.identity() if t.clip_norm is None else optax.clip_by_global_norm(t.clip_norm)
     return optax.chain(
-        optax.clip_by_global_norm(1.0),
+        clip,
         optax.partition(
             {
-                "lora": adapter_optimizer(config, schedule),
+                "lora": adapter_optimizer(config, make_schedule(config)),
                 "extra": optax.adam(t.head_learning_rate),
             },
             labels,
@@ -88,6 +115,42 @@ def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
     return merged
 
 
+def accumulated_value_and_grad(loss_fn: Any) -> Any:
+    """``(trainable, base, batches, rng) -> (loss, grads)`` averaged over micro-batches.
+
+    ``batches`` stacks ``k`` micro-batches on a leading axis (every leaf of a tuple batch);
+    ``lax.scan`` runs one at a time, so memory is one micro-batch's, and returns
+    ``mean_j loss_j`` and ``mean_j ∇loss_j`` (micro-batch ``j`` draws dropout from
+    ``fold_in(rng, j)``). For a per-example mean loss this is the loss and gradient of the
+    ``k`` micro-batches concatenated.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def run(trainable: Any, base: Any, batches: Any, rng: jax.Array) -> tuple[jax.Array, Any]:
+        k = jax.tree.leaves(batches)[0].shape[0]
+
+        def body(carry: Any, xs: Any) -> tuple[Any, None]:
+            j, batch = xs
+            loss, grads = grad_fn(trainable, base, batch, jax.random.fold_in(rng, j))
+            total, sums = carry
+            return (
+                total + loss.astype(total.dtype),
+                jax.tree.map(jax.numpy.add, sums, grads),
+            ), None
+
+        zeros = jax.tree.map(jax.numpy.zeros_like, trainable)
+        start = (jax.numpy.zeros((), jax.numpy.float32), zeros)
+        (total, sums), _ = jax.lax.scan(body, start, (jax.numpy.arange(k), batches))
+        return total / k, jax.tree.map(lambda g: g / k, sums)
+
+    return run
+
+
+def _stack(batches: list[Any]) -> Any:
+    """Micro-batches (arrays or tuples of arrays) stacked on a new leading axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
 def _adapted(trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any:
     return dense_model(jlora.combine(trainable["lora"], base), cfg)
 
@@ -113,7 +176,10 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     mesh = make_mesh(config.mesh)
     if mesh is not None:
         mesh_rules(config.mesh)
-        put_batch = partial(jax.device_put, device=batch_sharding(mesh, t.batch_size))
+        sharding = batch_sharding(mesh, t.batch_size)
+        if t.grad_accum > 1:  # stacked micro-batches: the leading axis is not split
+            sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
+        put_batch = partial(jax.device_put, device=sharding)
     key = jax.random.key(t.seed)
     params = adapt(jax.random.fold_in(key, 0), prepare_base(config, task.base), config)
     lora, base = jlora.split(params)
@@ -166,7 +232,12 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             state: dict[str, Any], base: Any, batch: Any, step: jax.Array
         ) -> tuple[dict[str, Any], Any]:
             rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
-            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
+            if t.grad_accum > 1:  # batch holds grad_accum stacked micro-batches
+                loss, grads = accumulated_value_and_grad(loss_fn)(
+                    state["trainable"], base, batch, rng
+                )
+            else:
+                loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
             updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
             trainable = optax.apply_updates(state["trainable"], updates)
             new = {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
@@ -205,13 +276,26 @@ def _train(
     bar = tqdm(total=t.steps, initial=start, disable=not show_bar, desc="finetune", unit="step")
 
     def save(step: int) -> None:
-        meta = {"step": step, "data_position": step, "config": to_dict(config), "window": window}
+        # Data positions count micro-batches of batch_size; grad_accum is fixed for a run.
+        meta = {
+            "step": step,
+            "data_position": step * k,
+            "config": to_dict(config),
+            "window": window,
+        }
         with stop.critical():
             resume.save(ckpt_dir, step, state, meta, t.keep_checkpoints)
 
+    k = t.grad_accum
+
+    def batch_for(step: int) -> Any:
+        if k == 1:
+            return task.train_batch(step - 1)
+        return _stack([task.train_batch((step - 1) * k + j) for j in range(k)])
+
     tic, units = time.perf_counter(), 0
     for step in range(start + 1, t.steps + 1):
-        state, (loss, finite) = step_fn(state, base, put_batch(task.train_batch(step - 1)), step)
+        state, (loss, finite) = step_fn(state, base, put_batch(batch_for(step)), step)
         loss = float(loss)
         if not (math.isfinite(loss) and bool(finite)):
             bar.close()
@@ -220,7 +304,7 @@ def _train(
         if step == start + 1:  # throughput excludes the first step's compilation
             tic, units = time.perf_counter(), 0
         else:
-            units += task.units_per_batch
+            units += task.units_per_batch * k
         rate = units / max(time.perf_counter() - tic, 1e-9)
         bar.set_postfix(loss=f"{loss:.3f}", **{f"{task.unit}/s": f"{rate:,.0f}"})
         bar.update(1)

@@ -56,8 +56,17 @@ def dense_model(params: Any, cfg: jlora.LoraConfig) -> Any:
 
 
 def adapter_optimizer(config: RunConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Adam on the adapters; with ``train.loraplus_lr_ratio`` != 1, LoRA+ groups (B faster)."""
-    ratio = config.train.loraplus_lr_ratio
-    if ratio == 1.0:
-        return optax.adam(schedule)
-    return loraplus_partition(optax.adam(schedule), ratio)
+    """Adam on the adapters, AdamW with ``train.weight_decay`` > 0.
+
+    With ``train.loraplus_lr_ratio`` != 1, LoRA+ groups (B faster, its decay scaled alike).
+    """
+    t = config.train
+    # Plain Adam at 0 keeps the optimizer state of runs saved before weight_decay existed.
+    adam = (
+        optax.adamw(schedule, weight_decay=t.weight_decay)
+        if t.weight_decay > 0
+        else optax.adam(schedule)
+    )
+    if t.loraplus_lr_ratio == 1.0:
+        return adam
+    return loraplus_partition(adam, t.loraplus_lr_ratio)
