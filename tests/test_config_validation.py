@@ -97,3 +97,12 @@ def test_a_nan_in_a_yaml_file_names_the_key(tmp_path):
         load_config(str(path))
     with pytest.raises(ValueError, match=r"config mesh\.data: must be >= 1, found 0"):
         from_dict(RunConfig, {"mesh": {"data": 0}})
+
+
+def test_optional_float_keys_take_ints_and_null_and_refuse_text():
+    from jlora.runner.config import RunConfig, from_dict
+
+    assert from_dict(RunConfig, {"train": {"clip_norm": 1}}).train.clip_norm == 1.0
+    assert from_dict(RunConfig, {"train": {"clip_norm": None}}).train.clip_norm is None
+    with pytest.raises(TypeError, match=r"train.clip_norm: expected float or null, found 'x'"):
+        from_dict(RunConfig, {"train": {"clip_norm": "x"}})

@@ -14,6 +14,7 @@ import importlib.resources
 import math
 import os
 import re
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -257,6 +258,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return tuple(
             _coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)
         )
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(inner) < len(typing.get_args(tp)):
+            return None
+        if len(inner) == 1:  # X | None: X's coercion (an int for a float), or None
+            try:
+                return _coerce(value, inner[0], where)
+            except TypeError:
+                raise TypeError(
+                    f"config {where}: expected {_type_name(inner[0])} or null, found {value!r} "
+                    f"({type(value).__name__})"
+                ) from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
