@@ -275,7 +275,7 @@ def test_missing_model_package_names_what_to_install(monkeypatch):
 def test_model_keys_are_validated_on_load():
     with pytest.raises(ValueError, match=r"config model.dtype: expected one of \('float32', 'bf"):
         load_config(DEFAULT, ["model.dtype=float16"])
-    with pytest.raises(TypeError, match=r"config model.path: expected str \| None, found 3"):
+    with pytest.raises(TypeError, match=r"config model.path: expected str or null, found 3"):
         load_config(DEFAULT, ["model.path=3"])
 
 
