@@ -16,6 +16,7 @@ import numpy as np
 from jlora.models.llama import Llama, LlamaConfig, lm_loss
 from jlora.models.weights import load_params
 from jlora.runner.config import RunConfig
+from jlora.runner.tasks import NoHead
 from jlora.runner.text import LMBatches, decode, encode, eval_windows, load_text, split_tokens
 
 BUILTIN = "builtin:"
@@ -98,7 +99,7 @@ def _model_config(path: str, meta: dict[str, str]) -> LlamaConfig:
         ) from None
 
 
-class LanguageModelTask:
+class LanguageModelTask(NoHead):
     """Fine-tuning the byte-level Llama base on a text: next-token loss in nats per byte."""
 
     unit = "tok"
@@ -196,17 +197,3 @@ class LanguageModelTask:
             for i, p in enumerate(g.prompts)
         ]
         return {**self.evaluate(params, extra), "samples": samples}
-
-    def initial_extra(self, params: Any) -> dict[str, Any]:
-        """No head: an empty tree."""
-        del params
-        return {}
-
-    def save_extra(self, run_dir: str, extra: Any) -> None:
-        """Nothing to save: the language model trains adapters only."""
-        del run_dir, extra
-
-    def load_extra(self, run_dir: str) -> Any:
-        """No head: an empty tree."""
-        del run_dir
-        return {}

@@ -27,6 +27,7 @@ from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
 from jlora.models.tokenizer import Tokenizer
 from jlora.runner.config import ModelSection, RunConfig
+from jlora.runner.tasks import NoHead
 from jlora.runner.text import LMBatches, eval_windows, load_text, split_tokens
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,7 +87,7 @@ def _eos_ids(tokenizer: Tokenizer, config: DecoderConfig) -> tuple[int, ...]:
     return tuple(sorted({int(i) for i in found if i is not None}))
 
 
-class PretrainedLMTask:
+class PretrainedLMTask(NoHead):
     """Fine-tuning a checkpoint's decoder on a text: mean next-token cross-entropy (nats/token)."""
 
     unit = "tok"
@@ -271,17 +272,3 @@ class PretrainedLMTask:
             params, g.prompts, g.max_new_tokens, g.temperature, self.config.train.seed
         )
         return {**self.evaluate(params, extra), "samples": samples}
-
-    def initial_extra(self, params: Any) -> dict[str, Any]:
-        """No head: an empty tree."""
-        del params
-        return {}
-
-    def save_extra(self, run_dir: str, extra: Any) -> None:
-        """Nothing to save: the language model trains adapters only."""
-        del run_dir, extra
-
-    def load_extra(self, run_dir: str) -> Any:
-        """No head: an empty tree."""
-        del run_dir
-        return {}

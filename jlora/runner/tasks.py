@@ -51,6 +51,24 @@ class Task(Protocol):
         ...
 
 
+class NoHead:
+    """The :class:`Task` methods of a task that trains adapters only (no head)."""
+
+    def initial_extra(self, params: Any) -> dict[str, Any]:
+        """No head: an empty tree."""
+        del params
+        return {}
+
+    def save_extra(self, run_dir: str, extra: Any) -> None:
+        """Nothing to save: only the adapters train."""
+        del run_dir, extra
+
+    def load_extra(self, run_dir: str) -> Any:
+        """No head: an empty tree."""
+        del run_dir
+        return {}
+
+
 def make_task(config: RunConfig) -> Task:
     """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``."""
     if config.model.path is not None:
