@@ -1,6 +1,18 @@
-"""What several benchmarks share: a residual GELU MLP as a plain dict, and side-by-side timing."""
+"""What the benchmarks share: a residual GELU MLP, side-by-side timing, tables and ``--json``.
 
+Every benchmark prints its results as markdown tables through :func:`report` and, with
+``--json F``, writes them (and its raw numbers) through :func:`write_json`; ``--quick`` picks
+the sizes that ``python -m benchmarks`` runs (see ``benchmarks/__main__.py``).
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +80,104 @@ def adapter_step(apply, cfg, tx):
         return jlora.combine(optax.apply_updates(lora, updates), base), state, value
 
     return step
+
+
+# -- what every benchmark shares with the one-command runner (``python -m benchmarks``) -----------
+
+
+def medians_interleaved(
+    run: dict[str, Callable[[], Any]], rounds: int, seed: int = 0
+) -> dict[str, float]:
+    """Median seconds of each ``name: fn()``, all run once per round in a fresh random order."""
+    times: dict[str, list[float]] = {name: [] for name in run}
+    names, order = list(run), random.Random(seed)
+    for _ in range(rounds):
+        order.shuffle(names)  # no row always follows the same one (cache state, drift)
+        for name in names:
+            start = time.perf_counter()
+            jax.block_until_ready(run[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compile_timed(fn: Any, args: tuple) -> tuple[Any, dict[str, float]]:
+    """AOT-compiles ``fn(*args)``: the executable, lower and compile seconds, memory."""
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    mid = time.perf_counter()
+    compiled = lowered.compile()
+    end = time.perf_counter()
+    m = compiled.memory_analysis()
+    return compiled, {
+        "lower_s": mid - start,
+        "compile_s": end - mid,
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+    }
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table, first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        cols = (
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        return "| " + " | ".join(cols) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
+    return "\n".join([line(cells[0]), rule + "|", *(line(r) for r in cells[1:])])
+
+
+def report(
+    tables: list[dict[str, Any]],
+    name: str,
+    title: str,
+    header: list[str],
+    rows: list[list[Any]],
+    note: str = "",
+) -> None:
+    """Prints a titled markdown table and appends it to ``tables`` for ``--json``.
+
+    ``name`` is stable across sizes and devices (the renderer puts the CPU and GPU tables of
+    one name side by side); ``title`` says what was measured, sizes included.
+    """
+    print(f"\n### {title}\n\n{table(header, rows)}")
+    if note:
+        print(note)
+    cells = [[str(c) for c in row] for row in rows]
+    tables.append({"name": name, "title": title, "header": header, "rows": cells, "note": note})
+
+
+def add_runner_flags(parser: argparse.ArgumentParser, quick: dict[str, Any]) -> None:
+    """``--json F`` and ``--quick`` (the sizes ``python -m benchmarks`` runs on 2 CPU cores)."""
+    if not any("--json" in a.option_strings for a in parser._actions):
+        parser.add_argument("--json", help="also write the numbers and tables to this file")
+    sizes = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"small sizes: {sizes}")
+    parser.set_defaults(_quick=quick)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses ``argv``; under ``--quick`` the quick sizes replace defaults, not explicit flags."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**args._quick)
+        args = parser.parse_args(argv)
+    del args._quick
+    return args
+
+
+def platform() -> str:
+    return f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}, {os.cpu_count()} CPUs)"
+
+
+def write_json(path: str | None, args: argparse.Namespace, tables: list, **numbers: Any) -> None:
+    """``{"settings", "platform", "tables", **numbers}`` to ``path`` (nothing when ``None``)."""
+    if path:
+        out = {"settings": vars(args), "platform": platform(), "tables": tables, **numbers}
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)

@@ -5,17 +5,18 @@ devices for several model widths and sums the result sizes of every collective i
 HLO (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute), per device, times
 the number of times each runs (ops in a scan body run once per iteration).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/collectives.py [--json F]
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/collectives.py \\
+      [--json F] [--quick]
 """
 
 import argparse
-import json
 import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import jax
+from _common import add_runner_flags, parse, report, write_json
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 import sharded_train as st
@@ -49,12 +50,15 @@ def compile_step(mesh, cfg, mode):
     return step.lower(trainable, opt_state, base, tokens).compile(), trainable
 
 
-def main():
+QUICK = {"widths": "64,128"}
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mesh", default="2,2,2")
     parser.add_argument("--widths", default="64,128,256")
-    parser.add_argument("--json")
-    args = parser.parse_args()
+    add_runner_flags(parser, QUICK)
+    args = parse(parser, argv)
     mesh = st.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     rows = []
     for width in (int(w) for w in args.widths.split(",")):
@@ -77,22 +81,38 @@ def main():
                 "lora_all_gather": lo["all-gather"],
             }
         )
-    print(f"mesh (data, fsdp, tensor) = {args.mesh}; bytes per device per step, from compiled HLO")
-    print(
-        "| width | trainable | all collectives: full | LoRA | gradient reduction: full | LoRA "
-        "| LoRA/full |"
-    )
-    print("|" + "---:|" * 7)
+    cells = []
     for r in rows:
         mb = {k: f"{v / 1e6:.3f} MB" for k, v in r.items() if k.endswith("bytes")}
         ratio = r["lora_grad_reduce_bytes"] / r["full_grad_reduce_bytes"]
-        print(
-            f"| {r['width']} | {100 * r['trainable'] / r['params']:.2f}% "
-            f"| {mb['full_bytes']} | {mb['lora_bytes']} "
-            f"| {mb['full_grad_reduce_bytes']} | {mb['lora_grad_reduce_bytes']} | {ratio:.4f} |"
+        cells.append(
+            [
+                r["width"],
+                f"{100 * r['trainable'] / r['params']:.2f}%",
+                mb["full_bytes"],
+                mb["lora_bytes"],
+                mb["full_grad_reduce_bytes"],
+                mb["lora_grad_reduce_bytes"],
+                f"{ratio:.4f}",
+            ]
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    header = [
+        "width",
+        "trainable",
+        "all collectives: full",
+        "LoRA",
+        "gradient reduction: full",
+        "LoRA",
+        "LoRA/full",
+    ]
+    tables = []
+    title = (
+        f"Collectives: mesh (data, fsdp, tensor) = {args.mesh}, 2-layer Llama, bytes per device "
+        f"per step from the compiled HLO"
+    )
+    report(tables, "collectives", title, header, cells)
+    write_json(args.json, args, tables, rows=rows)
+    return rows
 
 
 if __name__ == "__main__":

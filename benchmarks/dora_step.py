@@ -1,17 +1,17 @@
 """DoRA train-step time vs plain LoRA, both through the factorised path (``jlora.value_and_grad``).
 
 Run: .venv/bin/python benchmarks/dora_step.py [--tokens 2048] [--d 256] [--layers 4] [--rank 8]
+    [--quick] [--json F]
 Prints each step's best time, measured side by side in one process, and the DoRA/LoRA ratio
 (PEFT users see up to 2x; the aim here is <= 1.15x).
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
-from _common import adapter_step
+from _common import adapter_step, add_runner_flags, interleaved, parse, report, write_json
 
 import jlora
 
@@ -39,15 +39,19 @@ def apply(p, x):
     return x
 
 
-def main():
-    ap = argparse.ArgumentParser()
+QUICK = {"tokens": 1024, "reps": 5}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--reps", type=int, default=20)
-    args = ap.parse_args()
+    add_runner_flags(ap, QUICK)
+    args = parse(ap, argv)
     base = model(args.d, args.layers, jax.random.key(0))
     cfg = jlora.LoraConfig(rank=args.rank, alpha=16.0)
     x = jax.random.normal(jax.random.key(1), (args.tokens // args.seq, args.seq, args.d))
@@ -56,21 +60,20 @@ def main():
     for name, init in (("lora", jlora.init_lora), ("dora", jlora.init_dora)):
         params = init(jax.random.key(2), base, cfg)
         state = tx.init(jlora.split(params)[0])
-        runs[name] = (adapter_step(apply, cfg, tx), params, state)
-    for step, params, state in runs.values():
-        jax.block_until_ready(step(params, state, x))
-    best = {name: float("inf") for name in runs}
-    for _ in range(args.reps):  # interleaved, so background load hits both alike
-        for name, (step, params, state) in runs.items():
-            t = time.perf_counter()
-            jax.block_until_ready(step(params, state, x))
-            best[name] = min(best[name], time.perf_counter() - t)
-    print(
-        f"{args.tokens} tokens, d={args.d}, {args.layers} layers, rank {args.rank}, "
-        f"{jax.devices()[0].platform}"
+        runs[name] = (adapter_step(apply, cfg, tx), (params, state, x))
+    best = interleaved(runs, args.reps)  # side by side, so background load hits both alike
+    tables = []
+    title = (
+        f"DoRA step: {args.tokens} tokens, d={args.d}, {args.layers} layers, rank {args.rank}; "
+        f"best of {args.reps} interleaved rounds"
     )
-    print(f"plain LoRA step  {best['lora'] * 1e3:8.2f} ms  1.00x")
-    print(f"DoRA step        {best['dora'] * 1e3:8.2f} ms  {best['dora'] / best['lora']:.3f}x")
+    rows = [
+        ["plain LoRA step", f"{best['lora'] * 1e3:.2f}", "1.00"],
+        ["DoRA step", f"{best['dora'] * 1e3:.2f}", f"{best['dora'] / best['lora']:.3f}"],
+    ]
+    report(tables, "dora_step", title, ["step", "ms", "x LoRA"], rows)
+    write_json(args.json, args, tables, seconds=best)
+    return best
 
 
 if __name__ == "__main__":

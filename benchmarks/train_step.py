@@ -6,12 +6,12 @@ ratio to full fine-tuning and to the limit (forward plus backward to the activat
 weight constant: no weight gradient at all). Memory is XLA's compiled ``memory_analysis()``.
 
     .venv/bin/python benchmarks/train_step.py [--json out.json] [--rounds 30] [--keep-freed-memory]
+        [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from _common import add_runner_flags, parse, report, write_json
 from flax import nnx
 
 import jlora
@@ -266,35 +267,29 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{flag}", type=int, default=default)
 
 
+QUICK = {"batch": 8, "rounds": 5, "warmup": 1}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_flags(parser)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", help="also write the numbers to this file")
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="call jlora.runner.host_memory.keep_freed_memory() first, as `jlora finetune` does",
     )
-    args = parser.parse_args(argv)
+    add_runner_flags(parser, QUICK)
+    args = parse(parser, argv)
     if args.keep_freed_memory:
         keep_freed_memory()  # before the first computation
     run, sizes = build(args)
     medians = measure(run, args.rounds, args.warmup)
     full, lim = medians["full fine-tune"], medians["limit (no weight grads)"]
     base = medians["infer: base forward"]
-    rows = {}
-    print(
-        f"GPT decoder d={args.d_model} layers={args.layers} heads={args.heads} "
-        f"seq={args.seq} batch={args.batch} rank={args.rank} f32 Adam; {sizes}; "
-        f"medians of {args.rounds} interleaved rounds after {args.warmup} warm-up"
-    )
-    print(
-        f"| {'approach':27} | {'ms':>7} | {'x full FT':>9} | {'x limit':>7} | {'x base fwd':>10} "
-        f"| {'temp MB':>7} | {'arg MB':>7} | {'out MB':>7} |"
-    )
-    print("|" + "-" * 29 + "|" + "|".join("-" * n + ":" for n in (8, 10, 8, 11, 8, 8, 8)) + "|")
+    rows, cells = {}, []
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     for name, (fn, fn_args) in run.items():
         mem = memory(fn, fn_args)
         t = medians[name]
@@ -307,17 +302,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **mem,
         }
         rows[name] = row
-        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        print(
-            f"| {name:27} | {row['ms']:7.1f} | {fmt(row['x_full']):>9} | {fmt(row['x_limit']):>7} "
-            f"| {fmt(row['x_base_forward']):>10} | {mem['temp_bytes'] / 2**20:7.1f} "
-            f"| {mem['argument_bytes'] / 2**20:7.1f} | {mem['output_bytes'] / 2**20:7.1f} |"
+        cells.append(
+            [
+                name,
+                f"{row['ms']:.1f}",
+                fmt(row["x_full"]),
+                fmt(row["x_limit"]),
+                fmt(row["x_base_forward"]),
+                f"{mem['temp_bytes'] / 2**20:.1f}",
+                f"{mem['argument_bytes'] / 2**20:.1f}",
+                f"{mem['output_bytes'] / 2**20:.1f}",
+            ]
         )
-    out = {"config": vars(args), **sizes, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-    return out
+    tables: list[dict[str, Any]] = []
+    header = ["approach", "ms", "x full FT", "x limit", "x base fwd", "temp MB", "arg MB", "out MB"]
+    title = (
+        f"Train step and inference: GPT decoder d={args.d_model}, {args.layers} layers, "
+        f"{args.heads} heads, {args.batch} x {args.seq} tokens, vocab {args.vocab}, rank "
+        f"{args.rank} on q/k/v/out/up/down ({sizes['lora_params']:,} of {sizes['params']:,} "
+        f"params), f32, Adam; medians of {args.rounds} interleaved rounds after {args.warmup} "
+        f"warm-up"
+    )
+    report(tables, "train_step", title, header, cells)
+    write_json(args.json, args, tables, **sizes, rows=rows)
+    return {"config": vars(args), **sizes, "rows": rows}
 
 
 if __name__ == "__main__":
