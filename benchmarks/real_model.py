@@ -367,6 +367,15 @@ def steps(
     return {"full": full, "lora": lora, "limit": limit}
 
 
+def split_adapted(params: Any, cfg: jlora.LoraConfig) -> tuple[Any, Any]:
+    """``(adapters, base)`` of ``params`` under ``cfg``, B non-zero so no product is skipped."""
+    p = jlora.init_lora(jax.random.key(1), params, cfg)
+    p = jax.tree.map_with_path(
+        lambda path, x: x + 0.01 if jlora.path_str(path).endswith("_lora_b") else x, p
+    )
+    return jlora.split(p)
+
+
 def step_runs(
     pre: Pretrained, batch: int, seq: int, rank: int, remat: list[bool]
 ) -> tuple[dict[str, tuple[Any, tuple]], dict[str, int]]:
@@ -374,11 +383,7 @@ def step_runs(
     cfg, tx = lora_config(rank), optax.adam(1e-4)
     params = pre.params
     tokens = jax.random.randint(jax.random.key(0), (batch, seq), 0, pre.config.vocab_size)
-    p = jlora.init_lora(jax.random.key(1), params, cfg)
-    p = jax.tree.map_with_path(  # non-zero B, so no product can be skipped
-        lambda path, x: x + 0.01 if jlora.path_str(path).endswith("_lora_b") else x, p
-    )
-    a, base = jlora.split(p)
+    a, base = split_adapted(params, cfg)
     full_state, lora_state = tx.init(params), tx.init(a)
     run = {}
     for r in remat:
@@ -509,16 +514,16 @@ def print_compile(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
 # -- main -----------------------------------------------------------------------------------------
 
 
-QUICK = {
-    "parts": "decode,step",
+QUICK = {  # the step is instruction_step.py's first table
+    "parts": "decode,compile",
     "decode_batches": "1",
     "prompt": 16,
     "new": 8,
     "decode_rounds": 2,
     "batch": 2,
     "seq": 64,
-    "rounds": 3,
-    "no_remat": True,
+    "compile_rounds": 1,
+    "compile_run_rounds": 1,
 }
 
 
