@@ -7,13 +7,13 @@
     python -m benchmarks --render             # then python -m benchmarks.render
 
 Each benchmark runs as ``python benchmarks/NAME.py ARGS --json TMP`` in a fresh process (so no
-compile cache, allocator state or XLA flag leaks from one into the next); its ``--json`` output
-(settings, markdown tables, raw numbers) goes into the results file under its name, with the
-command line and the seconds it took, beside a description of the machine, the jax version and
-the date. With ``--only`` and an existing results file, the named entries are replaced and the
-others kept. The file is rewritten after every benchmark, so an interrupted run keeps what it
-measured. A benchmark that fails is recorded with its error and the run goes on; the exit status
-is then 1.
+compile cache, allocator state or XLA flag leaks from one into the next). Its ``--json`` output
+(``settings``, ``platform``, markdown ``tables``, and its raw numbers as ``results``) goes into
+the results file under its name, with the ``command`` line and the ``seconds`` it took, beside
+a description of the machine, the package versions and the date. With ``--only`` and an
+existing results file, the named entries are replaced and the others kept. The file is
+rewritten after every benchmark, so an interrupted run keeps what it measured. A benchmark
+that fails is recorded with its error and the run goes on; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         ],
         "smoke": [
             *("--quick", "--d-model", "64", "--layers", "1", "--heads", "2", "--seq", "16"),
-            *("--batch", "2", "--vocab", "64", "--rounds", "1", "--warmup", "0"),
+            *("--batch", "2", "--vocab", "64", "--rounds", "1"),
         ],
     },
     "collectives": {
@@ -189,7 +189,8 @@ def run_one(name: str, args: list[str], device: str) -> dict[str, Any]:
             return entry | {"returncode": got.returncode, "error": "\n".join(tail)}
         result = json.loads(out.read_text())
     print(f"({name}: {entry['seconds']:.0f} s)", flush=True)
-    return entry | {"returncode": 0} | result
+    shown = {key: result.pop(key) for key in ("settings", "platform", "tables")}
+    return entry | {"returncode": 0} | shown | {"results": result}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from render import markdown as table  # one table format for the scripts and the page
 
 import jlora
 
@@ -117,21 +118,6 @@ def compile_timed(fn: Any, args: tuple) -> tuple[Any, dict[str, float]]:
     }
 
 
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table, first column left-aligned, the others right-aligned."""
-    cells = [[str(c) for c in row] for row in [header, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r: list[str]) -> str:
-        cols = (
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        return "| " + " | ".join(cols) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths))
-    return "\n".join([line(cells[0]), rule + "|", *(line(r) for r in cells[1:])])
-
-
 def report(
     tables: list[dict[str, Any]],
     name: str,
@@ -172,7 +158,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 
 
 def platform() -> str:
-    return f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}, {os.cpu_count()} CPUs)"
+    """What jax runs on, e.g. ``cpu (2 cores)`` or ``gpu (NVIDIA H200)``."""
+    d = jax.devices()[0]
+    return (
+        f"cpu ({os.cpu_count()} cores)"
+        if d.platform == "cpu"
+        else f"{d.platform} ({d.device_kind})"
+    )
 
 
 def write_json(path: str | None, args: argparse.Namespace, tables: list, **numbers: Any) -> None:
