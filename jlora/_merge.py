@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._dora import rescale
+from jlora._factorised.dora import rescale
 from jlora._layout import adapter_keys, delta, magnitude_key
 from jlora._paths import KeyPath
 from jlora._quantize import Quantized

@@ -6,12 +6,13 @@ need nothing special) into blocks of ``block_size`` values, one float32 absmax s
 and per value an int8 code (``round(127·x/absmax)``, 8 bits) or a 4-bit index into the NF4
 levels of QLoRA (Dettmers et al., 2023; two per byte). Adapters stay in float. ``jlora.lora``
 and ``jlora.value_and_grad`` take such trees as they are and dequantise each kernel where it is
-used (``_quantized_view``): inside the consuming op's ``jax.checkpoint``, so the backward pass
-keeps codes rather than dense kernels, and per layer inside a ``scan`` over a stack. With
-stacked layers (``nn.scan``) the step's temporary memory is then the float base's and only the
-stored base shrinks. In an unrolled loop over layers, XLA:CPU schedules the dequantisations,
-which read only arguments, ahead of their uses, so several dense kernels are alive at once
-(measured in ``benchmarks/qlora.py``; the README gives the XLA flag that fixes inference).
+used (``_factorised.quantized_view``): inside the consuming op's ``jax.checkpoint``, so the
+backward pass keeps codes rather than dense kernels, and per layer inside a ``scan`` over a
+stack. With stacked layers (``nn.scan``) the step's temporary memory is then the float base's
+and only the stored base shrinks. In an unrolled loop over layers, XLA:CPU schedules the
+dequantisations, which read only arguments, ahead of their uses, so several dense kernels are
+alive at once (measured in ``benchmarks/qlora.py``; the README gives the XLA flag that fixes
+inference).
 ``merge_params`` refuses quantised kernels; :func:`merge_quantized` asks how the merged kernels
 are stored.
 """

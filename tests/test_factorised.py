@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 from zoo import ZOO_NAMES, model
 
 import jlora
+from jlora._factorised import consume
 
 F32 = jnp.dtype("float32")
 
@@ -669,7 +670,7 @@ def test_eager_calls_compile_once_per_argument_structure():
 # ---- the second low-rank product: fused at small rank, a matmul above -----------------------
 
 
-@pytest.mark.parametrize("rank", [jlora._rules.FUSED_MAX_RANK, jlora._rules.FUSED_MAX_RANK + 1])
+@pytest.mark.parametrize("rank", [consume.FUSED_MAX_RANK, consume.FUSED_MAX_RANK + 1])
 def test_both_forms_of_the_low_rank_product_equal_merge_path(rank):
     cfg = jlora.LoraConfig(
         rank=rank,
@@ -693,7 +694,7 @@ def test_both_forms_of_the_low_rank_product_equal_merge_path(rank):
     # Two uses of w: x·W and x·A each. The second products (h·B, for both uses, the lookup and
     # the convolution) are elementwise up to FUSED_MAX_RANK, and matmuls above it.
     dots = _dot_shapes(jax.make_jaxpr(jlora.lora(fn, cfg))(p, x, ids).jaxpr)
-    assert len(dots) == (4 if rank <= jlora._rules.FUSED_MAX_RANK else 8), dots
+    assert len(dots) == (4 if rank <= consume.FUSED_MAX_RANK else 8), dots
 
 
 def test_forward_mode_and_hessian_vector_products_equal_merge_path():

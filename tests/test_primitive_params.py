@@ -12,8 +12,8 @@ from jax import lax
 from packaging.specifiers import SpecifierSet
 
 import jlora
-from jlora import _interpret
-from jlora._primitive_params import TESTED_JAX, PrimitiveParams, scan_operand_counts
+from jlora import _factorised
+from jlora._factorised.primitive_params import TESTED_JAX, PrimitiveParams, scan_operand_counts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_a_rule_reading_a_renamed_parameter_fails_clearly():
     v = types.SimpleNamespace()  # never reached: the parameter is read first
     eqn = _eqn("concatenate", {"axis": 0})
     with pytest.raises(RuntimeError, match=r"no parameter 'dimension' \(it has: axis\)"):
-        _interpret.RULES["concatenate"](None, eqn, [v])
+        _factorised.RULES["concatenate"](None, eqn, [v])
 
 
 def test_scan_counts_old_and_new_layouts():

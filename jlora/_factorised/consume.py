@@ -10,7 +10,6 @@ array, and at small rank the second one is elementwise, fused into the sum with 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -20,38 +19,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.extend import core
 
-from jlora._dora import input_scale, output_scale, split_magnitude
-from jlora._lazy import LoraValue, Unsupported
-from jlora._quantized_view import use
-
-
-@dataclasses.dataclass
-class Dropout:
-    """LoRA dropout state for one interpretation: rate, key, and a per-use counter."""
-
-    rate: float = 0.0
-    key: Any = None
-    count: int = 0
-
-    def next_key(self) -> Any:
-        """A fresh key for the next use (fold in a trace-time counter: stable across runs)."""
-        self.count += 1
-        return jax.random.fold_in(self.key, self.count)
-
-    def child(self, index: Any) -> Dropout:
-        """The state inside a loop body, whose key also depends on the iteration ``index``."""
-        if self.key is None:
-            return Dropout()
-        return Dropout(self.rate, jax.random.fold_in(self.next_key(), index))
-
-    def apply(self, x: jax.Array) -> jax.Array:
-        """Inverted dropout on ``x`` (identity when off)."""
-        if self.key is None or self.rate == 0.0:
-            return x
-        keep = jax.random.bernoulli(self.next_key(), 1.0 - self.rate, x.shape)
-        return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
-
+from jlora._factorised.dora import input_scale, output_scale, split_magnitude
+from jlora._factorised.dropout import Dropout
+from jlora._factorised.primitive_params import PrimitiveParams
+from jlora._factorised.quantized_view import use
+from jlora._factorised.rule import Context, Unsupported, register
+from jlora._factorised.value import LoraValue
 
 # Up to this rank the second low-rank product runs as elementwise multiply-adds (`_widen`);
 # above it, as a matmul. On XLA:CPU at T=2048, `gelu(x·W + h·B)` with out 256 or 1024 took
@@ -232,6 +207,12 @@ def dot_general(drop: Dropout, params: Mapping[str, Any], lhs: Any, rhs: Any) ->
     return base + y.astype(base.dtype)
 
 
+@register("dot_general")
+def dot_general_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """``x·W + s·((x·A)·B)`` for products and einsums (also ``x·Wᵀ``, and per stack entry)."""
+    return [dot_general(ctx.dropout, PrimitiveParams(eqn), *invals)]
+
+
 def conv(drop: Dropout, params: Mapping[str, Any], x: Any, v: Any) -> jax.Array:
     """``conv_general_dilated`` with an adapted kernel: ``conv(x, W) + s·conv(x, A)·B``.
 
@@ -278,6 +259,12 @@ def conv(drop: Dropout, params: Mapping[str, Any], x: Any, v: Any) -> jax.Array:
     return base + y.astype(base.dtype)
 
 
+@register("conv_general_dilated")
+def conv_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """``conv(x, W) + s·conv(x, A)·B``, grouped and depthwise convolutions included."""
+    return [conv(ctx.dropout, PrimitiveParams(eqn), *invals)]
+
+
 def _offset_axis(dn: Any, ndim: int, axis: int) -> int:
     """The output position of operand axis ``axis`` in a gather (it must be an offset axis)."""
     skipped = set(dn.collapsed_slice_dims) | set(getattr(dn, "operand_batching_dims", ()))
@@ -316,3 +303,9 @@ def gather(params: Mapping[str, Any], v: Any, indices: Any) -> jax.Array:
     if mag is not None:
         out = out * mag.reshape([-1 if d == pos else 1 for d in range(out.ndim)]).astype(out.dtype)
     return out
+
+
+@register("gather")
+def gather_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """``W[ids] + s·A[ids]·B`` for embedding lookups (no dropout: the input is an index)."""
+    return [gather(PrimitiveParams(eqn), *invals)]

@@ -12,9 +12,8 @@ that one use of the kernel is merged (``W + s·A·B``) with a warning.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -23,33 +22,14 @@ from jax import lax
 from jax.extend import core
 from jax.sharding import PartitionSpec
 
-from jlora import _lazy, _rules
-from jlora._lazy import LoraValue, Unsupported
-from jlora._primitive_params import PrimitiveParams, scan_operand_counts
-from jlora._quantized_view import dense, per_layer, then
-
-
-@dataclasses.dataclass
-class Context:
-    """What one interpretation needs besides the jaxpr: the fallback policy and dropout."""
-
-    on_unsupported: str
-    dropout: _rules.Dropout
-
-    def child(self, index: Any) -> Context:
-        """The context of a loop body (dropout keys vary with the iteration ``index``)."""
-        return Context(self.on_unsupported, self.dropout.child(index))
+from jlora._factorised.primitive_params import PrimitiveParams, scan_operand_counts
+from jlora._factorised.quantized_view import dense, per_layer
+from jlora._factorised.rule import RULES, Context, Rule, Unsupported, bind, register
+from jlora._factorised.value import LoraValue
 
 
 def _is_lazy(x: Any) -> bool:
     return isinstance(x, LoraValue)
-
-
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _message(prim: str, v: LoraValue, reason: str) -> str:
@@ -80,11 +60,13 @@ def concrete(vals: Sequence[Any], ctx: Context, prim: str) -> list[Any]:
     return out
 
 
-def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
+def interpret(
+    jaxpr: core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context
+) -> list[Any]:
     """Evaluates ``jaxpr`` on ``args`` (plain arrays or :class:`LoraValue`)."""
-    env: dict[Any, Any] = {}
+    env: dict[core.Var, Any] = {}
 
-    def read(v: Any) -> Any:
+    def read(v: core.Var | core.Literal) -> Any:
         return v.val if isinstance(v, core.Literal) else env[v]
 
     env.update(zip(jaxpr.constvars, consts, strict=True))
@@ -92,7 +74,7 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if not any(_is_lazy(v) for v in invals):
-            outs = _bind(eqn, invals)
+            outs = bind(eqn, invals)
         else:
             name = eqn.primitive.name
             try:
@@ -104,7 +86,7 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
                 first = next(v for v in invals if _is_lazy(v))
                 if ctx.on_unsupported == "raise":
                     raise ValueError(_message(name, first, str(err))) from None
-                outs = _bind(eqn, concrete(invals, ctx, name))
+                outs = bind(eqn, concrete(invals, ctx, name))
         env.update(zip(eqn.outvars, outs, strict=True))
     return [read(v) for v in jaxpr.outvars]
 
@@ -141,15 +123,23 @@ def _pack(vals: Sequence[Any]) -> tuple[list[Any], Callable[..., list[Any]]]:
     return arrays, unpack
 
 
-def _inline(key: str) -> Callable[[Context, Any, list[Any]], list[Any]]:
-    def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+def _inline(key: str) -> Rule:
+    def rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
         closed = PrimitiveParams(eqn)[key]
         return interpret(closed.jaxpr, closed.consts, invals, ctx)
 
+    rule.__doc__ = f"Interprets the body (``{key}``) inline, kernels still factorised."
     return rule
 
 
-def _remat(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+register("jit", "pjit")(_inline("jaxpr"))
+# A custom derivative rule was written for a dense W: its body is differentiated instead.
+register("closed_call", "custom_jvp_call", "custom_vjp_call")(_inline("call_jaxpr"))
+
+
+@register("remat2", "checkpoint")
+def _remat(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Interprets the body inside ``jax.checkpoint`` with the same policy; W, A, B as inputs."""
     arrays, unpack = _pack(invals)
     p = PrimitiveParams(eqn)
 
@@ -160,7 +150,9 @@ def _remat(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*arrays))
 
 
-def _scan(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+@register("scan")
+def _scan(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Scans W, A and B over a ``stack`` axis (stacked layers); a kernel in the carry is refused."""
     p = PrimitiveParams(eqn)
     nc, ncar = scan_operand_counts(p)
     consts, init, xs = invals[:nc], invals[nc : nc + ncar], invals[nc + ncar :]
@@ -191,7 +183,9 @@ def _scan(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     return [*carry, *ys]
 
 
-def _while(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+@register("while")
+def _while(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Interprets condition and body with loop-constant kernels; refused in the carry."""
     p = PrimitiveParams(eqn)
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
     cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
@@ -211,7 +205,9 @@ def _while(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
     return list(lax.while_loop(cond, body, (jnp.int32(0), *init)))[1:]
 
 
-def _cond(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+@register("cond")
+def _cond(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Interprets each branch (``cond``, ``switch``) with the kernels closed over."""
     index, ops = invals[0], invals[1:]
     plain = [v for v in ops if not _is_lazy(v)]
 
@@ -231,7 +227,9 @@ def _spec(spec: Any, ndim: int) -> list[Any]:
     return entries + [None] * (ndim - len(entries))
 
 
-def _shard_map(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
+@register("shard_map")
+def _shard_map(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Interprets the body per shard; A and B are sharded like W's ``in`` and ``out`` axes."""
     p = PrimitiveParams(eqn)
     # The kernel's in_spec describes the dense layout: a quantised base enters dequantised.
     invals = [v.replace(w=dense(v.w)) if _is_lazy(v) else v for v in invals]
@@ -262,78 +260,3 @@ def _shard_map(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
         check_vma=p["check_vma"],
     )
     return list(fn(*arrays))
-
-
-def _move(fn: Callable[..., LoraValue]) -> Callable[[Context, Any, list[Any]], list[Any]]:
-    def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-        v, *rest = invals
-        if not _is_lazy(v) or any(_is_lazy(r) for r in rest):
-            raise Unsupported("an adapted kernel used as an operand other than the array moved")
-        return [fn(v, PrimitiveParams(eqn), rest)]
-
-    return rule
-
-
-def _on_w(v: LoraValue, eqn: Any, rest: list[Any]) -> LoraValue:
-    return v.replace(w=then(v.w, lambda w: _bind(eqn, [w, *rest])[0]))
-
-
-def _reshape(v: LoraValue, p: Mapping[str, Any], _: list[Any]) -> LoraValue:
-    if p.get("dimensions") is not None:
-        raise Unsupported("a reshape with a dimension permutation")
-    return _lazy.reshape(v, p["new_sizes"])
-
-
-def _broadcast(v: LoraValue, p: Mapping[str, Any], _: list[Any]) -> LoraValue:
-    if list(p["broadcast_dimensions"]) != sorted(p["broadcast_dimensions"]):
-        raise Unsupported("a broadcast that permutes the kernel's axes")
-    return _lazy.broadcast_in_dim(v, p["shape"])
-
-
-def _on_w_rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    v, *rest = invals
-    if not _is_lazy(v) or any(_is_lazy(r) for r in rest):
-        raise Unsupported("an adapted kernel used as an operand other than the array moved")
-    return [_on_w(v, eqn, rest)]
-
-
-def _concatenate(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-    return [_lazy.concatenate(invals, PrimitiveParams(eqn)["dimension"])]
-
-
-def _consume(fn: Callable[..., Any]) -> Callable[[Context, Any, list[Any]], list[Any]]:
-    def rule(ctx: Context, eqn: Any, invals: list[Any]) -> list[Any]:
-        return [fn(ctx.dropout, PrimitiveParams(eqn), *invals)]
-
-    return rule
-
-
-RULES: dict[str, Callable[[Context, Any, list[Any]], list[Any]]] = {
-    "convert_element_type": _on_w_rule,
-    "copy": _on_w_rule,
-    "copy_p": _on_w_rule,
-    "sharding_constraint": _on_w_rule,
-    "transpose": _move(lambda v, p, _: _lazy.transpose(v, p["permutation"])),
-    "reshape": _move(_reshape),
-    "squeeze": _move(lambda v, p, _: _lazy.squeeze(v, p["dimensions"])),
-    "broadcast_in_dim": _move(_broadcast),
-    "slice": _move(
-        lambda v, p, _: _lazy.slice_(v, p["start_indices"], p["limit_indices"], p["strides"])
-    ),
-    "dynamic_slice": _move(lambda v, p, rest: _lazy.dynamic_slice(v, rest, p["slice_sizes"])),
-    "concatenate": _concatenate,
-    "dot_general": _consume(_rules.dot_general),
-    "conv_general_dilated": _consume(_rules.conv),
-    "gather": lambda ctx, eqn, invals: [_rules.gather(PrimitiveParams(eqn), *invals)],
-    "jit": _inline("jaxpr"),
-    "pjit": _inline("jaxpr"),
-    "closed_call": _inline("call_jaxpr"),
-    "custom_jvp_call": _inline("call_jaxpr"),
-    "custom_vjp_call": _inline("call_jaxpr"),
-    "remat2": _remat,
-    "checkpoint": _remat,
-    "scan": _scan,
-    "while": _while,
-    "cond": _cond,
-    "shard_map": _shard_map,
-}

@@ -3,7 +3,7 @@
 The wrapped function is traced once per call with the adapted kernels' base ``W`` in place
 (so it sees exactly the tree structure it was written for), and the resulting jaxpr is
 interpreted with each adapted kernel carried symbolically until the primitive that consumes
-it, which then computes ``x·W + s·((x·A)·B)`` (see ``_interpret`` and ``_rules``). No W-sized
+it, which then computes ``x·W + s·((x·A)·B)`` (see ``interpret`` and ``consume``). No W-sized
 weight and, when only adapters are differentiated, no W-sized gradient is ever formed.
 """
 
@@ -16,17 +16,18 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey, SequenceKey
 
-from jlora import _rules
 from jlora._config import LoraConfig
-from jlora._dora import with_magnitude
-from jlora._eager import compile_eager, is_input
-from jlora._interpret import Context, concrete, interpret
-from jlora._lazy import LoraValue
+from jlora._factorised.dora import with_magnitude
+from jlora._factorised.dropout import Dropout
+from jlora._factorised.eager import compile_eager, is_input
+from jlora._factorised.interpret import concrete, interpret
+from jlora._factorised.quantized_view import view
+from jlora._factorised.rule import Context
+from jlora._factorised.value import LoraValue
 from jlora._partition import combine, split
 from jlora._paths import KeyPath
 from jlora._quantize import dequantize
 from jlora._quantized import is_quantized
-from jlora._quantized_view import view
 from jlora._resolve import resolve_sites
 
 ON_UNSUPPORTED = ("raise", "merge")
@@ -34,7 +35,7 @@ ON_UNSUPPORTED = ("raise", "merge")
 
 def _check_options(
     config: LoraConfig, on_unsupported: str, dropout_rng: Any, deterministic: bool
-) -> _rules.Dropout:
+) -> Dropout:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"jlora.lora expects a LoraConfig; got {type(config).__name__}")
     if on_unsupported not in ON_UNSUPPORTED:
@@ -42,13 +43,13 @@ def _check_options(
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a Python bool; got {deterministic!r}")
     if deterministic or config.dropout == 0.0:
-        return _rules.Dropout()
+        return Dropout()
     if dropout_rng is None:
         raise ValueError(
             f"LoRA dropout {config.dropout} is on (deterministic=False) but no dropout_rng was "
             "given; pass dropout_rng=<a PRNG key, new each step>, or deterministic=True for eval"
         )
-    return _rules.Dropout(config.dropout, dropout_rng)
+    return Dropout(config.dropout, dropout_rng)
 
 
 def _dense_shape(leaf: Any) -> Any:
@@ -165,13 +166,13 @@ def lora(
                 # A quantised kernel without adapters is used as a plain dense array.
                 inputs.append(leaf.dequantize() if is_quantized(leaf) else leaf)
                 continue
-            # A QLoRA base stays quantised until the rule that consumes it (see _quantized_view).
+            # A QLoRA base stays quantised until the rule that consumes it (see quantized_view).
             w = view(leaf) if is_quantized(leaf) else leaf
             value = LoraValue(
                 w, adapted.site.a, adapted.site.b, adapted.roles, adapted.scale, adapted.site.name
             )
             inputs.append(with_magnitude(value, adapted.site.m))
-        ctx = Context(on_unsupported, _rules.Dropout(dropout.rate, dropout.key))
+        ctx = Context(on_unsupported, Dropout(dropout.rate, dropout.key))
         outs = concrete(interpret(closed.jaxpr, closed.consts, inputs, ctx), ctx, "output")
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 

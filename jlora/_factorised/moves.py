@@ -1,73 +1,44 @@
-"""A symbolic adapted kernel ``W + s·A·B`` carried through the ops that only move it.
+"""The moves of an adapted kernel: ops that change its view but not its low-rank form.
 
-While :func:`jlora.lora` interprets a traced function, an adapted kernel is never materialised.
-It is a :class:`LoraValue`: the concrete ``w`` (the base kernel, already moved by every op
-seen so far, so the base computation is exactly the original one), the factors ``a`` and ``b``,
-the scale, and one role per axis of the current view of the kernel.
-
-Invariant (the same as ``_layout``'s, applied to the current view): ``a`` is
-``stack + in + (r,)`` and ``b`` is ``stack + (r,) + out``, each group's axes in the order they
-have in the view. Moving ops (casts, transposes, group-preserving reshapes, slices of stack
-axes) keep the invariant by permuting or reshaping inside a group of ``a`` and ``b``; the
-factors keep their own dtype until a consuming rule casts them to the compute dtype.
+Casts, copies and sharding constraints act on ``w`` alone. Transposes, group-preserving
+reshapes (``squeeze`` and ``expand_dims`` among them), static and traced slices of ``stack``
+axes, and concatenations move ``w`` and permute, reshape, slice or join the matching groups of
+``a`` (``stack + in + (r,)``) and ``b`` (``stack + (r,) + out``), so the invariant of
+:class:`~jlora._factorised.value.LoraValue` holds after every move. A move that would mix two
+axis roles (a reshape merging ``in`` and ``out`` axes, a slice of an ``in`` axis) is
+:class:`~jlora._factorised.rule.Unsupported`. Each move's rule is registered beside it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core
 
-from jlora._dora import dense_kernel
-from jlora._layout import ROLES, axes_of, delta
-from jlora._quantized_view import dense, then
+from jlora._factorised.primitive_params import PrimitiveParams
+from jlora._factorised.quantized_view import dense, then
+from jlora._factorised.rule import Context, Unsupported, bind, register
+from jlora._factorised.value import LoraValue
+from jlora._layout import ROLES, axes_of
 
 
-class Unsupported(Exception):
-    """Raised by a rule that cannot keep an adapted kernel factorised; says why."""
+def _moved(invals: list[Any]) -> tuple[LoraValue, list[Any]]:
+    """The moved kernel and the op's other operands, which must all be plain arrays."""
+    v, *rest = invals
+    if not isinstance(v, LoraValue) or any(isinstance(r, LoraValue) for r in rest):
+        raise Unsupported("an adapted kernel used as an operand other than the array moved")
+    return v, rest
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraValue:
-    """An adapted kernel in factorised form: ``w + scale * (a contracted with b)``."""
-
-    w: Any  # a dense array, or a QLoRA base still quantised (a ``QuantizedView``)
-    a: Any
-    b: Any
-    roles: tuple[str, ...]
-    scale: float
-    name: str
-    dora: bool = False  # DoRA: the magnitude rides in the last rank slot of B (see _dora)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the current view of the kernel."""
-        return tuple(self.w.shape)
-
-    def group(self, role: str) -> tuple[int, ...]:
-        """View axes that have ``role``, in view order."""
-        return axes_of(self.roles, role)
-
-    def replace(self, **changes: Any) -> LoraValue:
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
-    def materialise(self) -> jax.Array:
-        """``w + s·A·B`` as a dense array in the view's layout and ``w``'s dtype."""
-        if self.dora:
-            return dense_kernel(self)
-        w = dense(self.w)
-        wide = jnp.promote_types(w.dtype, self.a.dtype)
-        d = delta(self.a, self.b, self.roles, self.scale)
-        return (w.astype(wide) + d.astype(wide)).astype(w.dtype)
-
-    def parts(self) -> tuple[Any, Any, Any]:
-        """The three arrays, for passing through a higher-order primitive."""
-        return self.w, self.a, self.b
+@register("convert_element_type", "copy", "copy_p", "sharding_constraint")
+def on_w(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Applies the op to ``w`` only (a cast, a copy, a sharding constraint); A and B unchanged."""
+    v, rest = _moved(invals)
+    return [v.replace(w=then(v.w, lambda w: bind(eqn, [w, *rest])[0]))]
 
 
 def _group_perm(roles: Sequence[str], perm: Sequence[int], role: str) -> list[int]:
@@ -87,6 +58,13 @@ def transpose(v: LoraValue, perm: Sequence[int]) -> LoraValue:
         b=jnp.transpose(v.b, b_perm),
         roles=tuple(v.roles[p] for p in perm),
     )
+
+
+@register("transpose")
+def transpose_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Permutes ``w``, and A's and B's axes within each role group."""
+    v, _ = _moved(invals)
+    return [transpose(v, PrimitiveParams(eqn)["permutation"])]
 
 
 def _new_roles(roles: Sequence[str], shape: Sequence[int], new: Sequence[int]) -> list[str]:
@@ -148,10 +126,27 @@ def reshape(v: LoraValue, new_shape: Sequence[int]) -> LoraValue:
     )
 
 
+@register("reshape")
+def reshape_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Reshapes ``w`` and each role group of A and B; refused if a new axis mixes two roles."""
+    v, _ = _moved(invals)
+    p = PrimitiveParams(eqn)
+    if p.get("dimensions") is not None:
+        raise Unsupported("a reshape with a dimension permutation")
+    return [reshape(v, p["new_sizes"])]
+
+
 def squeeze(v: LoraValue, dimensions: Sequence[int]) -> LoraValue:
     """The kernel with size-1 axes removed, from ``w`` and from the factor that holds them."""
     drop = set(dimensions)
     return reshape(v, [n for i, n in enumerate(v.shape) if i not in drop])
+
+
+@register("squeeze")
+def squeeze_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Drops size-1 axes from ``w`` and from the factor that holds each."""
+    v, _ = _moved(invals)
+    return [squeeze(v, PrimitiveParams(eqn)["dimensions"])]
 
 
 def _stack_only(v: LoraValue, full: Sequence[bool], what: str) -> None:
@@ -187,6 +182,14 @@ def slice_(v: LoraValue, start: Sequence[int], limit: Sequence[int], strides: An
     )
 
 
+@register("slice")
+def slice_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Slices ``stack`` axes of ``w``, A and B statically; other axes must be taken whole."""
+    v, _ = _moved(invals)
+    p = PrimitiveParams(eqn)
+    return [slice_(v, p["start_indices"], p["limit_indices"], p["strides"])]
+
+
 def dynamic_slice(v: LoraValue, starts: Sequence[Any], sizes: Sequence[int]) -> LoraValue:
     """A traced-index slice of stack axes (``w[i]`` in a Python loop over layers)."""
     _stack_only(v, [s == n for s, n in zip(sizes, v.shape, strict=True)], "a dynamic slice")
@@ -201,11 +204,28 @@ def dynamic_slice(v: LoraValue, starts: Sequence[Any], sizes: Sequence[int]) -> 
     )
 
 
+@register("dynamic_slice")
+def dynamic_slice_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Slices ``stack`` axes at traced indices (``w[i]`` in a Python loop over layers)."""
+    v, starts = _moved(invals)
+    return [dynamic_slice(v, starts, PrimitiveParams(eqn)["slice_sizes"])]
+
+
 def broadcast_in_dim(v: LoraValue, shape: Sequence[int]) -> LoraValue:
     """``expand_dims`` spelled as a broadcast: only inserting size-1 axes is allowed."""
     if math.prod(shape) != math.prod(v.shape):
         raise Unsupported(f"broadcasting the kernel from {v.shape} to {tuple(shape)}")
     return reshape(v, shape)
+
+
+@register("broadcast_in_dim")
+def broadcast_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Inserts size-1 axes (``expand_dims``); a broadcast that copies or permutes is refused."""
+    v, _ = _moved(invals)
+    p = PrimitiveParams(eqn)
+    if list(p["broadcast_dimensions"]) != sorted(p["broadcast_dimensions"]):
+        raise Unsupported("a broadcast that permutes the kernel's axes")
+    return [broadcast_in_dim(v, p["shape"])]
 
 
 def _factors(part: Any, like: LoraValue) -> tuple[Any, Any, Any]:
@@ -265,3 +285,9 @@ def concatenate(parts: Sequence[Any], dimension: int) -> LoraValue:
     names = [p.name for p in parts if isinstance(p, LoraValue)]
     w = jax.lax.concatenate(list(ws), dimension)
     return like.replace(w=w, a=a, b=b, scale=1.0, name=" + ".join(names))
+
+
+@register("concatenate")
+def concatenate_rule(ctx: Context, eqn: core.JaxprEqn, invals: list[Any]) -> list[Any]:
+    """Joins kernels along one axis at rank r₁ + r₂ (plain arrays join at rank 0)."""
+    return [concatenate(invals, PrimitiveParams(eqn)["dimension"])]
