@@ -59,7 +59,7 @@ def test_accumulated_gradient_equals_the_gradient_of_the_concatenated_batch(tiny
     micro = [task.train_batch(0), task.train_batch(1)]
     rng = jax.random.key(1)
 
-    loss, grads = jax.jit(accumulated_value_and_grad(loss_fn))(
+    loss, grads = jax.jit(accumulated_value_and_grad(loss_fn, task.batch_weight))(
         trainable, base, np.stack(micro), rng
     )
     want_loss, want = jax.jit(jax.value_and_grad(loss_fn))(

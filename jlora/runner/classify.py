@@ -22,6 +22,7 @@ from jlora.models.weights import load_params, save_params
 from jlora.models.wordpiece import WordPiece
 from jlora.runner.config import DataSection, RunConfig
 from jlora.runner.stdlib_text import stdlib_docstrings
+from jlora.runner.tasks import FixedBatches
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 PACKAGE = "package:"
@@ -134,7 +135,7 @@ def load_examples(data: DataSection, seed: int) -> tuple[list[str], list[int], l
     return [t for t, _ in pairs], [y for _, y in pairs], names
 
 
-class ClassificationTask:
+class ClassificationTask(FixedBatches):
     """LoRA on a BERT encoder plus a trainable linear head; cross-entropy, accuracy."""
 
     unit = "ex"
@@ -147,6 +148,7 @@ class ClassificationTask:
         self.tokenizer = WordPiece(os.path.join(self.dir, "vocab.txt"))
         self.model = Bert(self.bert_config)
         self.units_per_batch = config.train.batch_size
+        self.data_stats: dict[str, Any] = {}
 
     @functools.cached_property
     def data(self) -> dict[str, Any]:

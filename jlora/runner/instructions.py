@@ -336,6 +336,7 @@ def pack(
     *,
     overflow: Literal["truncate", "error"] = "error",
     pad_id: int = 0,
+    per_row: int | None = None,
 ) -> Packed:
     """Greedily packs ``(ids, loss_mask)`` examples into rows of ``seq_len`` tokens.
 
@@ -349,13 +350,16 @@ def pack(
       overflow: an example longer than ``seq_len`` is cut to its first ``seq_len`` tokens
         (``"truncate"``, counted in :attr:`Packed.truncated`) or refused (``"error"``).
       pad_id: token id written into padding.
+      per_row: at most this many examples per row (1 gives padded, unpacked rows); ``None``
+        packs as many as fit.
 
     Returns:
       A :class:`Packed` with ``[rows, seq_len]`` arrays.
 
     Raises:
-      ValueError: for ``seq_len < 2``, an unknown ``overflow``, an empty example, ids and
-        mask of different lengths, or an example too long under ``overflow="error"``.
+      ValueError: for ``seq_len < 2``, ``per_row < 1``, an unknown ``overflow``, an empty
+        example, ids and mask of different lengths, or an example too long under
+        ``overflow="error"``.
 
     Example:
       >>> import numpy as np
@@ -370,6 +374,8 @@ def pack(
         raise ValueError(f"seq_len must be at least 2 (a token and its target); got {seq_len}")
     if overflow not in ("truncate", "error"):
         raise ValueError(f'overflow must be "truncate" or "error"; got {overflow!r}')
+    if per_row is not None and per_row < 1:
+        raise ValueError(f"per_row must be at least 1 (or None to fill rows); got {per_row}")
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
     used = seq_len  # forces a first row
     truncated = 0
@@ -388,7 +394,7 @@ def pack(
                 )
             truncated += len(ids) - seq_len
             ids, mask = ids[:seq_len], mask[:seq_len]
-        if used + len(ids) > seq_len:
+        if used + len(ids) > seq_len or (per_row is not None and len(rows[-1]) >= per_row):
             rows.append([])
             used = 0
         rows[-1].append((ids, mask))

@@ -16,7 +16,7 @@ import numpy as np
 from jlora.models.llama import Llama, LlamaConfig, lm_loss
 from jlora.models.weights import load_params
 from jlora.runner.config import RunConfig
-from jlora.runner.tasks import NoHead
+from jlora.runner.tasks import FixedBatches, NoHead
 from jlora.runner.text import LMBatches, decode, encode, eval_windows, load_text, split_tokens
 
 BUILTIN = "builtin:"
@@ -99,7 +99,7 @@ def _model_config(path: str, meta: dict[str, str]) -> LlamaConfig:
         ) from None
 
 
-class LanguageModelTask(NoHead):
+class LanguageModelTask(FixedBatches, NoHead):
     """Fine-tuning the byte-level Llama base on a text: next-token loss in nats per byte."""
 
     unit = "tok"
@@ -135,6 +135,7 @@ class LanguageModelTask(NoHead):
 
         self._eval_loss = jax.jit(eval_loss)
         self.units_per_batch = batch * seq
+        self.data_stats: dict[str, Any] = {}
 
     def loss(self, params: Any, extra: Any, batch: jax.Array) -> jax.Array:
         """Mean next-token cross-entropy of ``batch`` ``[b, seq + 1]``."""

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -25,10 +25,12 @@ import jlora
 from jlora._quantized import is_quantized
 from jlora.runner import resume, rundir
 from jlora.runner.config import RunConfig, to_dict
+from jlora.runner.instruction_data import describe
 from jlora.runner.interrupt import StopRequest
 from jlora.runner.mesh import batch_sharding, make_mesh, shard_state
 from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
+from jlora.runner.sinks import MetricSinks, check_sinks
 from jlora.runner.tasks import Task, lora_config, make_task
 from jlora.runner.variants import adapt, adapter_optimizer, dense_model, prepare_base
 
@@ -115,14 +117,15 @@ def make_loss(task: Task, cfg: jlora.LoraConfig, mode: str) -> Any:
     return merged
 
 
-def accumulated_value_and_grad(loss_fn: Any) -> Any:
-    """``(trainable, base, batches, rng) -> (loss, grads)`` averaged over micro-batches.
+def accumulated_value_and_grad(loss_fn: Any, weight_fn: Any) -> Any:
+    """``(trainable, base, batches, rng) -> (loss, grads)`` over stacked micro-batches.
 
-    ``batches`` stacks ``k`` micro-batches on a leading axis (every leaf of a tuple batch);
-    ``lax.scan`` runs one at a time, so memory is one micro-batch's, and returns
-    ``mean_j loss_j`` and ``mean_j ∇loss_j`` (micro-batch ``j`` draws dropout from
-    ``fold_in(rng, j)``). For a per-example mean loss this is the loss and gradient of the
-    ``k`` micro-batches concatenated.
+    ``batches`` stacks ``k`` micro-batches on a leading axis (every leaf of a tuple or dict
+    batch); ``lax.scan`` runs one at a time, so memory is one micro-batch's. Micro-batch ``j``
+    draws dropout from ``fold_in(rng, j)`` and counts ``w_j = weight_fn(batch_j)`` (the tokens
+    or examples its mean loss averages over), and the result is ``Σ w_j·loss_j / Σ w_j`` and
+    the same mean of the gradients: the loss and gradient of the ``k`` micro-batches
+    concatenated, whatever each one holds.
     """
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -132,16 +135,21 @@ def accumulated_value_and_grad(loss_fn: Any) -> Any:
         def body(carry: Any, xs: Any) -> tuple[Any, None]:
             j, batch = xs
             loss, grads = grad_fn(trainable, base, batch, jax.random.fold_in(rng, j))
-            total, sums = carry
+            w = jax.numpy.asarray(weight_fn(batch), jax.numpy.float32)
+            total, sums, weights = carry
             return (
-                total + loss.astype(total.dtype),
-                jax.tree.map(jax.numpy.add, sums, grads),
+                total + w * loss.astype(total.dtype),
+                jax.tree.map(lambda s, g: s + w * g, sums, grads),
+                weights + w,
             ), None
 
         zeros = jax.tree.map(jax.numpy.zeros_like, trainable)
-        start = (jax.numpy.zeros((), jax.numpy.float32), zeros)
-        (total, sums), _ = jax.lax.scan(body, start, (jax.numpy.arange(k), batches))
-        return total / k, jax.tree.map(lambda g: g / k, sums)
+        f32 = jax.numpy.zeros((), jax.numpy.float32)
+        (total, sums, weights), _ = jax.lax.scan(
+            body, (f32, zeros, f32), (jax.numpy.arange(k), batches)
+        )
+        weights = jax.numpy.where(weights > 0, weights, 1.0)  # nothing to learn: zero update
+        return total / weights, jax.tree.map(lambda g: (g / weights).astype(g.dtype), sums)
 
     return run
 
@@ -155,6 +163,48 @@ def _adapted(trainable: dict[str, Any], base: Any, cfg: jlora.LoraConfig) -> Any
     return dense_model(jlora.combine(trainable["lora"], base), cfg)
 
 
+def _initial_state(
+    lora: Any, extra: Any, tx: optax.GradientTransformation, key: jax.Array
+) -> dict[str, Any]:
+    """What a checkpoint holds at step 0: trainable leaves, their optimizer state, the key."""
+    trainable = {"lora": lora, "extra": extra}
+    return {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
+
+
+def _batch_placer(config: RunConfig, mesh: Any) -> Any:
+    """``put(batch)``: a host batch (an array, tuple or dict of arrays) onto the device(s)."""
+    if mesh is None:
+        return partial(jax.tree.map, jax.numpy.asarray)
+    sharding = batch_sharding(mesh, config.train.batch_size)
+    if config.train.grad_accum > 1:  # stacked micro-batches: the leading axis is not split
+        sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
+    return partial(jax.device_put, device=sharding)
+
+
+def _make_step(
+    task: Task, loss_fn: Any, tx: optax.GradientTransformation, t: Any, jit_options: Any
+) -> Any:
+    """The jitted train step: (accumulated) gradients, the optimizer update, a finiteness flag."""
+
+    @partial(jax.jit, **jit_options)
+    def step_fn(
+        state: dict[str, Any], base: Any, batch: Any, step: jax.Array
+    ) -> tuple[dict[str, Any], Any]:
+        rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
+        if t.grad_accum > 1:  # batch holds grad_accum stacked micro-batches
+            loss, grads = accumulated_value_and_grad(loss_fn, task.batch_weight)(
+                state["trainable"], base, batch, rng
+            )
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        new = {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+        return new, (loss, _all_finite((trainable, opt_state)))
+
+    return step_fn
+
+
 def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     """Runs (or resumes) the fine-tune that ``config`` describes; returns its results.
 
@@ -163,37 +213,37 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     saying where the run resumes from.
 
     Raises:
-      ValueError: bad config values, a target regex that matches nothing, a run directory
-        holding a different run or in use by another process, or no usable checkpoint.
+      ValueError: bad config values or data, a target regex that matches nothing, a run
+        directory holding a different run or in use by another process, or no usable
+        checkpoint.
+      ModuleNotFoundError: a metrics sink (``log.wandb``) whose package is not installed.
       FloatingPointError: if the training loss or the trained state becomes NaN or infinite
         (finite checkpoints kept).
       OSError: a checkpoint or the adapter cannot be written (named in the message).
       KeyboardInterrupt: on Ctrl-C, once the run is saved.
     """
     run_dir, t = config.run_dir, config.train
+    check_sinks(config)
     task = make_task(config)  # every input is checked before the run directory is touched
+    if task.data_stats.get("train_examples"):
+        log(describe(task.data_stats))
     cfg = lora_config(config)
     mesh = make_mesh(config.mesh)
     if mesh is not None:
         mesh_rules(config.mesh)
-        sharding = batch_sharding(mesh, t.batch_size)
-        if t.grad_accum > 1:  # stacked micro-batches: the leading axis is not split
-            sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
-        put_batch = partial(jax.device_put, device=sharding)
+    put_batch = _batch_placer(config, mesh)
     key = jax.random.key(t.seed)
     params = adapt(jax.random.fold_in(key, 0), prepare_base(config, task.base), config)
     lora, base = jlora.split(params)
     start_model = jlora.dequantize(base)  # what the adapters start from (QLoRA: quantised)
-    trainable = {"lora": lora, "extra": task.extra}
     tx = make_optimizer(config)
-    state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
     loss_fn = make_loss(task, cfg, t.train_step)
     changes = rundir.config_changes(config)
+    # Also reads the data of a task that reads it lazily, before the run directory is touched.
+    like = jax.eval_shape(lambda: _initial_state(lora, task.extra, tx, key))
     with rundir.open_run_dir(config) as resuming:
         ckpt_dir = os.path.join(run_dir, "checkpoints")
-        before_path = os.path.join(run_dir, "before.json")
         start, window = 0, []
-        like = jax.eval_shape(lambda: state)
         restored = resume.restore_good(ckpt_dir, like, log) if resuming else None
         if restored is not None:
             state, start = restored.state, int(restored.metadata["step"])
@@ -201,53 +251,67 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             window = [float(x) for x in restored.metadata.get("window", [])]
             resume.prune(ckpt_dir, t.keep_checkpoints)
             rundir.rewind_metrics(run_dir, start)
-            if changes:
-                rundir.append_metrics(run_dir, {"step": start, "config_change": changes})
-                log(
-                    f"changed on resume at step {start}: "
-                    + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
-                )
-            log(f"resuming {run_dir} from the checkpoint of step {start}")
         else:
             rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
-            trainable = {"lora": lora, "extra": task.initial_extra(start_model)}
-            state = {"trainable": trainable, "opt_state": tx.init(trainable), "rng": key}
-        if not os.path.isfile(before_path):
-            log("evaluating the base model ...")
-            rundir.write_json(before_path, task.show(start_model, state["trainable"]["extra"]))
-        before = _read_json(before_path)
-        if start == 0:  # the base's scores start the eval curve
-            scores = {k: v for k, v in before.items() if isinstance(v, float)}
-            rundir.append_metrics(run_dir, {"step": 0, **scores})
-
-        jit_options: dict[str, Any] = {}
-        if mesh is not None:  # lay everything out on the mesh, and keep it so from step to step
-            base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
-            jit_options["out_shardings"] = (state_shardings, NamedSharding(mesh, PartitionSpec()))
-        else:
-            put_batch = partial(jax.tree.map, jax.numpy.asarray)  # a batch may be a tuple (bert)
-
-        @partial(jax.jit, **jit_options)
-        def step_fn(
-            state: dict[str, Any], base: Any, batch: Any, step: jax.Array
-        ) -> tuple[dict[str, Any], Any]:
-            rng = jax.random.fold_in(state["rng"], step)  # a new dropout key every step
-            if t.grad_accum > 1:  # batch holds grad_accum stacked micro-batches
-                loss, grads = accumulated_value_and_grad(loss_fn)(
-                    state["trainable"], base, batch, rng
+            state = _initial_state(lora, task.initial_extra(start_model), tx, key)
+        with MetricSinks(config, start if restored is not None else None) as sinks:
+            if restored is not None:
+                _log_resume(config, start, changes, sinks, log)
+            before = _before(config, task, start_model, state, sinks, start, log)
+            jit_options: dict[str, Any] = {}
+            if mesh is not None:  # lay everything out on the mesh, and keep it so each step
+                base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
+                replicated = NamedSharding(mesh, PartitionSpec())
+                jit_options["out_shardings"] = (state_shardings, replicated)
+            step_fn = _make_step(task, loss_fn, tx, t, jit_options)
+            with StopRequest() as stop:
+                state = _train(
+                    config,
+                    task,
+                    cfg,
+                    step_fn,
+                    state,
+                    base,
+                    put_batch,
+                    start,
+                    window,
+                    stop,
+                    sinks,
+                    log,
                 )
-            else:
-                loss, grads = jax.value_and_grad(loss_fn)(state["trainable"], base, batch, rng)
-            updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-            trainable = optax.apply_updates(state["trainable"], updates)
-            new = {"trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
-            return new, (loss, _all_finite((trainable, opt_state)))
+            return _finish(config, task, cfg, state, base, before)
 
-        with StopRequest() as stop:
-            state = _train(
-                config, task, cfg, step_fn, state, base, put_batch, start, window, stop, log
-            )
-        return _finish(config, task, cfg, state, base, before)
+
+def _log_resume(
+    config: RunConfig, start: int, changes: dict[str, Any], sinks: MetricSinks, log: Any
+) -> None:
+    if changes:
+        sinks.append({"step": start, "config_change": changes})
+        log(
+            f"changed on resume at step {start}: "
+            + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        )
+    log(f"resuming {config.run_dir} from the checkpoint of step {start}")
+
+
+def _before(
+    config: RunConfig,
+    task: Task,
+    start_model: Any,
+    state: dict[str, Any],
+    sinks: MetricSinks,
+    start: int,
+    log: Any,
+) -> dict[str, Any]:
+    """The base model's scores and samples, computed once per run directory."""
+    before_path = os.path.join(config.run_dir, "before.json")
+    if not os.path.isfile(before_path):
+        log("evaluating the base model ...")
+        rundir.write_json(before_path, task.show(start_model, state["trainable"]["extra"]))
+    before = cast(dict[str, Any], _read_json(before_path))
+    if start == 0:  # the base's scores start the eval curve
+        sinks.append({"step": 0, **{k: v for k, v in before.items() if isinstance(v, float)}})
+    return before
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -266,6 +330,7 @@ def _train(
     start: int,
     window: list[float],
     stop: StopRequest,
+    sinks: MetricSinks,
     log: Any,
 ) -> dict[str, Any]:
     """Steps ``start + 1`` to ``train.steps``: log, evaluate, checkpoint; stop on Ctrl-C."""
@@ -314,7 +379,7 @@ def _train(
                 "train_loss": sum(window) / len(window),
                 f"{task.unit}_per_s": rate,
             }
-            rundir.append_metrics(run_dir, record)
+            sinks.append(record)
             if t.progress and not show_bar:
                 print(
                     f"step {step}/{t.steps}: train_loss {record['train_loss']:.4f}, "
@@ -327,7 +392,7 @@ def _train(
             scores = task.evaluate(
                 _adapted(state["trainable"], base, cfg), state["trainable"]["extra"]
             )
-            rundir.append_metrics(run_dir, {"step": step, **scores})
+            sinks.append({"step": step, **scores})
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if step % t.checkpoint_every == 0 or step == t.steps:
             save(step)
@@ -410,6 +475,8 @@ def _finish(
     after = task.show(_adapted(trainable, base, cfg), trainable["extra"])
     counts = _counts(params, trainable["extra"])
     results = {"before": before, "after": after, **counts}
+    if task.data_stats:
+        results["data"] = task.data_stats
     rundir.write_json(os.path.join(run_dir, "results.json"), results)
     plot_losses(
         rundir.read_metrics(run_dir),

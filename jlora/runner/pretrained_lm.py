@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,17 @@ from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
 from jlora.models.tokenizer import Tokenizer
 from jlora.runner.config import ModelSection, RunConfig
+from jlora.runner.instruction_data import (
+    InstructionBatches,
+    Question,
+    eval_batches,
+    exact_match,
+    questions,
+    resolve_data,
+    split_records,
+    tokenize_records,
+)
+from jlora.runner.instructions import Records, read_records
 from jlora.runner.tasks import NoHead
 from jlora.runner.text import LMBatches, eval_windows, load_text, split_tokens
 
@@ -81,6 +92,37 @@ def abstract_base(config: DecoderConfig) -> Any:
     )
 
 
+def _window_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Text windows ``[b, seq + 1]`` as a batch dict: every next token is learned."""
+    return {
+        "tokens": windows[:, :-1],
+        "targets": windows[:, 1:],
+        "loss_mask": np.ones(windows[:, 1:].shape, bool),
+    }
+
+
+def _read_instruction_files(config: RunConfig) -> tuple[Records, Records]:
+    """``data.train`` and ``data.eval`` read and checked (or the train records split)."""
+    data = config.data
+    no_assistant = cast(Literal["skip", "error"], data.no_assistant)
+    train_path = resolve_data(cast(str, data.train), "data.train")
+    train = read_records(train_path, no_assistant=no_assistant)
+    if not train.records:
+        raise ValueError(
+            f"data.train {data.train!r}: no record left to learn from "
+            f"({train.skipped} conversation(s) without an assistant turn skipped)"
+        )
+    if data.eval is None:
+        return split_records(train, data.val_fraction, config.train.seed)
+    held = read_records(resolve_data(data.eval, "data.eval"), no_assistant=no_assistant)
+    if not held.records:
+        raise ValueError(
+            f"data.eval {data.eval!r}: no record to evaluate on "
+            f"({held.skipped} conversation(s) without an assistant turn skipped)"
+        )
+    return train, held
+
+
 def _eos_ids(tokenizer: Tokenizer, config: DecoderConfig) -> tuple[int, ...]:
     """Every id that ends a sample: the tokenizer's EOS and the model config's."""
     found = [tokenizer.eos_token_id, *np.atleast_1d(config.eos_token_id or []).tolist()]
@@ -88,30 +130,40 @@ def _eos_ids(tokenizer: Tokenizer, config: DecoderConfig) -> tuple[int, ...]:
 
 
 class PretrainedLMTask(NoHead):
-    """Fine-tuning a checkpoint's decoder on a text: mean next-token cross-entropy (nats/token)."""
+    """Fine-tuning a checkpoint's decoder on a text or on instruction data.
+
+    The loss is the mean next-token cross-entropy (nats/token) over the tokens a batch marks
+    to learn: every token of a text window, the assistant turns of instruction data. A batch is
+    a dict of ``tokens``, ``targets`` and ``loss_mask`` (plus ``segment_ids`` and ``positions``
+    for packed instruction rows, see :mod:`jlora.runner.instruction_data`).
+    """
 
     unit = "tok"
 
     def __init__(self, config: RunConfig) -> None:
-        """Checks the config against the checkpoint, loads it, and tokenizes the text.
+        """Checks the config and data against the checkpoint, loads it, and tokenizes the data.
 
         Raises:
           ValueError: ``data.seq_len`` longer than the model's positions, a checkpoint without
-            a tokenizer, or a text too short for one batch (each named).
-          FileNotFoundError: a missing ``data.source`` file or checkpoint.
+            a tokenizer, a text too short for one batch, or bad instruction data (each named).
+          FileNotFoundError: a missing ``data.source``/``data.train``/``data.eval`` or
+            checkpoint.
         """
         self.config = config
-        section = config.model
+        section, data = config.model, config.data
         decoder_config, _ = checkpoint_config(section)
-        seq, batch = config.data.seq_len, config.train.batch_size
+        seq = data.seq_len
         if seq > decoder_config.max_position_embeddings:
             raise ValueError(
                 f"config data.seq_len {seq} exceeds model.path {section.path!r}'s "
                 f"max_position_embeddings {decoder_config.max_position_embeddings}; lower "
                 "data.seq_len"
             )
-        source = config.data.source
-        text = load_text(source)  # a bad data.source is refused before the weights are read
+        # Bad data is refused before the weights are read.
+        if data.train is None:
+            text = load_text(data.source)
+        else:
+            records = _read_instruction_files(config)
         self.pretrained: Pretrained = load_pretrained(
             cast(str, section.path), dtype=DTYPES[section.dtype], remat=section.remat
         )
@@ -119,24 +171,21 @@ class PretrainedLMTask(NoHead):
             raise ValueError(
                 f"model.path {section.path!r} has no tokenizer (tokenizer.json or "
                 "tokenizer.model beside config.json, or tokenizer.ggml.* in a GGUF); the "
-                "language-model task needs one to read data.source. Copy the tokenizer files "
+                "language-model task needs one to read its data. Copy the tokenizer files "
                 "of the model it came from into that directory"
             )
         self.tokenizer: Tokenizer = self.pretrained.tokenizer
         self.model = self.pretrained.model
         self.base = self.pretrained.params
         self.extra: dict[str, Any] = {}
-        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
-        train, val = split_tokens(ids, config.data.val_fraction)
-        try:
-            self.batches = LMBatches(train, seq, batch, config.train.seed)
-            windows = eval_windows(val, seq, config.train.eval_batches * batch)
-        except ValueError as err:  # too little text: say which text
-            raise ValueError(f"data.source {source!r}: {err}") from None
-        # Whole batches only, so evaluation compiles once (at least one batch, padded by reuse).
-        self.val = np.resize(windows, (max(len(windows) // batch, 1) * batch, seq + 1))
-        self.units_per_batch = batch * seq
+        self.units_per_batch = config.train.batch_size * seq
+        self.questions: list[Question] = []
+        if data.train is None:
+            self._text_data(text)
+        else:
+            self._instruction_data(*records)
         self._eval_loss = jax.jit(self.loss)
+        self._eval_weight = jax.jit(self.batch_weight)
         model = self.model
 
         # One step and one cache function per task: the sampler compiles once per object.
@@ -159,22 +208,129 @@ class PretrainedLMTask(NoHead):
         self._init_cache = functools.partial(init_cache, self.pretrained.config)
         self.weights_metadata = {"model_path": cast(str, section.path)}
 
-    def loss(self, params: Any, extra: Any, batch: jax.Array) -> jax.Array:
-        """Mean next-token cross-entropy (float32) of ``batch`` ``[b, seq + 1]``."""
-        del extra
-        logits = cast(jax.Array, self.model.apply({"params": params}, batch[:, :-1]))
-        return causal_lm_loss(logits, batch[:, 1:])
+    def _text_data(self, text: str) -> None:
+        """``data.source`` tokenized once and cut into ``seq_len + 1`` windows."""
+        config, source = self.config, self.config.data.source
+        seq, batch = config.data.seq_len, config.train.batch_size
+        ids = np.asarray(self.tokenizer.encode(text, add_special_tokens=False), np.int32)
+        train, val = split_tokens(ids, config.data.val_fraction)
+        try:
+            windows_batches = LMBatches(train, seq, batch, config.train.seed)
+            windows = eval_windows(val, seq, config.train.eval_batches * batch)
+        except ValueError as err:  # too little text: say which text
+            raise ValueError(f"data.source {source!r}: {err}") from None
+        self._train_batch = lambda position: _window_batch(windows_batches.batch(position))
+        # Whole batches only, so evaluation compiles once (at least one batch, padded by reuse).
+        val_windows = np.resize(windows, (max(len(windows) // batch, 1) * batch, seq + 1))
+        self.val = [
+            _window_batch(val_windows[i : i + batch]) for i in range(0, len(val_windows), batch)
+        ]
+        self.data_stats: dict[str, Any] = {"train_tokens": len(train)}
 
-    def train_batch(self, position: int) -> np.ndarray:
+    def _instruction_data(self, train: Records, held: Records) -> None:
+        """Instruction records tokenized, validated, and packed into training batches."""
+        config, tok = self.config, self.tokenizer
+        data, seq, batch = config.data, config.data.seq_len, config.train.batch_size
+        overflow = cast(Literal["truncate", "error"], data.overflow)
+        examples = tokenize_records(train, tok, seq, overflow)
+        held_examples = tokenize_records(held, tok, seq, overflow)
+        pad = tok.pad_token_id or 0
+        try:
+            batches = InstructionBatches(
+                examples, seq, batch, config.train.seed, packed=data.pack, pad_id=pad
+            )
+        except ValueError as err:
+            raise ValueError(f"data.train {data.train!r}: {err}") from None
+        self._train_batch = batches.batch
+        self.val = eval_batches(held_examples, seq, batch, packed=data.pack, pad_id=pad)
+        if not self.val:
+            raise ValueError(
+                f"data.eval: no held-out example is left to score (all dropped with nothing to "
+                f"learn within data.seq_len={seq}); raise data.seq_len or add records"
+            )
+        self.questions = questions(held, tok)[: config.train.eval_exact_match]
+        if config.train.eval_exact_match and not self.questions:
+            raise ValueError(
+                "config train.eval_exact_match > 0, but no held-out record has an answer to "
+                "match (conversations ending in an assistant turn, or prompt/completion "
+                "records); set train.eval_exact_match=0 or give such records in data.eval"
+            )
+        self.data_stats = {
+            **examples.stats("train"),
+            **held_examples.stats("eval"),
+            "skipped": train.skipped + held.skipped,
+        }
+
+    def loss(self, params: Any, extra: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """Mean next-token cross-entropy (float32) over the tokens ``batch`` marks to learn."""
+        del extra
+        logits = self.model.apply(
+            {"params": params},
+            batch["tokens"],
+            batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+        )
+        return causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
+
+    def batch_weight(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """How many tokens :meth:`loss` averages over: micro-batches are weighted by it."""
+        return jnp.sum(batch["loss_mask"], dtype=jnp.float32)
+
+    def train_batch(self, position: int) -> dict[str, np.ndarray]:
         """The training batch at data position ``position``."""
-        return self.batches.batch(position)
+        return cast(dict[str, np.ndarray], self._train_batch(position))
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
-        """Validation loss (nats per token) over the held-out windows."""
-        bs = self.config.train.batch_size
-        chunks = range(0, len(self.val), bs)
-        losses = [float(self._eval_loss(params, extra, self.val[i : i + bs])) for i in chunks]
-        return {"eval_loss": float(np.mean(losses))}
+        """Held-out loss (nats per learned token) and, if asked for, greedy exact match."""
+        losses = [float(self._eval_loss(params, extra, b)) for b in self.val]
+        weights = [float(self._eval_weight(b)) for b in self.val]
+        scores = {"eval_loss": float(np.average(losses, weights=weights))}
+        if self.questions:
+            scores["exact_match"] = exact_match(
+                self.answers(params), [q.reference for q in self.questions]
+            )
+        return scores
+
+    def answers(self, params: Any) -> list[str]:
+        """Greedy answers (KV cache) to the held-out questions, up to each reference's length.
+
+        Every question gets as many new tokens as the longest reference plus two (room for
+        EOS), so an answer that is longer than its reference is cut and cannot match.
+        """
+        tok = self.tokenizer
+        longest = max(
+            len(tok.encode(q.reference, add_special_tokens=False)) for q in self.questions
+        )
+        new = self._generate_ids(
+            params, [q.prompt for q in self.questions], longest + 2, 0.0, 0, None, None
+        )
+        return [tok.decode(n, skip_special_tokens=True) for n in new]
+
+    def _generate_ids(
+        self,
+        params: Any,
+        rows: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        top_k: int | None,
+        top_p: float | None,
+    ) -> list[list[int]]:
+        limit = self.pretrained.config.max_position_embeddings
+        steps = min(max_new_tokens, limit - max(len(r) for r in rows))
+        return generate(
+            self._step,
+            params,
+            rows,
+            init_cache=self._init_cache,
+            max_new_tokens=steps,
+            eos_ids=_eos_ids(self.tokenizer, self.pretrained.config),
+            pad_id=self.tokenizer.pad_token_id or 0,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            key=jax.random.key(seed),
+        )
 
     def generate_many(
         self,
@@ -230,20 +386,7 @@ class PretrainedLMTask(NoHead):
                     f"prompt {prompt!r} is {len(ids)} tokens; it must be non-empty and shorter "
                     f"than the model's max_position_embeddings {limit}"
                 )
-        steps = min(max_new_tokens, limit - max(len(r) for r in rows))
-        new = generate(
-            self._step,
-            params,
-            rows,
-            init_cache=self._init_cache,
-            max_new_tokens=steps,
-            eos_ids=_eos_ids(tok, self.pretrained.config),
-            pad_id=tok.pad_token_id or 0,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            key=jax.random.key(seed),
-        )
+        new = self._generate_ids(params, rows, max_new_tokens, temperature, seed, top_k, top_p)
         if chat:
             return [tok.decode(n, skip_special_tokens=True) for n in new]
         return [tok.decode(r + n, skip_special_tokens=True) for r, n in zip(rows, new, strict=True)]
@@ -268,7 +411,8 @@ class PretrainedLMTask(NoHead):
     def show(self, params: Any, extra: Any) -> dict[str, Any]:
         """What this task reports before and after: validation loss and samples."""
         g = self.config.generate
+        chat = self.config.data.train is not None and self.tokenizer.chat_template is not None
         samples = self.generate_many(
-            params, g.prompts, g.max_new_tokens, g.temperature, self.config.train.seed
+            params, g.prompts, g.max_new_tokens, g.temperature, self.config.train.seed, chat=chat
         )
         return {**self.evaluate(params, extra), "samples": samples}

@@ -37,13 +37,26 @@ OWNED = (
     "merged_hf",
     "adapter",
     "checkpoints",
+    "tensorboard",
+    "wandb",
     LOCK_FILE,
 )
 # The first line of a config.yaml that jlora wrote: overwrite=true deletes only such a file.
 _MARK = "# written by jlora finetune: the resolved config of this run (do not edit)\n"
 # Keys that do not change what a run computes: where it lives (moved or renamed, or named by
-# another path), how it reports progress and how the process manages host memory.
-_FREE = {"run_dir", "overwrite", "train.progress", "train.keep_freed_memory"}
+# another path), how it reports progress and metrics, what extra scores evaluation adds, and
+# how the process manages host memory.
+_FREE = {
+    "run_dir",
+    "overwrite",
+    "train.progress",
+    "train.keep_freed_memory",
+    "train.eval_exact_match",
+    "log.tensorboard",
+    "log.wandb",
+    "log.wandb_project",
+    "log.wandb_mode",
+}
 # Keys a resumed run may change, so that the advice after a NaN loss ("lower the learning
 # rate and re-run") can be followed: the optimiser's step sizes (they enter only its schedule
 # functions, not the shapes of its state) and how often checkpoints are saved and kept. Not

@@ -16,6 +16,7 @@ class Task(Protocol):
     base: Any  # frozen parameters, the tree LoRA adapts
     unit: str  # what throughput counts: "tok" or "ex"
     units_per_batch: int
+    data_stats: dict[str, Any]  # what the data holds and left out, for the log and results
 
     @property
     def extra(self) -> Any:
@@ -24,6 +25,10 @@ class Task(Protocol):
 
     def loss(self, params: Any, extra: Any, batch: Any) -> jax.Array:
         """Scalar training loss of ``batch`` under (merged) ``params`` and ``extra``."""
+        ...
+
+    def batch_weight(self, batch: Any) -> jax.Array:
+        """How many items :meth:`loss` averages over in ``batch`` (weights micro-batches)."""
         ...
 
     def train_batch(self, position: int) -> Any:
@@ -49,6 +54,15 @@ class Task(Protocol):
     def load_extra(self, run_dir: str) -> Any:
         """Loads what :meth:`save_extra` wrote."""
         ...
+
+
+class FixedBatches:
+    """:meth:`Task.batch_weight` of a task whose batches all hold the same number of items."""
+
+    def batch_weight(self, batch: Any) -> jax.Array:
+        """Every batch counts alike."""
+        del batch
+        return jax.numpy.ones((), jax.numpy.float32)
 
 
 class NoHead:

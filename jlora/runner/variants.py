@@ -15,7 +15,7 @@ import optax
 
 import jlora
 from jlora._loraplus import loraplus_partition
-from jlora._quantize import has_quantized
+from jlora._qlora import has_quantized
 from jlora.runner.config import RunConfig
 from jlora.runner.tasks import lora_config
 
