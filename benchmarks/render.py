@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,8 @@ HISTORY = """\
 
 What shaped the factorised path (`jlora.lora`), measured on the project's 2-core XLA:CPU
 machine with `train_step.py` and `op_profile.py` at their default sizes (d_model 256, 4 layers,
-16 x 128 tokens, rank 8). Numbers are from the time of each change.
+16 x 128 tokens, rank 8). Numbers are from the time of each change; the full record, with the
+tables of the time, is in [Factorised execution](factorised.md#tuning-notes-xlacpu).
 
 - **2-D operands.** The low-rank term runs on `[tokens, features]` operands: fed from 3-D
   activations, XLA:CPU inserted large transposes around the rank-r matmuls.
@@ -226,7 +228,7 @@ def side_by_side(per_device: dict[str, dict[str, Any]]) -> str:
 
 
 def benchmark_section(name: str, entries: dict[str, dict[str, Any]]) -> list[str]:
-    out = [f"## {TITLES.get(name, name)}", "", ABOUT.get(name, ""), ""]
+    out = [f"## {TITLES.get(name, name)}", "", textwrap.fill(ABOUT.get(name, ""), 96), ""]
     for device, entry in entries.items():
         if "skipped" in entry:
             out += [f"{device.upper()}: skipped ({entry['skipped']}).", ""]
