@@ -159,7 +159,7 @@ def gpu_names() -> list[str]:
       SystemExit: when jax sees no GPU, with what it said.
     """
     probe = "import jax; print('\\n'.join(d.device_kind for d in jax.devices('gpu')))"
-    env = dict(os.environ, JAX_PLATFORMS="cuda")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # jax says what it found
     got = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     if got.returncode or not got.stdout.strip():
         last = (got.stderr.strip().splitlines() or ["(no output)"])[-1]

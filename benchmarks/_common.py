@@ -170,6 +170,7 @@ def platform() -> str:
 def write_json(path: str | None, args: argparse.Namespace, tables: list, **numbers: Any) -> None:
     """``{"settings", "platform", "tables", **numbers}`` to ``path`` (nothing when ``None``)."""
     if path:
-        out = {"settings": vars(args), "platform": platform(), "tables": tables, **numbers}
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        out = {"settings": settings, "platform": platform(), "tables": tables, **numbers}
         with open(path, "w") as f:
             json.dump(out, f, indent=2)
