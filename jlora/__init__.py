@@ -14,6 +14,7 @@ from jlora._adapter_files import load_adapter, save_adapter
 from jlora._adapters import Adapter, add_adapter, delete_adapter, select_adapter
 from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
+from jlora._collectives import Collective, collectives
 from jlora._combination import combine_adapters
 from jlora._config import LoraConfig
 from jlora._dora import add_magnitudes, init_dora
@@ -21,15 +22,14 @@ from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._loftq import init_loftq
 from jlora._loraplus import loraplus_labels
-from jlora._merge import merge_params, unmerge_params
-from jlora._mesh import Collective, collectives, partition_specs
+from jlora._merge import merge_params, merge_quantized, unmerge_params
 from jlora._mixed import mixed_batch
 from jlora._optim import lora_optimizer, optimizer_shardings
-from jlora._partition import combine, is_adapter_path, lora_labels, split
 from jlora._paths import path_str
 from jlora._pissa import init_pissa, pissa_to_lora
-from jlora._quantize import Quantized, dequantize, merge_quantized, quantize
-from jlora._sharding import adapter_specs, lora_shardings
+from jlora._qlora import Quantized, dequantize, quantize
+from jlora._sharding import adapter_specs, lora_shardings, partition_specs
+from jlora._split import combine, is_adapter_path, lora_labels, split
 from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._atomic import atomic_write, fsync_dir
+from jlora._attach import check_unadapted, place_adapters
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._dora import place_magnitudes
 from jlora._layout import adapter_keys, adapter_shapes, magnitude_key
 from jlora._paths import path_str, some_paths
-from jlora._place import check_unadapted, place_adapters
 from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import decode, encode

@@ -21,9 +21,9 @@ from jax.tree_util import DictKey
 
 from jlora._config import LoraConfig
 from jlora._layout import adapter_keys
-from jlora._partition import combine, split
 from jlora._paths import KeyPath, path_str
 from jlora._resolve import Adapted, resolve_sites
+from jlora._split import combine, split
 from jlora._tree import rebuild
 
 

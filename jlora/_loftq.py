@@ -18,7 +18,7 @@ from jlora._config import LoraConfig
 from jlora._layout import delta
 from jlora._paths import KeyPath, path_str
 from jlora._pissa import factor_kernel, float_kernels, place_factored
-from jlora._quantize import check_options, quantize_kernel
+from jlora._qlora import check_options, quantize_kernel
 
 
 def init_loftq(

@@ -2,12 +2,15 @@
 
 Both run as one ``jax.jit``-compiled function per tree structure and config. The kernel keeps
 its dtype (the sum is formed in the wider of the kernel's and the adapters' dtypes, then cast
-back) and, for ``NamedSharding``-placed kernels, its sharding. Inputs are never donated.
+back) and, for ``NamedSharding``-placed kernels, its sharding. Inputs are never donated. A
+quantised base is merged by :func:`merge_quantized`, which asks how the merged kernels are
+stored (``merge_params`` refuses one).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -16,11 +19,13 @@ import jax.numpy as jnp
 from jlora._config import LoraConfig
 from jlora._factorised.dora import rescale
 from jlora._layout import adapter_keys, delta, magnitude_key
-from jlora._paths import KeyPath
-from jlora._quantize import Quantized
+from jlora._paths import KeyPath, path_str
+from jlora._qlora import dequantize, quantize_kernel
+from jlora._quantized import Quantized, is_quantized
 from jlora._resolve import resolve_sites
 from jlora._sharding import constrain
-from jlora._tree import rebuild, sites_in
+from jlora._split import combine
+from jlora._tree import find_sites, rebuild, sites_in
 
 # (kernel path, axis roles, scale, sharding to keep or None) per adapted kernel.
 _Plan = tuple[tuple[KeyPath, tuple[str, ...], float, Any], ...]
@@ -127,8 +132,6 @@ def unmerge_params(merged: Any, lora: Any, config: LoraConfig) -> Any:
       >>> sorted(back["d"])
       ['kernel', 'kernel_lora_a', 'kernel_lora_b']
     """
-    from jlora._partition import combine
-
     params = combine(lora, merged)
     dora = [s.site.name for s in resolve_sites(params, config) if s.site.m is not None]
     if dora:
@@ -138,3 +141,65 @@ def unmerge_params(merged: Any, lora: Any, config: LoraConfig) -> Any:
             "base tree and combine(lora, base) instead of unmerging"
         )
     return _fold(params, _plan(params, config), -1.0, True)
+
+
+STORES = ("float", "requantize")
+
+
+def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None) -> Any:
+    """Merges adapters into a quantised base: dequantise, add ``s·A·B``, store as asked.
+
+    There is no exact way to keep a merged kernel quantised, so the caller says how it is
+    stored: ``"float"`` keeps ``W_q + s·A·B`` dense in the kernel's original dtype (exactly the
+    model that was trained; float memory for those kernels), ``"requantize"`` quantises it again
+    with the base's kind and block size (the base's memory, but the adapter's change is rounded
+    with the base, so outputs move by about the quantisation error). Quantised kernels without
+    adapters are kept as they are. DoRA magnitudes are folded in as by ``merge_params``.
+
+    Args:
+      params: a tree with :class:`Quantized` kernels and adapters.
+      config: the adapters' config.
+      store: ``"float"`` or ``"requantize"`` (required).
+
+    Returns:
+      The merged tree without adapters.
+
+    Raises:
+      ValueError: if ``store`` is missing or unknown (the message explains both choices).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> cfg = jlora.LoraConfig(rank=2)
+      >>> p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 16))}}, cfg)
+      >>> q = jlora.quantize(p, cfg, kind="int8")
+      >>> merge_quantized(q, cfg, store="float")["d"]["kernel"].dtype
+      dtype('float32')
+      >>> type(merge_quantized(q, cfg, store="requantize")["d"]["kernel"]).__name__
+      'Quantized'
+    """
+    if store not in STORES:
+        raise ValueError(
+            "merge_quantized: say how the merged kernels are stored: store='float' keeps "
+            "W + s·A·B dense in the original dtype (exact, float memory), store='requantize' "
+            "quantises it again like the base (base memory, the adapter's change rounded with "
+            f"it); got store={store!r}"
+        )
+    nodes = {
+        tuple(p): x
+        for p, x in jax.tree.flatten_with_path(params, is_leaf=is_quantized)[0]
+        if is_quantized(x)
+    }
+    adapted = {tuple(s.path) for s in find_sites(params) if is_quantized(s.kernel)}
+    merged = merge_params(dequantize(params), config)
+
+    def put_back(path: Sequence[Any], leaf: Any) -> Any:
+        node = nodes.get(tuple(path))
+        if node is None:
+            return leaf
+        if tuple(path) not in adapted:
+            return node
+        if store == "requantize":
+            return quantize_kernel(path_str(tuple(path)), leaf, node.kind, node.block_size)
+        return leaf
+
+    return jax.tree.map_with_path(put_back, merged)

@@ -22,9 +22,9 @@ import numpy as np
 
 from jlora._adapters import Adapter, place, scaled_b, sites_by_name, unit_config
 from jlora._factorised import lora
-from jlora._partition import combine
 from jlora._paths import KeyPath, path_str
-from jlora._quantize import dequantize
+from jlora._qlora import dequantize
+from jlora._split import combine
 
 
 def _pad(x: jax.Array, axis: int, rank: int) -> jax.Array:

@@ -9,8 +9,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from jlora._loraplus import loraplus_partition
-from jlora._partition import lora_labels
 from jlora._paths import path_str
+from jlora._split import lora_labels
 from jlora._tree import find_sites
 
 

@@ -25,10 +25,10 @@ from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._init import _check_rank
 from jlora._layout import adapter_keys, axes_of, delta
-from jlora._partition import combine, split
 from jlora._paths import KeyPath, path_str
 from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
+from jlora._split import combine, split
 from jlora._targets import select_kernels
 from jlora._tree import rebuild
 

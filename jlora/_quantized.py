@@ -1,7 +1,7 @@
 """The quantised kernel node of a QLoRA base: codes, blockwise scales, and how to undo them.
 
 Its own module so that target selection (``_targets``) can treat it as a kernel without
-importing the quantiser. See ``_quantize`` for how kernels are quantised.
+importing the quantiser. See ``_qlora`` for how kernels are quantised.
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ adapters with no code of jlora's own for communication: XLA inserts what the spe
 
 Specs come from wherever the user keeps them: a tree of ``PartitionSpec`` / ``NamedSharding``
 (``None`` = replicated), Flax Linen boxed params via ``nn.get_partition_spec`` (logical axes
-via ``nn.logical_to_mesh``), or NNX state via ``nnx.get_partition_spec`` + ``nnx.to_pure_dict``.
+via ``nn.logical_to_mesh``), or NNX state via ``nnx.get_partition_spec`` + ``nnx.to_pure_dict``,
+or from ``(regex, spec)`` rules over the whole tree (:func:`partition_specs`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,6 +33,46 @@ Spec = PartitionSpec | NamedSharding | None
 
 def _is_spec(x: Any) -> bool:
     return x is None or isinstance(x, (PartitionSpec, NamedSharding))
+
+
+def partition_specs(params: Any, rules: Sequence[tuple[str, PartitionSpec | None]]) -> Any:
+    """A ``PartitionSpec`` for every leaf, from ``(regex, spec)`` rules; first match wins.
+
+    Leaves that no rule matches are replicated (``PartitionSpec()``). Regexes are
+    ``re.fullmatch``-ed against the ``"a/b/c"`` path, as everywhere in jlora.
+
+    Args:
+      params: a parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+      rules: ``[(regex, PartitionSpec), ...]``.
+
+    Returns:
+      A tree like ``params`` of ``PartitionSpec``.
+
+    Raises:
+      ValueError: if a matching spec has more entries than the leaf has axes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jax.sharding import PartitionSpec as P
+      >>> partition_specs({"mlp": {"kernel": jnp.ones((4, 8))}}, [(".*kernel", P("fsdp", "tp"))])
+      {'mlp': {'kernel': P('fsdp', 'tp')}}
+    """
+
+    def spec_for(path: Any, leaf: Any) -> PartitionSpec:
+        name = path_str(path)
+        ndim = len(getattr(leaf, "shape", ()))
+        for pattern, spec in rules:
+            if re.fullmatch(pattern, name):
+                spec = PartitionSpec() if spec is None else spec
+                if len(spec) > ndim:
+                    raise ValueError(
+                        f"rule {pattern!r} -> {spec} matches {name!r}, which has {ndim} axes; "
+                        "give at most one entry per axis or narrow the regex"
+                    )
+                return spec
+        return PartitionSpec()
+
+    return jax.tree.map_with_path(spec_for, params)
 
 
 def adapter_specs(spec: Spec, roles: tuple[str, ...], name: str = "kernel") -> tuple[Spec, Spec]:

@@ -13,7 +13,7 @@ from test_factorised import CFG, CONSTRUCTS, X, adapted, close, plain_params, ra
 from zoo import ZOO_NAMES, zoo
 
 import jlora
-from jlora._quantize import NF4
+from jlora._quantized import NF4
 
 
 @functools.cache

@@ -24,11 +24,11 @@ from jlora._factorised.interpret import concrete, interpret
 from jlora._factorised.quantized_view import view
 from jlora._factorised.rule import Context
 from jlora._factorised.value import LoraValue
-from jlora._partition import combine, split
 from jlora._paths import KeyPath
-from jlora._quantize import dequantize
+from jlora._qlora import dequantize
 from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
+from jlora._split import combine, split
 
 ON_UNSUPPORTED = ("raise", "merge")
 

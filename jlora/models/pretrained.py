@@ -24,10 +24,10 @@ import numpy.typing as npt
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jlora._config import LoraConfig
-from jlora._merge import merge_params
-from jlora._mesh import partition_specs
+from jlora._merge import merge_params, merge_quantized
 from jlora._paths import path_str
-from jlora._quantize import has_quantized, merge_quantized
+from jlora._qlora import has_quantized
+from jlora._sharding import partition_specs
 from jlora.models import hf_dir
 from jlora.models.decoder import Decoder, DecoderConfig
 from jlora.models.decoder_weights import _BUFFERS, hf_to_params, param_layout, params_to_hf

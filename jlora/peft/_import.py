@@ -29,11 +29,11 @@ import jax
 import numpy as np
 
 from jlora._adapter_files import check_config
+from jlora._attach import check_unadapted, place_adapters
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._dora import place_peft_magnitudes
 from jlora._paths import path_str
-from jlora._place import check_unadapted, place_adapters
 from jlora._resolve import resolve_sites
 from jlora._tensorfile import decode
 from jlora.peft._convert import from_peft, module_names, orientation, peft_shapes

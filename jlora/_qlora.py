@@ -13,8 +13,8 @@ and only the stored base shrinks. In an unrolled loop over layers, XLA:CPU sched
 dequantisations, which read only arguments, ahead of their uses, so several dense kernels are
 alive at once (measured in ``benchmarks/qlora.py``; the README gives the XLA flag that fixes
 inference).
-``merge_params`` refuses quantised kernels; :func:`merge_quantized` asks how the merged kernels
-are stored.
+``merge_params`` refuses quantised kernels; ``merge_quantized`` (``_merge``) asks how the merged
+kernels are stored.
 """
 
 from __future__ import annotations
@@ -133,68 +133,3 @@ def dequantize(params: Any) -> Any:
     if not has_quantized(params):
         return params  # nothing to do: the very same tree, no container rebuilt
     return jax.tree.map(as_array, params, is_leaf=is_quantized)
-
-
-STORES = ("float", "requantize")
-
-
-def merge_quantized(params: Any, config: LoraConfig, *, store: str | None = None) -> Any:
-    """Merges adapters into a quantised base: dequantise, add ``s·A·B``, store as asked.
-
-    There is no exact way to keep a merged kernel quantised, so the caller says how it is
-    stored: ``"float"`` keeps ``W_q + s·A·B`` dense in the kernel's original dtype (exactly the
-    model that was trained; float memory for those kernels), ``"requantize"`` quantises it again
-    with the base's kind and block size (the base's memory, but the adapter's change is rounded
-    with the base, so outputs move by about the quantisation error). Quantised kernels without
-    adapters are kept as they are. DoRA magnitudes are folded in as by ``merge_params``.
-
-    Args:
-      params: a tree with :class:`Quantized` kernels and adapters.
-      config: the adapters' config.
-      store: ``"float"`` or ``"requantize"`` (required).
-
-    Returns:
-      The merged tree without adapters.
-
-    Raises:
-      ValueError: if ``store`` is missing or unknown (the message explains both choices).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, jlora
-      >>> cfg = jlora.LoraConfig(rank=2)
-      >>> p = jlora.init_lora(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 16))}}, cfg)
-      >>> q = quantize(p, cfg, kind="int8")
-      >>> merge_quantized(q, cfg, store="float")["d"]["kernel"].dtype
-      dtype('float32')
-      >>> type(merge_quantized(q, cfg, store="requantize")["d"]["kernel"]).__name__
-      'Quantized'
-    """
-    if store not in STORES:
-        raise ValueError(
-            "merge_quantized: say how the merged kernels are stored: store='float' keeps "
-            "W + s·A·B dense in the original dtype (exact, float memory), store='requantize' "
-            "quantises it again like the base (base memory, the adapter's change rounded with "
-            f"it); got store={store!r}"
-        )
-    from jlora._merge import merge_params
-    from jlora._tree import find_sites
-
-    nodes = {
-        tuple(p): x
-        for p, x in jax.tree.flatten_with_path(params, is_leaf=is_quantized)[0]
-        if is_quantized(x)
-    }
-    adapted = {tuple(s.path) for s in find_sites(params) if is_quantized(s.kernel)}
-    merged = merge_params(dequantize(params), config)
-
-    def put_back(path: Sequence[Any], leaf: Any) -> Any:
-        node = nodes.get(tuple(path))
-        if node is None:
-            return leaf
-        if tuple(path) not in adapted:
-            return node
-        if store == "requantize":
-            return quantize_kernel(path_str(tuple(path)), leaf, node.kind, node.block_size)
-        return leaf
-
-    return jax.tree.map_with_path(put_back, merged)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from jlora._layout import adapter_keys
-from jlora._partition import is_adapter_path
 from jlora._paths import KeyPath, join_paths, path_str
 from jlora._sharding import adapter_specs
+from jlora._split import is_adapter_path
 from jlora._tree import rebuild
 
 

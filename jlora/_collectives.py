@@ -1,4 +1,4 @@
-"""Meshes in practice: regex rules to ``PartitionSpec``s, and the collectives a step runs.
+"""The collectives a compiled step runs, read from its HLO.
 
 ``collectives`` reads a compiled program's HLO, so a user can check that a LoRA step moves only
 adapter-sized gradients (and measure what it saves against full fine-tuning).
@@ -10,14 +10,10 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec
-
-from jlora._paths import path_str
 
 _KINDS = (
     "all-reduce",
@@ -48,46 +44,6 @@ _GROUPS_MESH = re.compile(
     r"\s*\{(?P<grouped>[^}]*)\}"
 )
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\}[,\s]*)*)\}")
-
-
-def partition_specs(params: Any, rules: Sequence[tuple[str, PartitionSpec | None]]) -> Any:
-    """A ``PartitionSpec`` for every leaf, from ``(regex, spec)`` rules; first match wins.
-
-    Leaves that no rule matches are replicated (``PartitionSpec()``). Regexes are
-    ``re.fullmatch``-ed against the ``"a/b/c"`` path, as everywhere in jlora.
-
-    Args:
-      params: a parameter tree (arrays or ``jax.ShapeDtypeStruct``).
-      rules: ``[(regex, PartitionSpec), ...]``.
-
-    Returns:
-      A tree like ``params`` of ``PartitionSpec``.
-
-    Raises:
-      ValueError: if a matching spec has more entries than the leaf has axes.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jax.sharding import PartitionSpec as P
-      >>> partition_specs({"mlp": {"kernel": jnp.ones((4, 8))}}, [(".*kernel", P("fsdp", "tp"))])
-      {'mlp': {'kernel': P('fsdp', 'tp')}}
-    """
-
-    def spec_for(path: Any, leaf: Any) -> PartitionSpec:
-        name = path_str(path)
-        ndim = len(getattr(leaf, "shape", ()))
-        for pattern, spec in rules:
-            if re.fullmatch(pattern, name):
-                spec = PartitionSpec() if spec is None else spec
-                if len(spec) > ndim:
-                    raise ValueError(
-                        f"rule {pattern!r} -> {spec} matches {name!r}, which has {ndim} axes; "
-                        "give at most one entry per axis or narrow the regex"
-                    )
-                return spec
-        return PartitionSpec()
-
-    return jax.tree.map_with_path(spec_for, params)
 
 
 @dataclasses.dataclass(frozen=True)
