@@ -26,7 +26,15 @@ from jlora.runner.report import format_results
 from jlora.runner.variants import adapt, dense_model, prepare_base
 
 # Errors that are the user's input, printed as one clear message instead of a traceback.
-USER_ERRORS = (KeyError, TypeError, ValueError, FileNotFoundError, FloatingPointError)
+# ModuleNotFoundError: an optional package a config asks for (log.wandb) is not installed.
+USER_ERRORS = (
+    KeyError,
+    TypeError,
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    ModuleNotFoundError,
+)
 
 
 def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:

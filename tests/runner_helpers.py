@@ -1,11 +1,19 @@
-"""Shared settings for the runner tests: the default config and a tiny Llama base."""
+"""Shared settings for the runner tests: the default config, a tiny Llama base and checkpoint."""
 
 import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from jlora.models.decoder import Decoder, DecoderConfig
 from jlora.models.llama import LlamaConfig, init_params
+from jlora.models.pretrained import save_pretrained
 from jlora.models.weights import save_params
+from jlora.runner.text import load_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
@@ -34,3 +42,46 @@ def tiny_overrides(run_dir, weights, steps=4, **extra):
         **extra,
     }
     return [f"{k}={v}" for k, v in kv.items()]
+
+
+CHAT = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
+CHAT += "{% if add_generation_prompt %}:{% endif %}"
+
+
+def hf_config(vocab):
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab,
+        "max_position_embeddings": 128,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+
+
+def write_checkpoint(path, tokenizer=True, chat_template=CHAT):
+    """A random 2-layer Llama with a 300-token byte-level BPE trained on the sonnets."""
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([load_text("sonnets")[:20000]], trainer)
+    config = DecoderConfig.from_hf(hf_config(backend.get_vocab_size()))
+    params = Decoder(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    save_pretrained(path, (config, params, None))
+    if tokenizer:
+        backend.save(str(path / "tokenizer.json"))
+        special = {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+        (path / "tokenizer_config.json").write_text(
+            json.dumps(special | {"chat_template": chat_template})
+        )
+    return path

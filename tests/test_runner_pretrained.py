@@ -9,62 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from runner_helpers import DEFAULT
-from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from runner_helpers import DEFAULT, write_checkpoint
 
 import jlora
 import jlora.models.pretrained as pretrained_module
 from jlora.cli import build_parser, main
-from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, DecoderConfig
-from jlora.models.pretrained import load_pretrained, resolve_source, save_pretrained
+from jlora.models.decoder import DECODER_AXIS_RULES
+from jlora.models.pretrained import load_pretrained, resolve_source
 from jlora.runner.config import ModelSection, check_model, load_config
 from jlora.runner.loop import finetune
 from jlora.runner.pretrained_lm import PretrainedLMTask, checkpoint_config
 from jlora.runner.rundir import read_metrics
-from jlora.runner.text import load_text
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
-CHAT = "{% for m in messages %}<|endoftext|>{{ m['content'] }}{% endfor %}"
-CHAT += "{% if add_generation_prompt %}:{% endif %}"
 STEPS = 6
-
-
-def hf_config(vocab):
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab,
-        "max_position_embeddings": 128,
-        "bos_token_id": 0,
-        "eos_token_id": 0,
-    }
-
-
-def write_checkpoint(path, tokenizer=True):
-    """A random 2-layer Llama with a 300-token byte-level BPE trained on the sonnets."""
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([load_text("sonnets")[:20000]], trainer)
-    config = DecoderConfig.from_hf(hf_config(backend.get_vocab_size()))
-    params = Decoder(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    save_pretrained(path, (config, params, None))
-    if tokenizer:
-        backend.save(str(path / "tokenizer.json"))
-        special = {"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}
-        (path / "tokenizer_config.json").write_text(json.dumps(special | {"chat_template": CHAT}))
-    return path
 
 
 @pytest.fixture(scope="module")
