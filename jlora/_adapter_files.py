@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from typing import Any
@@ -35,8 +34,9 @@ from jlora._dora import place_magnitudes
 from jlora._layout import adapter_keys, adapter_shapes, magnitude_key
 from jlora._paths import path_str, some_paths
 from jlora._quantized import is_quantized
-from jlora._resolve import resolve_sites
+from jlora._resolve import check_config, resolve_sites
 from jlora._tensorfile import decode, encode
+from jlora.peft._format import WEIGHTS_FILE as PEFT_WEIGHTS_FILE
 
 FORMAT = "jlora-adapter"
 VERSION = 1
@@ -46,60 +46,6 @@ _WEIGHTS = re.compile(r"adapter-[0-9a-f]{16}\.safetensors")
 
 def _spec(name: str, x: Any) -> dict[str, Any]:
     return {"name": name, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
-
-
-def _describe(config: LoraConfig, kernel: str, rank: int) -> str:
-    how = f"alpha {config.alpha_for(kernel):g} / {'sqrt(' if config.use_rslora else ''}r"
-    return f"{how}{')' if config.use_rslora else ''}, r = {rank}"
-
-
-def check_config(
-    where: str,
-    recorded: LoraConfig,
-    kernels: list[tuple[str, tuple[int, ...], tuple[str, ...], int, float]],
-    given: LoraConfig,
-    given_name: str = "the config given",
-) -> None:
-    """Refuses ``given`` unless it gives every adapted kernel the recorded roles, rank and scale.
-
-    The tree holds only A and B: a rank shows in their shapes, but alpha, ``alpha_pattern`` and
-    ``use_rslora`` do not, so a config of another alpha would silently scale the update. Files
-    record them; this is where a file and a config meet.
-
-    Args:
-      where: the file, for the message.
-      recorded: the config the file records (for describing it).
-      kernels: ``(path, shape, roles, rank, scale)`` per adapted kernel, as recorded.
-      given: the config the caller means to use with these adapters.
-      given_name: how the message names ``given``.
-
-    Raises:
-      ValueError: naming the first kernel where roles, rank or scale differ, with both values.
-
-    Example:
-      >>> cfg = LoraConfig(rank=2, alpha=4.0)
-      >>> check_config("x", cfg, [("d/kernel", (3, 3), ("in", "out"), 2, 2.0)], cfg)
-    """
-    fix = (
-        "Use the config the file records (the one load_adapter / import_peft returns when no "
-        "config is passed), or a config with the same alpha, alpha_pattern, rank and use_rslora"
-    )
-    for kernel, shape, roles, rank, scale in kernels:
-        got_roles = axis_roles(kernel, shape, given)
-        if got_roles != tuple(roles):
-            raise ValueError(
-                f"{where}: kernel {kernel!r} was adapted with axis roles {tuple(roles)}, but "
-                f"{given_name} lays it out as {got_roles} (axis_rules differ). {fix}"
-            )
-        got_rank = given.rank_for(kernel)
-        got_scale = given.scale_for(kernel, got_rank)
-        if got_rank != rank or not math.isclose(got_scale, scale, rel_tol=1e-9):
-            raise ValueError(
-                f"{where}: kernel {kernel!r} was trained with scale {scale:g} "
-                f"({_describe(recorded, kernel, rank)}), but {given_name} has scale "
-                f"{got_scale:g} there ({_describe(given, kernel, got_rank)}); merging or "
-                f"applying with it would scale the update by {got_scale / scale:.4g}. {fix}"
-            )
 
 
 def save_adapter(path: str | os.PathLike[str], params: Any, config: LoraConfig) -> None:
@@ -186,8 +132,8 @@ def _read_manifest(path: str) -> dict[str, Any]:
     where = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(where):
         hint = (
-            " It holds adapter_model.safetensors: a PEFT adapter; read it with jlora.import_peft"
-            if os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
+            f" It holds {PEFT_WEIGHTS_FILE}: a PEFT adapter; read it with jlora.import_peft"
+            if os.path.isfile(os.path.join(path, PEFT_WEIGHTS_FILE))
             else " Save one with jlora.save_adapter"
         )
         raise FileNotFoundError(f"no jlora adapter at {path!r}: {CONFIG_FILE} is missing.{hint}")

@@ -1,9 +1,11 @@
-"""Placing loaded adapter factors beside their kernels in a base tree, without touching it.
+"""Placing adapter factors beside their kernels in a base tree, without touching it.
 
-Shared by :func:`jlora.load_adapter` and :func:`jlora.import_peft`: the base must be
-un-adapted, every named kernel must sit in a dict (where its ``*_lora_a`` / ``*_lora_b``
-siblings go, see ``_layout``), and a ``NamedSharding``-placed kernel gets its adapters sharded
-to match. A new tree is built; the base's dicts and arrays are never modified.
+Loaded factors (:func:`place_adapters`, shared by :func:`jlora.load_adapter` and
+:func:`jlora.import_peft`): the base must be un-adapted, every named kernel must sit in a dict
+(where its ``*_lora_a`` / ``*_lora_b`` siblings go, see ``_layout``), and a
+``NamedSharding``-placed kernel gets its adapters sharded to match. Factors computed from the
+kernel (:func:`place_factored`, for PiSSA, OLoRA and LoftQ) replace the kernel as well. A new
+tree is built; the base's dicts and arrays are never modified.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
+from jax.tree_util import DictKey
 
 from jlora._layout import adapter_keys
 from jlora._paths import KeyPath, join_paths, path_str
@@ -76,3 +79,36 @@ def place_adapters(
             "adapters cannot be placed beside them; convert that part to nested dicts"
         )
     return params
+
+
+def place_factored(
+    params: Any, planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]], caller: str
+) -> Any:
+    """``params`` with each planned kernel replaced by its new base and A/B set beside it.
+
+    Raises:
+      ValueError: if a planned kernel already has adapters or is not held by a dict.
+    """
+    planned = dict(planned)
+
+    def replace(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
+        for k in list(items):
+            path = (*parent, DictKey(k))
+            if path in planned:
+                a_key, b_key = adapter_keys(k)
+                if a_key in items or b_key in items:
+                    raise ValueError(
+                        f"{caller}: kernel {path_str(path)!r} already has LoRA adapters; "
+                        "merge_params or split them off first"
+                    )
+                items[k], items[a_key], items[b_key] = planned.pop(path)
+        return items
+
+    out = rebuild(params, replace)
+    if planned:
+        raise ValueError(
+            f"{caller}: kernels {[path_str(p) for p in planned]} are not held by a dict, "
+            "which cannot hold the adapter leaves beside them; convert that part of the tree to "
+            "nested dicts, or exclude those paths"
+        )
+    return out

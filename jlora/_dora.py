@@ -22,7 +22,7 @@ from jax.tree_util import DictKey
 from jlora._config import LoraConfig
 from jlora._factorised.dora import factorised_norm
 from jlora._init import init_lora
-from jlora._layout import axes_of, magnitude_key
+from jlora._layout import magnitude_key, role_sizes
 from jlora._paths import KeyPath, path_str
 from jlora._quantized import as_array
 from jlora._resolve import resolve_sites
@@ -109,7 +109,7 @@ def place_peft_magnitudes(
         dtype = jnp.promote_types(site.kernel.dtype, site.a.dtype)
         w = as_array(site.kernel).astype(dtype)
         m = factorised_norm(w, site.a, site.b, adapted.roles, adapted.scale)
-        out = tuple(site.kernel.shape[i] for i in axes_of(adapted.roles, "out"))
+        out = role_sizes(site.kernel.shape, adapted.roles)[2]
         for index, vector in given[site.name].items():
             m = m.at[index].set(jnp.asarray(vector, m.dtype).reshape(out))
         full[site.name] = m.astype(config.dtype)

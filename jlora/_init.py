@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
-from jlora._layout import adapter_keys, adapter_shapes, axes_of
+from jlora._layout import adapter_keys, adapter_shapes, check_rank, fans
 from jlora._paths import KeyPath, path_seed, path_str
 from jlora._sharding import constrain, derive_adapter_specs
 from jlora._targets import select_kernels
@@ -22,17 +22,6 @@ _CONTAINERS = {
     jax.tree_util.GetAttrKey: "dataclass or object",
     jax.tree_util.FlattenedIndexKey: "custom pytree",
 }
-
-
-def _check_rank(name: str, shape: tuple[int, ...], roles: tuple[str, ...], rank: int) -> None:
-    fan_in = math.prod(shape[i] for i in axes_of(roles, "in"))
-    fan_out = math.prod(shape[i] for i in axes_of(roles, "out"))
-    if rank > min(fan_in, fan_out):
-        raise ValueError(
-            f"rank {rank} for {name!r} exceeds what its kernel allows: shape {shape} with roles "
-            f"{roles} has {fan_in} inputs and {fan_out} outputs, so rank <= {min(fan_in, fan_out)}"
-            "; lower rank or set a smaller one for this path with rank_pattern"
-        )
 
 
 def _factors(
@@ -52,7 +41,7 @@ def _factors(
         a = jax.random.normal(key, a_shape, dtype) / rank
     else:
         # Kaiming-uniform, a=sqrt(5), as the LoRA paper's code: U(±1/sqrt(fan_in)).
-        bound = 1.0 / math.sqrt(math.prod(shape[i] for i in axes_of(roles, "in")))
+        bound = 1.0 / math.sqrt(fans(shape, roles)[0])
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
     return a, jnp.zeros(b_shape, dtype)
 
@@ -103,7 +92,7 @@ def init_lora(key: jax.Array, params: Any, config: LoraConfig, *, shardings: Any
         shape = tuple(leaf.shape)
         roles = axis_roles(name, shape, config)
         rank = config.rank_for(name)
-        _check_rank(name, shape, roles, rank)
+        check_rank(name, shape, roles, rank)
         a, b = _factors(jax.random.fold_in(key, path_seed(path)), name, shape, roles, rank, config)
         spec_a, spec_b = specs.get(tuple(path), (None, None))
         planned[tuple(path)] = constrain(a, spec_a), constrain(b, spec_b)

@@ -27,6 +27,7 @@ Design note (the one place this is decided):
 
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Sequence
 from typing import Literal
@@ -89,7 +90,49 @@ def magnitude_shape(kernel_shape: Sequence[int], roles: Sequence[str]) -> tuple[
       >>> magnitude_shape((2, 64, 4, 16), ("stack", "in", "out", "out"))
       (2, 4, 16)
     """
-    return tuple(kernel_shape[i] for i in axes_of(roles, "stack") + axes_of(roles, "out"))
+    stack, _, fan_out = role_sizes(kernel_shape, roles)
+    return stack + fan_out
+
+
+def role_sizes(
+    kernel_shape: Sequence[int], roles: Sequence[str]
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The sizes of the kernel's ``stack``, ``in`` and ``out`` axes, each group in kernel order.
+
+    Example:
+      >>> role_sizes((2, 64, 4, 16), ("stack", "in", "out", "out"))
+      ((2,), (64,), (4, 16))
+    """
+    stack, fan_in, fan_out = (
+        tuple(kernel_shape[i] for i in axes_of(roles, role)) for role in ROLES
+    )
+    return stack, fan_in, fan_out
+
+
+def fans(kernel_shape: Sequence[int], roles: Sequence[str]) -> tuple[int, int]:
+    """``(fan_in, fan_out)``: the kernel per stack entry as a ``(fan_in, fan_out)`` matrix.
+
+    Example:
+      >>> fans((2, 64, 4, 16), ("stack", "in", "out", "out"))
+      (64, 64)
+    """
+    _, fan_in, fan_out = role_sizes(kernel_shape, roles)
+    return math.prod(fan_in), math.prod(fan_out)
+
+
+def check_rank(name: str, shape: tuple[int, ...], roles: tuple[str, ...], rank: int) -> None:
+    """Refuses a rank above ``min(fan_in, fan_out)`` of kernel ``name``.
+
+    Raises:
+      ValueError: naming the kernel, its shape and roles, and the largest rank it allows.
+    """
+    fan_in, fan_out = fans(shape, roles)
+    if rank > min(fan_in, fan_out):
+        raise ValueError(
+            f"rank {rank} for {name!r} exceeds what its kernel allows: shape {shape} with roles "
+            f"{roles} has {fan_in} inputs and {fan_out} outputs, so rank <= {min(fan_in, fan_out)}"
+            "; lower rank or set a smaller one for this path with rank_pattern"
+        )
 
 
 def adapter_shapes(
@@ -101,11 +144,8 @@ def adapter_shapes(
       >>> adapter_shapes((2, 64, 4, 16), ("stack", "in", "out", "out"), 8)
       ((2, 64, 8), (2, 8, 4, 16))
     """
-    shape = tuple(kernel_shape)
-    stack = tuple(shape[i] for i in axes_of(roles, "stack"))
-    fan_in = tuple(shape[i] for i in axes_of(roles, "in"))
-    fan_out = tuple(shape[i] for i in axes_of(roles, "out"))
-    return stack + fan_in + (rank,), (*stack, rank, *fan_out)
+    stack, fan_in, fan_out = role_sizes(kernel_shape, roles)
+    return (*stack, *fan_in, rank), (*stack, rank, *fan_out)
 
 
 def einsum_spec(roles: Sequence[str]) -> str:

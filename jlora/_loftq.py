@@ -14,11 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._attach import place_factored
 from jlora._config import LoraConfig
 from jlora._layout import delta
 from jlora._paths import KeyPath, path_str
-from jlora._pissa import factor_kernel, float_kernels, place_factored
+from jlora._pissa import factor_kernel
 from jlora._qlora import check_options, quantize_kernel
+from jlora._targets import float_kernels
 
 
 def init_loftq(

@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.tree_util import DictKey
 
 from jlora._adapters import Adapter, place
-from jlora._axes import axis_roles
+from jlora._attach import place_factored
 from jlora._config import LoraConfig
-from jlora._init import _check_rank
-from jlora._layout import adapter_keys, axes_of, delta
+from jlora._layout import axes_of, delta, fans, role_sizes
 from jlora._paths import KeyPath, path_str
-from jlora._quantized import is_quantized
 from jlora._resolve import resolve_sites
 from jlora._split import combine, split
-from jlora._targets import select_kernels
-from jlora._tree import rebuild
+from jlora._targets import float_kernels
 
 METHODS = ("pissa", "olora")
 
@@ -38,14 +33,10 @@ METHODS = ("pissa", "olora")
 def factor_kernel(
     w: jax.Array, roles: tuple[str, ...], rank: int, scale: float, method: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
-    stack = [w.shape[i] for i in axes_of(roles, "stack")]
-    fan_in = [w.shape[i] for i in axes_of(roles, "in")]
-    fan_out = [w.shape[i] for i in axes_of(roles, "out")]
+    stack, fan_in, fan_out = role_sizes(w.shape, roles)
     perm = axes_of(roles, "stack") + axes_of(roles, "in") + axes_of(roles, "out")
     wide = jnp.promote_types(w.dtype, dtype)
-    grouped = jnp.transpose(w.astype(wide), perm).reshape(
-        *stack, math.prod(fan_in), math.prod(fan_out)
-    )
+    grouped = jnp.transpose(w.astype(wide), perm).reshape(*stack, *fans(w.shape, roles))
     if method == "pissa":
         u, s, vt = jnp.linalg.svd(grouped, full_matrices=False)
         root = jnp.sqrt(s[..., :rank] / scale)
@@ -107,58 +98,6 @@ def init_pissa(params: Any, config: LoraConfig, *, method: str = "pissa") -> Any
         planned[path] = (residual, a, b)
 
     return place_factored(params, planned, "init_pissa")
-
-
-def float_kernels(
-    params: Any, config: LoraConfig, caller: str, why: str
-) -> Iterator[tuple[KeyPath, jax.Array, tuple[str, ...], int, float]]:
-    """``(path, W, roles, rank, scale)`` of each selected float kernel, rank checked.
-
-    Raises:
-      ValueError: for a quantised kernel (``why`` says what to do instead), a rank too large
-        for a kernel, or a kernel with no axis rule.
-    """
-    for path, w in select_kernels(params, config):
-        name = path_str(path)
-        if is_quantized(w):
-            raise ValueError(f"{caller}: kernel {name!r} is quantised; {why}")
-        roles = axis_roles(name, tuple(w.shape), config)
-        rank = config.rank_for(name)
-        _check_rank(name, tuple(w.shape), roles, rank)
-        yield tuple(path), w, roles, rank, config.scale_for(name, rank)
-
-
-def place_factored(
-    params: Any, planned: dict[KeyPath, tuple[Any, jax.Array, jax.Array]], caller: str
-) -> Any:
-    """``params`` with each planned kernel replaced by its new base and A/B set beside it.
-
-    Raises:
-      ValueError: if a planned kernel already has adapters or is not held by a dict.
-    """
-    planned = dict(planned)
-
-    def replace(parent: KeyPath, items: dict[Any, Any]) -> dict[Any, Any]:
-        for k in list(items):
-            path = (*parent, DictKey(k))
-            if path in planned:
-                a_key, b_key = adapter_keys(k)
-                if a_key in items or b_key in items:
-                    raise ValueError(
-                        f"{caller}: kernel {path_str(path)!r} already has LoRA adapters; "
-                        "merge_params or split them off first"
-                    )
-                items[k], items[a_key], items[b_key] = planned.pop(path)
-        return items
-
-    out = rebuild(params, replace)
-    if planned:
-        raise ValueError(
-            f"{caller}: kernels {[path_str(p) for p in planned]} are not held by a dict, "
-            "which cannot hold the adapter leaves beside them; convert that part of the tree to "
-            "nested dicts, or exclude those paths"
-        )
-    return out
 
 
 def pissa_to_lora(params: Any, initial: Any, config: LoraConfig) -> Adapter:

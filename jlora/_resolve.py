@@ -2,11 +2,14 @@
 
 Every consumer of adapters (merge, the factorised path, summary, files) goes through
 :func:`resolve_sites`, so a tree paired with the wrong config fails here, naming the path.
+Files record each kernel's roles, rank and scale; :func:`check_config` holds a config against
+them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from jlora._axes import axis_roles
@@ -56,3 +59,57 @@ def resolve(site: Site, config: LoraConfig) -> Adapted:
 def resolve_sites(params: Any, config: LoraConfig) -> list[Adapted]:
     """:func:`resolve` for every adapted kernel in ``params``, in tree order."""
     return [resolve(site, config) for site in find_sites(params)]
+
+
+def _describe(config: LoraConfig, kernel: str, rank: int) -> str:
+    how = f"alpha {config.alpha_for(kernel):g} / {'sqrt(' if config.use_rslora else ''}r"
+    return f"{how}{')' if config.use_rslora else ''}, r = {rank}"
+
+
+def check_config(
+    where: str,
+    recorded: LoraConfig,
+    kernels: list[tuple[str, tuple[int, ...], tuple[str, ...], int, float]],
+    given: LoraConfig,
+    given_name: str = "the config given",
+) -> None:
+    """Refuses ``given`` unless it gives every adapted kernel the recorded roles, rank and scale.
+
+    The tree holds only A and B: a rank shows in their shapes, but alpha, ``alpha_pattern`` and
+    ``use_rslora`` do not, so a config of another alpha would silently scale the update. Files
+    record them; this is where a file and a config meet.
+
+    Args:
+      where: the file, for the message.
+      recorded: the config the file records (for describing it).
+      kernels: ``(path, shape, roles, rank, scale)`` per adapted kernel, as recorded.
+      given: the config the caller means to use with these adapters.
+      given_name: how the message names ``given``.
+
+    Raises:
+      ValueError: naming the first kernel where roles, rank or scale differ, with both values.
+
+    Example:
+      >>> cfg = LoraConfig(rank=2, alpha=4.0)
+      >>> check_config("x", cfg, [("d/kernel", (3, 3), ("in", "out"), 2, 2.0)], cfg)
+    """
+    fix = (
+        "Use the config the file records (the one load_adapter / import_peft returns when no "
+        "config is passed), or a config with the same alpha, alpha_pattern, rank and use_rslora"
+    )
+    for kernel, shape, roles, rank, scale in kernels:
+        got_roles = axis_roles(kernel, shape, given)
+        if got_roles != tuple(roles):
+            raise ValueError(
+                f"{where}: kernel {kernel!r} was adapted with axis roles {tuple(roles)}, but "
+                f"{given_name} lays it out as {got_roles} (axis_rules differ). {fix}"
+            )
+        got_rank = given.rank_for(kernel)
+        got_scale = given.scale_for(kernel, got_rank)
+        if got_rank != rank or not math.isclose(got_scale, scale, rel_tol=1e-9):
+            raise ValueError(
+                f"{where}: kernel {kernel!r} was trained with scale {scale:g} "
+                f"({_describe(recorded, kernel, rank)}), but {given_name} has scale "
+                f"{got_scale:g} there ({_describe(given, kernel, got_rank)}); merging or "
+                f"applying with it would scale the update by {got_scale / scale:.4g}. {fix}"
+            )

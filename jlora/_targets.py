@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jlora._axes import axis_roles
 from jlora._config import LoraConfig, Selector, selectors
-from jlora._layout import adapter_owner
+from jlora._layout import adapter_owner, check_rank
 from jlora._paths import KeyPath, path_str, some_paths
 from jlora._quantized import is_quantized
 
@@ -126,3 +127,25 @@ def select_kernels(params: Any, config: LoraConfig) -> list[tuple[KeyPath, Any]]
             f"no kernel; regexes are fullmatched against paths such as:\n{some_paths(params)}"
         )
     return chosen
+
+
+def float_kernels(
+    params: Any, config: LoraConfig, caller: str, why: str
+) -> Iterator[tuple[KeyPath, jax.Array, tuple[str, ...], int, float]]:
+    """``(path, W, roles, rank, scale)`` of each selected float kernel, rank checked.
+
+    For the variants that factor the kernel itself (PiSSA, OLoRA, LoftQ); ``caller`` names
+    the function in errors.
+
+    Raises:
+      ValueError: for a quantised kernel (``why`` says what to do instead), a rank too large
+        for a kernel, or a kernel with no axis rule.
+    """
+    for path, w in select_kernels(params, config):
+        name = path_str(path)
+        if is_quantized(w):
+            raise ValueError(f"{caller}: kernel {name!r} is quantised; {why}")
+        roles = axis_roles(name, tuple(w.shape), config)
+        rank = config.rank_for(name)
+        check_rank(name, tuple(w.shape), roles, rank)
+        yield tuple(path), w, roles, rank, config.scale_for(name, rank)

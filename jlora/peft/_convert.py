@@ -11,10 +11,11 @@ Only reshapes and transposes: the conversion is exact, and the scale is the same
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from jlora._layout import fans, role_sizes
 
 
 def orientation(name: str, jlora_roles: Sequence[str], torch_roles: Sequence[str]) -> bool:
@@ -38,8 +39,8 @@ def orientation(name: str, jlora_roles: Sequence[str], torch_roles: Sequence[str
 
 def stack_indices(shape: Sequence[int], roles: Sequence[str]) -> list[tuple[int, ...]]:
     """Every index along the kernel's stack axes (``[()]`` for an unstacked kernel)."""
-    sizes = [shape[i] for i, r in enumerate(roles) if r == "stack"]
-    return list(itertools.product(*(range(n) for n in sizes)))
+    stack, _, _ = role_sizes(shape, roles)
+    return list(itertools.product(*(range(n) for n in stack)))
 
 
 def to_peft(
@@ -58,8 +59,7 @@ def peft_shapes(
     shape: Sequence[int], jlora_roles: Sequence[str], swap: bool, rank: int
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """The ``(lora_A, lora_B)`` shapes PEFT has for one module of this kernel."""
-    fan_in = math.prod(shape[i] for i, r in enumerate(jlora_roles) if r == "in")
-    fan_out = math.prod(shape[i] for i, r in enumerate(jlora_roles) if r == "out")
+    fan_in, fan_out = fans(shape, jlora_roles)
     if swap:
         fan_in, fan_out = fan_out, fan_in
     return (rank, fan_in), (fan_out, rank)

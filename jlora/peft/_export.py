@@ -15,21 +15,18 @@ import numpy as np
 
 from jlora._atomic import atomic_write, fsync_dir
 from jlora._config import LoraConfig
-from jlora._resolve import resolve_sites
+from jlora._resolve import Adapted, resolve_sites
 from jlora._tensorfile import encode
 from jlora.peft._convert import module_names, orientation, to_peft
-from jlora.peft._format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, factor_key
-from jlora.peft._mapping import PeftMapping
-
-#: PEFT's ``TaskType`` values.
-TASK_TYPES = (
-    "SEQ_CLS",
-    "SEQ_2_SEQ_LM",
-    "CAUSAL_LM",
-    "TOKEN_CLS",
-    "QUESTION_ANS",
-    "FEATURE_EXTRACTION",
+from jlora.peft._format import (
+    CONFIG_FILE,
+    MAGNITUDE_SUFFIX,
+    PREFIX,
+    TASK_TYPES,
+    WEIGHTS_FILE,
+    factor_key,
 )
+from jlora.peft._mapping import PeftMapping
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -94,6 +91,37 @@ def export_peft(
             f"export_peft: task_type {task_type!r} is not one of PEFT's task types {TASK_TYPES}"
         )
     adapted = resolve_sites(params, config)
+    dora = _check_adapters(adapted)
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    origin: dict[str, str] = {}
+    for item in adapted:
+        name = item.site.name
+        for module, factors in _module_tensors(item, config, mapping):
+            if module in origin:
+                raise ValueError(
+                    f"export_peft: kernels {origin[module]!r} and {name!r} both map to module "
+                    f"{module!r}; each PyTorch module holds one adapter. Fix the mapping's rules"
+                )
+            origin[module] = name
+            tensors.update(factors)
+            ranks[module] = item.rank
+            alphas[module] = config.alpha_for(name)
+    modules = list(origin)
+    peft_config = _peft_config(
+        modules, ranks, alphas, config, mapping, dora, base_model_name_or_path, task_type
+    )
+    _write(os.fspath(path), encode(tensors), json.dumps(peft_config, indent=2).encode())
+    return modules
+
+
+def _check_adapters(adapted: list[Adapted]) -> bool:
+    """Whether the adapters are DoRA (all of them), refusing none or a mix.
+
+    Raises:
+      ValueError: if there are no adapters, or only some kernels have DoRA magnitudes.
+    """
     if not adapted:
         raise ValueError(
             "export_peft: params hold no LoRA adapters; pass the tree returned by "
@@ -107,64 +135,79 @@ def export_peft(
             "one switch for the whole adapter. Add magnitudes to all (jlora.add_magnitudes) or "
             "to none"
         )
-    tensors: dict[str, np.ndarray] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    origin: dict[str, str] = {}
-    for item in adapted:
-        name = item.site.name
-        found = mapping.module_for(name)
-        if found is None:
-            raise ValueError(
-                f"export_peft: kernel {name!r} is adapted, but mapping {mapping.name!r} maps it "
-                "to no PyTorch module (no rule matches); add a ModuleRule for it, or leave it "
-                "out of LoraConfig.targets"
-            )
-        template, axes = found
-        shape = tuple(item.site.kernel.shape)
-        torch_roles = item.roles if axes is None else axes
-        if len(torch_roles) != len(shape):
-            raise ValueError(
-                f"export_peft: mapping {mapping.name!r} gives {name!r} axes {torch_roles}, but "
-                f"the kernel has shape {shape}; give one role per axis"
-            )
-        swap = orientation(name, item.roles, torch_roles)
-        embedding = re.fullmatch(config.embed_pattern, name) is not None
-        a = np.asarray(jax.device_get(item.site.a))
-        b = np.asarray(jax.device_get(item.site.b))
-        m = None if item.site.m is None else np.asarray(jax.device_get(item.site.m))
-        if m is not None and swap:
-            raise ValueError(
-                f"export_peft: {name!r} is a DoRA kernel whose PyTorch module has its input and "
-                "output axes the other way round; PEFT would normalise over the other axis, so "
-                "its magnitude has no PEFT form. Train with LoraConfig(axis_rules="
-                "mapping.axis_rules) so jlora normalises as PEFT does, or export the merged "
-                "model (merge_params)"
-            )
-        for index, module in module_names(name, template, shape, item.roles):
-            if module in origin:
-                raise ValueError(
-                    f"export_peft: kernels {origin[module]!r} and {name!r} both map to module "
-                    f"{module!r}; each PyTorch module holds one adapter. Fix the mapping's rules"
-                )
-            origin[module] = name
-            lora_a, lora_b = to_peft(a, b, index, swap)
-            m_i = None if m is None else m[index].reshape(-1)
-            perm = mapping.permutation(name, lora_b.shape[0])
-            if perm is not None:  # PyTorch orders this module's output features differently
-                lora_b = lora_b[perm]
-                m_i = None if m_i is None else m_i[perm]
-            tensors[factor_key(module, "A", embedding)] = lora_a
-            tensors[factor_key(module, "B", embedding)] = lora_b
-            if m_i is not None:  # DoRA: one magnitude per output feature of the module
-                tensors[PREFIX + module + ".lora_magnitude_vector"] = m_i
-            ranks[module] = item.rank
-            alphas[module] = config.alpha_for(name)
+    return bool(dora)
 
-    modules = list(origin)
+
+def _module_tensors(
+    item: Adapted, config: LoraConfig, mapping: PeftMapping
+) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The PyTorch modules one adapted kernel maps to, each with its PEFT state-dict entries.
+
+    Raises:
+      ValueError: if the mapping maps the kernel to no module or gives it the wrong number of
+        axes, or a DoRA kernel's module is laid out the other way round.
+    """
+    name = item.site.name
+    found = mapping.module_for(name)
+    if found is None:
+        raise ValueError(
+            f"export_peft: kernel {name!r} is adapted, but mapping {mapping.name!r} maps it "
+            "to no PyTorch module (no rule matches); add a ModuleRule for it, or leave it "
+            "out of LoraConfig.targets"
+        )
+    template, axes = found
+    shape = tuple(item.site.kernel.shape)
+    torch_roles = item.roles if axes is None else axes
+    if len(torch_roles) != len(shape):
+        raise ValueError(
+            f"export_peft: mapping {mapping.name!r} gives {name!r} axes {torch_roles}, but "
+            f"the kernel has shape {shape}; give one role per axis"
+        )
+    swap = orientation(name, item.roles, torch_roles)
+    embedding = re.fullmatch(config.embed_pattern, name) is not None
+    a = np.asarray(jax.device_get(item.site.a))
+    b = np.asarray(jax.device_get(item.site.b))
+    m = None if item.site.m is None else np.asarray(jax.device_get(item.site.m))
+    if m is not None and swap:
+        raise ValueError(
+            f"export_peft: {name!r} is a DoRA kernel whose PyTorch module has its input and "
+            "output axes the other way round; PEFT would normalise over the other axis, so "
+            "its magnitude has no PEFT form. Train with LoraConfig(axis_rules="
+            "mapping.axis_rules) so jlora normalises as PEFT does, or export the merged "
+            "model (merge_params)"
+        )
+    out = []
+    for index, module in module_names(name, template, shape, item.roles):
+        lora_a, lora_b = to_peft(a, b, index, swap)
+        m_i = None if m is None else m[index].reshape(-1)
+        perm = mapping.permutation(name, lora_b.shape[0])
+        if perm is not None:  # PyTorch orders this module's output features differently
+            lora_b = lora_b[perm]
+            m_i = None if m_i is None else m_i[perm]
+        entries = {
+            factor_key(module, "A", embedding): lora_a,
+            factor_key(module, "B", embedding): lora_b,
+        }
+        if m_i is not None:  # DoRA: one magnitude per output feature of the module
+            entries[PREFIX + module + MAGNITUDE_SUFFIX] = m_i
+        out.append((module, entries))
+    return out
+
+
+def _peft_config(
+    modules: list[str],
+    ranks: dict[str, int],
+    alphas: dict[str, float],
+    config: LoraConfig,
+    mapping: PeftMapping,
+    dora: bool,
+    base_model_name_or_path: str | os.PathLike[str] | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json``: the most common rank and alpha, the rest as patterns."""
     r0 = _most_common([ranks[m] for m in modules])
     alpha0 = _most_common([alphas[m] for m in modules])
-    peft_config = {
+    return {
         "peft_type": "LORA",
         "task_type": mapping.task_type if task_type is None else task_type,
         "r": r0,
@@ -178,15 +221,13 @@ def export_peft(
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
-        "use_dora": bool(dora),
+        "use_dora": dora,
         "inference_mode": True,
         "base_model_name_or_path": (
             None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
         ),
         "revision": None,
     }
-    _write(os.fspath(path), encode(tensors), json.dumps(peft_config, indent=2).encode())
-    return modules
 
 
 def _write(path: str, weights: bytes, config: bytes) -> None:

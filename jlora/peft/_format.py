@@ -1,10 +1,12 @@
-"""PEFT's on-disk names: files, the state-dict key of each factor, and rank/alpha patterns.
+"""PEFT's on-disk format: file names, state-dict keys, task types and rank/alpha patterns.
 
-A PEFT LoRA adapter is a directory with ``adapter_model.safetensors`` (keys
-``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and ``...lora_B.weight`` ``(out, r)``;
-``...lora_embedding_A`` ``(r, vocab)`` and ``...lora_embedding_B`` ``(dim, r)`` for embeddings)
-and ``adapter_config.json`` (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
-``use_rslora``, ``target_modules``, ...).
+The one module that knows them. A PEFT LoRA adapter is a directory with
+``adapter_model.safetensors`` (keys ``base_model.model.<module>.lora_A.weight`` ``(r, in)`` and
+``...lora_B.weight`` ``(out, r)``; ``...lora_embedding_A`` ``(r, vocab)`` and
+``...lora_embedding_B`` ``(dim, r)`` for embeddings; ``...lora_magnitude_vector`` for DoRA;
+copies of base weights as ``...base_layer.weight`` or ``...weight``) and
+``adapter_config.json`` (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``,
+``use_rslora``, ``target_modules``, ``task_type``, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +16,22 @@ from collections.abc import Mapping
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"  # PyTorch's pickle: recognised to refuse it, never read
 CONFIG_FILE = "adapter_config.json"
+
+BASE_SUFFIX = ".base_layer.weight"  # an adapted module's own weight, as PEFT copies it
+COPY_SUFFIX = ".weight"  # an un-adapted module's weight
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA, one value per output feature
+
+#: PEFT's ``TaskType`` values.
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
 
 _SUFFIXES = {
     ".lora_A.weight": ("A", False),

@@ -19,7 +19,6 @@ layout on the JAX side comes from the mapping's axes.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable
@@ -28,17 +27,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from jlora._adapter_files import check_config
 from jlora._attach import check_unadapted, place_adapters
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._dora import place_peft_magnitudes
+from jlora._layout import adapter_shapes, fans
 from jlora._paths import path_str
-from jlora._resolve import resolve_sites
+from jlora._resolve import check_config, resolve_sites
 from jlora._tensorfile import decode
 from jlora.peft._convert import from_peft, module_names, orientation, peft_shapes
 from jlora.peft._format import (
+    BASE_SUFFIX,
     CONFIG_FILE,
+    COPY_SUFFIX,
+    MAGNITUDE_SUFFIX,
+    PICKLE_FILE,
     PREFIX,
     WEIGHTS_FILE,
     factor_key,
@@ -46,10 +49,6 @@ from jlora.peft._format import (
     pattern_value,
 )
 from jlora.peft._mapping import PeftMapping
-
-BASE_SUFFIX = ".base_layer.weight"  # an adapted module's own weight, as PEFT copies it
-COPY_SUFFIX = ".weight"  # an un-adapted module's weight
-MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA, one value per output feature
 
 # Options that add something a LoRA A/B pair cannot hold: refused, never silently dropped.
 _UNSUPPORTED = {
@@ -59,6 +58,12 @@ _UNSUPPORTED = {
     "target_parameters": "adapters on bare parameters (target_parameters)",
     "trainable_token_indices": "trainable tokens",
 }
+
+
+# (shape, jlora roles or () until needed, the mapping's PyTorch axes or None) per kernel path.
+_Kernels = dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...] | None]]
+# module -> (kernel path, stack index)
+_Owners = dict[str, tuple[str, tuple[int, ...]]]
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -95,7 +100,7 @@ def _read_config(path: str) -> dict[str, Any]:
 def _read_factors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     where = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(where):
-        pickled = os.path.isfile(os.path.join(path, "adapter_model.bin"))
+        pickled = os.path.isfile(os.path.join(path, PICKLE_FILE))
         hint = (
             " It holds adapter_model.bin, a pickle, which jlora never reads; re-save it with "
             "save_pretrained(..., safe_serialization=True)"
@@ -148,8 +153,8 @@ def _torch_weight(kernel: np.ndarray, roles: tuple[str, ...], embedding: bool) -
     """
     order = ("in", "out") if embedding else ("out", "in")
     axes = [i for role in order for i, r in enumerate(roles) if r == role]
-    fan = [math.prod(kernel.shape[i] for i, r in enumerate(roles) if r == role) for role in order]
-    return kernel.transpose(axes).reshape(fan)
+    fan_in, fan_out = fans(kernel.shape, roles)
+    return kernel.transpose(axes).reshape((fan_in, fan_out) if embedding else (fan_out, fan_in))
 
 
 def _check_base_copies(
@@ -280,14 +285,68 @@ def import_peft(
         raise TypeError(
             f"import_peft: config must be a LoraConfig or None; got {type(config).__name__}"
         )
-    given = config
+    config_given = config
     cfg = _read_config(path)
     modules, base_copies = _read_factors(path)
     check_unadapted(base_params)
-
     roles_config = LoraConfig(axis_rules=mapping.axis_rules)
-    owners: dict[str, tuple[str, tuple[int, ...]]] = {}  # module -> (kernel path, stack index)
-    kernels: dict[str, tuple[tuple[int, ...], tuple[str, ...], tuple[str, ...] | None]] = {}
+    owners, kernels = _mapped_kernels(base_params, mapping, roles_config)
+    per_kernel = _modules_by_kernel(path, modules, owners, mapping)
+
+    def roles_of(kernel: str) -> tuple[str, ...]:
+        shape, roles, axes = kernels[kernel]
+        return roles or axes or _roles(kernel, shape, roles_config, mapping)
+
+    if base_copies:
+        leaves = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
+        _check_base_copies(
+            path, base_copies, modules, owners, roles_of, roles_config.embed_pattern, leaves
+        )
+
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    magnitudes: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
+    kernel_roles: dict[str, tuple[str, ...]] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dtype = next(iter(modules.values()))["A"].dtype if modules else np.dtype(np.float32)
+    for kernel, slices in per_kernel.items():
+        shape, _, axes = kernels[kernel]
+        roles = roles_of(kernel)
+        swap = orientation(kernel, roles, axes or roles)
+        with_m = _magnitudes(path, kernel, slices, modules, bool(cfg.get("use_dora")))
+        if with_m:
+            magnitudes[kernel] = with_m
+        rank, alpha, slice_alpha = _rank_and_alpha(
+            path, kernel, slices, modules, shape, roles, swap, cfg
+        )
+        factors[kernel] = _stacked_factors(
+            slices, modules, shape, roles, swap, rank, alpha, slice_alpha, dtype
+        )
+        kernel_roles[kernel] = roles
+        ranks[kernel], alphas[kernel] = rank, alpha
+
+    if not factors:
+        raise ValueError(f"{path!r}: the adapter holds no LoRA factors")
+    config = _file_config(cfg, ranks, alphas, dtype, mapping)
+    if config_given is not None:
+        kernels_used = [
+            (k, kernels[k][0], kernel_roles[k], ranks[k], config.scale_for(k, ranks[k]))
+            for k in factors
+        ]
+        check_config(f"PEFT adapter {path!r}", config, kernels_used, config_given)
+    params = place_adapters(base_params, factors, kernel_roles, f"PEFT adapter {path!r}")
+    if magnitudes:
+        params = place_peft_magnitudes(params, config, magnitudes)
+    resolve_sites(params, config)
+    return params, config
+
+
+def _mapped_kernels(
+    base_params: Any, mapping: PeftMapping, roles_config: LoraConfig
+) -> tuple[_Owners, _Kernels]:
+    """The base kernels ``mapping`` maps to PyTorch modules, and each module's kernel."""
+    owners: _Owners = {}
+    kernels: _Kernels = {}
     for keypath, leaf in jax.tree.flatten_with_path(base_params)[0]:
         shape = tuple(getattr(leaf, "shape", ()))
         name = path_str(keypath)
@@ -303,7 +362,17 @@ def import_peft(
         kernels[name] = (shape, roles, axes)
         for index, module in module_names(name, template, shape, roles):
             owners[module] = (name, index)
+    return owners, kernels
 
+
+def _modules_by_kernel(
+    path: str, modules: dict[str, dict[str, Any]], owners: _Owners, mapping: PeftMapping
+) -> dict[str, dict[tuple[int, ...], str]]:
+    """Each kernel's modules by stack index; B's (and m's) rows put back in jlora's order.
+
+    Raises:
+      ValueError: for a module no kernel of the base maps to.
+    """
     per_kernel: dict[str, dict[tuple[int, ...], str]] = {}
     for module, entry in modules.items():
         if module not in owners:
@@ -322,98 +391,119 @@ def import_peft(
             entry["B"] = entry["B"][inverse]
             if "m" in entry:
                 entry["m"] = entry["m"][inverse]
+    return per_kernel
 
-    if base_copies:
-        leaves = {path_str(p): x for p, x in jax.tree.flatten_with_path(base_params)[0]}
 
-        def torch_roles(kernel: str) -> tuple[str, ...]:
-            shape, roles, axes = kernels[kernel]
-            return roles or axes or _roles(kernel, shape, roles_config, mapping)
+def _magnitudes(
+    path: str,
+    kernel: str,
+    slices: dict[tuple[int, ...], str],
+    modules: dict[str, dict[str, Any]],
+    use_dora: bool,
+) -> dict[tuple[int, ...], np.ndarray]:
+    """The kernel's DoRA magnitudes by stack index (empty without DoRA).
 
-        _check_base_copies(
-            path,
-            base_copies,
-            modules,
-            owners,
-            torch_roles,
-            roles_config.embed_pattern,
-            leaves,
+    Raises:
+      ValueError: if the file's ``use_dora`` and the magnitudes present disagree.
+    """
+    with_m = {
+        index: modules[module]["m"] for index, module in slices.items() if "m" in modules[module]
+    }
+    if bool(with_m) != use_dora or (with_m and len(with_m) != len(slices)):
+        raise ValueError(
+            f"{path!r}: use_dora is {use_dora} but kernel {kernel!r} has "
+            f"lora_magnitude_vector for {len(with_m)} of its {len(slices)} modules; the files "
+            "do not belong together"
         )
+    return with_m
 
+
+def _rank_and_alpha(
+    path: str,
+    kernel: str,
+    slices: dict[tuple[int, ...], str],
+    modules: dict[str, dict[str, Any]],
+    shape: tuple[int, ...],
+    roles: tuple[str, ...],
+    swap: bool,
+    cfg: dict[str, Any],
+) -> tuple[int, float, dict[str, float]]:
+    """The kernel's one rank and alpha, and each module's alpha, its factors' shapes checked.
+
+    Raises:
+      ValueError: for a rank other than the file's config gives, layers of different ranks,
+        or factors that do not fit the kernel.
+    """
     r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    magnitudes: dict[str, dict[tuple[int, ...], np.ndarray]] = {}
-    kernel_roles: dict[str, tuple[str, ...]] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    dtype = next(iter(modules.values()))["A"].dtype if modules else np.dtype(np.float32)
-    for kernel, slices in per_kernel.items():
-        shape, roles, axes = kernels[kernel]
-        roles = roles or axes or _roles(kernel, shape, roles_config, mapping)
-        swap = orientation(kernel, roles, axes or roles)
-        with_m = {
-            index: modules[module]["m"]
-            for index, module in slices.items()
-            if "m" in modules[module]
-        }
-        if bool(with_m) != bool(cfg.get("use_dora")) or (with_m and len(with_m) != len(slices)):
+    rank, alpha = 0, 0.0
+    slice_alpha: dict[str, float] = {}
+    for module in slices.values():
+        want_r = int(pattern_value(rank_pattern, module, r0))
+        got_r = modules[module]["A"].shape[0]
+        key = factor_key(module, "A", modules[module]["embedding"])
+        if got_r != want_r:
             raise ValueError(
-                f"{path!r}: use_dora is {bool(cfg.get('use_dora'))} but kernel {kernel!r} has "
-                f"lora_magnitude_vector for {len(with_m)} of its {len(slices)} modules; the files "
-                "do not belong together"
+                f"{path!r}: {key!r} has rank {got_r}, but the adapter's config gives module "
+                f"{module!r} rank {want_r} (r / rank_pattern); the files do not belong "
+                "together"
             )
-        if with_m:
-            magnitudes[kernel] = with_m
-        rank, alpha = 0, 0.0
-        slice_alpha: dict[str, float] = {}
-        for module in slices.values():
-            want_r = int(pattern_value(rank_pattern, module, r0))
-            got_r = modules[module]["A"].shape[0]
-            key = factor_key(module, "A", modules[module]["embedding"])
-            if got_r != want_r:
-                raise ValueError(
-                    f"{path!r}: {key!r} has rank {got_r}, but the adapter's config gives module "
-                    f"{module!r} rank {want_r} (r / rank_pattern); the files do not belong "
-                    "together"
-                )
-            if rank and got_r != rank:
-                raise ValueError(
-                    f"{path!r}: the layers of stacked kernel {kernel!r} have ranks {rank} and "
-                    f"{got_r}; one jlora kernel holds one rank"
-                )
-            slice_alpha[module] = float(pattern_value(alpha_pattern, module, alpha0))
-            rank, alpha = got_r, alpha or slice_alpha[module]
-            want_a, want_b = peft_shapes(shape, roles, swap, got_r)
-            got = (modules[module]["A"].shape, modules[module]["B"].shape)
-            if got != (want_a, want_b):
-                raise ValueError(
-                    f"{path!r}: module {module!r} has lora_A {got[0]} and lora_B {got[1]}, but "
-                    f"kernel {kernel!r} of shape {shape} (roles {roles}) needs lora_A {want_a} "
-                    f"and lora_B {want_b} at rank {got_r}; was it trained on another model size?"
-                )
-        stack = tuple(shape[i] for i, r in enumerate(roles) if r == "stack")
-        inner = tuple(s for s, r in zip(shape, roles, strict=True) if r != "stack")
-        inner_roles = tuple(r for r in roles if r != "stack")
-        a_shape = (*(s for s, r in zip(inner, inner_roles, strict=True) if r == "in"), rank)
-        b_shape = (rank, *(s for s, r in zip(inner, inner_roles, strict=True) if r == "out"))
-        a = np.zeros(stack + a_shape, dtype)  # layers PEFT left out get a zero update
-        b = np.zeros(stack + b_shape, dtype)
-        for index, module in slices.items():
-            m = modules[module]
-            a[index], b[index] = from_peft(m["A"], m["B"], a_shape, b_shape, swap)
-            if slice_alpha[module] != alpha:  # one alpha per jlora kernel: fold the ratio into B
-                b[index] *= np.asarray(slice_alpha[module] / alpha, dtype)
-        factors[kernel] = (a, b)
-        kernel_roles[kernel] = roles
-        ranks[kernel], alphas[kernel] = rank, alpha
+        if rank and got_r != rank:
+            raise ValueError(
+                f"{path!r}: the layers of stacked kernel {kernel!r} have ranks {rank} and "
+                f"{got_r}; one jlora kernel holds one rank"
+            )
+        slice_alpha[module] = float(pattern_value(alpha_pattern, module, alpha0))
+        rank, alpha = got_r, alpha or slice_alpha[module]
+        want_a, want_b = peft_shapes(shape, roles, swap, got_r)
+        got = (modules[module]["A"].shape, modules[module]["B"].shape)
+        if got != (want_a, want_b):
+            raise ValueError(
+                f"{path!r}: module {module!r} has lora_A {got[0]} and lora_B {got[1]}, but "
+                f"kernel {kernel!r} of shape {shape} (roles {roles}) needs lora_A {want_a} "
+                f"and lora_B {want_b} at rank {got_r}; was it trained on another model size?"
+            )
+    return rank, alpha, slice_alpha
 
-    if not factors:
-        raise ValueError(f"{path!r}: the adapter holds no LoRA factors")
-    config = LoraConfig(
+
+def _stacked_factors(
+    slices: dict[tuple[int, ...], str],
+    modules: dict[str, dict[str, Any]],
+    shape: tuple[int, ...],
+    roles: tuple[str, ...],
+    swap: bool,
+    rank: int,
+    alpha: float,
+    slice_alpha: dict[str, float],
+    dtype: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Jlora's A and B for the kernel, each module's factors at its stack index."""
+    full_a, full_b = adapter_shapes(shape, roles, rank)
+    ns = roles.count("stack")
+    a_shape, b_shape = full_a[ns:], full_b[ns:]  # one stack entry's (as PEFT stores it)
+    a = np.zeros(full_a, dtype)  # layers PEFT left out get a zero update
+    b = np.zeros(full_b, dtype)
+    for index, module in slices.items():
+        m = modules[module]
+        a[index], b[index] = from_peft(m["A"], m["B"], a_shape, b_shape, swap)
+        if slice_alpha[module] != alpha:  # one alpha per jlora kernel: fold the ratio into B
+            b[index] *= np.asarray(slice_alpha[module] / alpha, dtype)
+    return a, b
+
+
+def _file_config(
+    cfg: dict[str, Any],
+    ranks: dict[str, int],
+    alphas: dict[str, float],
+    dtype: Any,
+    mapping: PeftMapping,
+) -> LoraConfig:
+    """The LoraConfig the file gives: PEFT's r and alpha, per-kernel exceptions as patterns."""
+    r0, alpha0 = int(cfg["r"]), float(cfg["lora_alpha"])
+    return LoraConfig(
         rank=r0,
         alpha=alpha0,
-        targets=tuple(re.escape(k) for k in factors),
+        targets=tuple(re.escape(k) for k in ranks),
         rank_pattern={re.escape(k): r for k, r in ranks.items() if r != r0},
         alpha_pattern={re.escape(k): a for k, a in alphas.items() if a != alpha0},
         use_rslora=bool(cfg.get("use_rslora", False)),
@@ -421,14 +511,3 @@ def import_peft(
         dropout=float(cfg.get("lora_dropout") or 0.0),
         axis_rules=mapping.axis_rules,
     )
-    if given is not None:
-        kernels_used = [
-            (k, kernels[k][0], kernel_roles[k], ranks[k], config.scale_for(k, ranks[k]))
-            for k in factors
-        ]
-        check_config(f"PEFT adapter {path!r}", config, kernels_used, given)
-    params = place_adapters(base_params, factors, kernel_roles, f"PEFT adapter {path!r}")
-    if magnitudes:
-        params = place_peft_magnitudes(params, config, magnitudes)
-    resolve_sites(params, config)
-    return params, config
