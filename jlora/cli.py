@@ -103,6 +103,52 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"wrote {out}: the base with the adapter folded in (W + s·A·B), no adapters left")
 
 
+def cmd_export_peft(args: argparse.Namespace) -> None:
+    """Writes a run's adapter as a PEFT LoRA adapter directory, ``RUN_DIR/peft/``.
+
+    A run of a checkpoint (``model.path``) records its base so that
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(RUN_DIR/peft)`` loads it alone: a Hugging
+    Face directory is named as it is; a GGUF file or package is first written as one,
+    ``RUN_DIR/base_hf/``. A run of the built-in models writes the adapter for
+    ``jlora.peft.builtin_llama``/``BUILTIN_BERT``-shaped PyTorch models, without a base path.
+    """
+    from jlora.models.pretrained import load_pretrained, resolve_source, save_pretrained
+
+    config = rundir.load_run_config(args.run_dir)
+    out = os.path.join(args.run_dir, "peft")
+    if config.model.path is None:
+        _, task, params, cfg = _restore(args.run_dir)
+        mapping = (
+            jlora.peft.BUILTIN_BERT
+            if config.model.kind == "bert"
+            else jlora.peft.builtin_llama(task.model_config.n_heads)  # type: ignore[attr-defined]
+        )
+        jlora.export_peft(out, params, cfg, mapping)
+        print(f"wrote {out}: a PEFT LoRA adapter (load it onto the matching PyTorch model)")
+        return
+    source = resolve_source(config.model.path)
+    base = load_pretrained(config.model.path)
+    base_dir = os.path.abspath(source)
+    if not os.path.isdir(source):  # PEFT loads its base from a Hugging Face directory
+        base_dir = os.path.abspath(os.path.join(args.run_dir, "base_hf"))
+        save_pretrained(base_dir, base)
+    params, cfg = jlora.load_adapter(
+        os.path.join(args.run_dir, "adapter"), prepare_base(config, base.params)
+    )
+    jlora.export_peft(
+        out,
+        params,
+        cfg,
+        jlora.peft.HF_DECODER,
+        base_model_name_or_path=base_dir,
+        task_type="CAUSAL_LM",
+    )
+    print(
+        f"wrote {out}: a PEFT LoRA adapter on {base_dir}; serve it with "
+        f"peft.AutoPeftModelForCausalLM.from_pretrained({out!r})"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluates the base and the adapted model of a run."""
     _, task, params, cfg = _restore(args.run_dir)
@@ -241,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN_DIR/merged_hf/, a Hugging Face model directory (runs of a pretrained model.path)",
     )
     p.set_defaults(fn=cmd_merge)
+    p = sub.add_parser(
+        "export-peft", help="write a run's adapter as a PEFT adapter directory, RUN_DIR/peft/"
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_export_peft)
     p = sub.add_parser("eval", help="evaluate the base and the adapted model of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_eval)

@@ -35,6 +35,8 @@ OWNED = (
     "head.safetensors",
     "merged.safetensors",
     "merged_hf",
+    "peft",
+    "base_hf",
     "adapter",
     "checkpoints",
     "tensorboard",

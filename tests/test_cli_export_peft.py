@@ -1,0 +1,112 @@
+"""``jlora export-peft RUN_DIR``: a run's adapter as a PEFT directory that names its base."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from runner_helpers import DEFAULT, write_checkpoint
+from test_models_gguf import hf_weights, write_gguf
+
+import jlora
+from jlora.cli import main
+from jlora.models.decoder import DECODER_AXIS_RULES
+from jlora.models.pretrained import load_pretrained
+from jlora.runner import rundir
+from jlora.runner.config import ModelSection, RunConfig, load_config
+from jlora.runner.loop import finetune
+
+TARGETS = r".*(q_proj|v_proj|down_proj)/kernel"
+
+
+def random_adapter(run_dir, base):
+    """An adapter with non-zero B, saved where a run keeps it."""
+    cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, axis_rules=DECODER_AXIS_RULES)
+    params = jlora.init_lora(jax.random.key(1), base, cfg)
+    params = jax.tree.map_with_path(
+        lambda p, x: x + 0.05 if jlora.path_str(p).endswith("_lora_b") else x, params
+    )
+    jlora.save_adapter(run_dir / "adapter", params, cfg)
+    return params, cfg
+
+
+def test_a_gguf_base_is_written_as_a_hugging_face_directory(tmp_path, monkeypatch, capsys):
+    gguf = write_gguf(tmp_path / "base.gguf", hf_weights())
+    config = RunConfig(run_dir=str(tmp_path / "run"), model=ModelSection(path=str(gguf)))
+    monkeypatch.setattr(rundir, "load_run_config", lambda run_dir: config)
+    params, cfg = random_adapter(tmp_path / "run", load_pretrained(gguf).params)
+
+    assert main(["export-peft", str(tmp_path / "run")]) == 0
+    assert "AutoPeftModelForCausalLM" in capsys.readouterr().out
+    base_hf = tmp_path / "run" / "base_hf"
+    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(base_hf)
+    assert written["task_type"] == "CAUSAL_LM"
+    # The adapter read back onto the written base merges to what the run's adapter merges to.
+    base = load_pretrained(base_hf).params
+    again, again_cfg = jlora.import_peft(tmp_path / "run" / "peft", base, jlora.peft.HF_DECODER)
+    expected = jlora.merge_params(params, cfg)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        jlora.merge_params(again, again_cfg),
+        expected,
+    )
+
+
+@pytest.mark.peft
+def test_the_exported_run_serves_from_auto_peft_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    over = [
+        f"run_dir={tmp_path / 'run'}",
+        f"model.path={ckpt}",
+        f"lora.targets=['{TARGETS}']",
+        "data.seq_len=32",
+        "train.steps=3",
+        "train.batch_size=2",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "train.progress=false",
+        "train.learning_rate=3e-2",
+        "generate.max_new_tokens=2",
+    ]
+    finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    assert main(["export-peft", str(tmp_path / "run")]) == 0
+    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(ckpt)  # an HF directory is named as is
+
+    pretrained = load_pretrained(ckpt)
+    params, cfg = jlora.load_adapter(tmp_path / "run" / "adapter", pretrained.params)
+    tokens = jnp.arange(1, 17)[None] % 250
+    expected = pretrained.model.apply({"params": jlora.merge_params(params, cfg)}, tokens)
+    served = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "run" / "peft")).eval()
+    with torch.no_grad():
+        got = served(torch.tensor(np.array(tokens))).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
+    base_logits = pretrained.model.apply({"params": pretrained.params}, tokens)
+    assert np.abs(np.asarray(expected) - np.asarray(base_logits)).max() > 1e-4
+
+
+def test_a_builtin_model_run_exports_for_the_builtin_mapping(tmp_path, capsys):
+    over = [
+        f"run_dir={tmp_path / 'run'}",
+        "train.steps=1",
+        "train.batch_size=2",
+        "data.seq_len=16",
+        "train.eval_batches=1",
+        "train.progress=false",
+        "generate.max_new_tokens=1",
+    ]
+    finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    assert main(["export-peft", str(tmp_path / "run")]) == 0
+    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] is None
+    assert any("self_attn.q_proj" in m for m in written["target_modules"])
+
+
+def test_export_peft_of_a_missing_run_is_one_error_line(tmp_path, capsys):
+    assert main(["export-peft", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
