@@ -287,7 +287,7 @@ def test_errors_name_the_file(tmp_path, hf_dir):
     with pytest.raises(ValueError, match=r"cfg/tokenizer_config\.json.* is not valid JSON"):
         load_tokenizer(cfg)
     (cfg / "tokenizer_config.json").write_text("[1]")
-    with pytest.raises(ValueError, match=r"cfg/tokenizer_config\.json.* holds a list, not an"):
+    with pytest.raises(ValueError, match=r"cfg/tokenizer_config\.json.* holds a JSON list, not an"):
         load_tokenizer(cfg)
     (cfg / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"from .*cfg.* has no chat template"):

@@ -10,7 +10,6 @@ byte fallback; a ``tokenizer.model`` goes the same second way.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 from jlora.models.chat_template import render_chat_template
+from jlora.models.hf_dir import read_json
 
 _GPT2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 _SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
@@ -173,17 +173,6 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"tokenizer file {path!r} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"tokenizer file {path!r} holds a {type(data).__name__}, not an object")
-    return data
-
-
 def _content(token: Any) -> str | None:
     # tokenizer_config.json stores special tokens as strings or as AddedToken dicts
     return token.get("content") if isinstance(token, dict) else token
@@ -225,9 +214,9 @@ def from_hf_dir(directory: str | os.PathLike[str]) -> Tokenizer:
         raise ValueError(f"tokenizer file {path!r} does not parse: {err}") from None
     config: dict[str, Any] = {}
     if os.path.isfile(cfg := os.path.join(directory, "tokenizer_config.json")):
-        config = _read_json(cfg)
+        config = read_json(cfg, what="tokenizer file")
     if os.path.isfile(smap := os.path.join(directory, "special_tokens_map.json")):
-        config |= _read_json(smap)
+        config |= read_json(smap, what="tokenizer file")
     special = {k: _content(config[k]) for k in _SPECIAL_KEYS if config.get(k) is not None}
     extra = [_content(t) for t in config.get("additional_special_tokens", [])]
     template = config.get("chat_template")
