@@ -105,6 +105,8 @@ class LoraSection:
       dora: add DoRA magnitudes (``jlora.init_dora``): ``m · (W + s·A·B) / ||W + s·A·B||``.
       quantize: ``"none"``, or ``"int8"`` / ``"nf4"`` to train on a quantised copy of the base
         (QLoRA: ``jlora.quantize`` with the same targets, blocks of ``quantize_block``).
+      quantize_block: values per quantisation block (one scale each) along a kernel's input
+        axis.
     """
 
     rank: int = 8
@@ -201,7 +203,14 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateSection:
-    """Samples shown before and after fine-tuning (``llama`` only)."""
+    """Samples shown before and after fine-tuning (``llama`` only).
+
+    Attributes:
+      prompts: texts to continue (with ``data.train`` and a chat template: questions asked as
+        a user turn, the answer shown).
+      max_new_tokens: most tokens sampled per prompt.
+      temperature: 0 for greedy decoding, else the softmax temperature.
+    """
 
     prompts: tuple[str, ...] = ("Shall I compare thee ", "My love is ")
     max_new_tokens: int = 120
@@ -259,6 +268,11 @@ class LogSection:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A whole run; ``run_dir`` holds its config, metrics, plots, adapter and checkpoints.
+
+    Attributes:
+      run_dir: the run's directory; a run there with the same config is resumed.
+      overwrite: delete the run in ``run_dir`` (jlora's own files only) and start over when
+        its config differs; otherwise a different config is refused.
 
     Example:
       >>> cfg = apply_overrides(RunConfig(), ["train.steps=5", "lora.rank=4"])
