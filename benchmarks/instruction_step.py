@@ -18,6 +18,9 @@ medians, compiled ahead of time; memory from XLA's ``memory_analysis()``):
 
     .venv/bin/python benchmarks/instruction_step.py [--batch 4 --seq 256] [--pack-seq 512]
         [--min-len 20 --max-len 300] [--rounds 5] [--quick] [--json out.json]
+
+The defaults took 9.5 minutes on two CPU cores shared with other jobs; ``--quick`` (what
+``python -m benchmarks`` runs) about one.
 """
 
 from __future__ import annotations
