@@ -139,7 +139,13 @@ def machine(device: str) -> dict[str, Any]:
     }
     if device == "gpu":
         out["gpu"] = gpu_names()
+    out["load_average_start"] = load_average()  # other jobs on the machine: noisier numbers
     return out
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes), where the system reports one."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def versions() -> dict[str, str | None]:
@@ -245,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if entry["returncode"]:
                 failed.append(name)
         results["seconds"] = round(time.perf_counter() - begin, 1)
+        results["machine"]["load_average_end"] = load_average()
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\n{len(args.names)} benchmarks in {results['seconds']:.0f} s -> {args.out}")
     if failed:

@@ -106,7 +106,9 @@ Ratios are what count. Within a table every row ran in the same process, timed i
 fresh random order each round (a fixed order gives each row the same predecessor, whose cache
 evictions it pays for), so load on the machine hits every row alike. Absolute times move with
 that load; even the ratios move by a few percent between runs. The CPU sizes are small, so
-that all benchmarks finish in under five minutes on two cores.
+that all benchmarks finish in under five minutes on two cores. The machines table gives the
+load average when the run started and ended: a load above the core count means other jobs
+shared the cores, and the numbers are noisier for it.
 """
 
 HISTORY = """\
@@ -277,6 +279,12 @@ def machines(results: dict[str, dict[str, Any]]) -> list[str]:
     row("flax / optax", lambda r: f"{r['versions']['flax']} / {r['versions']['optax']}")
     row("sizes", lambda r: r.get("sizes", "?"))
     row("all benchmarks", lambda r: f"{r.get('seconds', 0):.0f} s")
+    row(
+        "load average, start / end",
+        lambda r: (
+            f"{r['machine'].get('load_average_start')} / {r['machine'].get('load_average_end')}"
+        ),
+    )
     return ["## Machines", "", markdown(["", *(d.upper() for d in devices)], rows), ""]
 
 

@@ -28,6 +28,7 @@ def results(tmp_path_factory):
 def test_results_hold_machine_versions_and_each_benchmarks_tables(results):
     assert {"machine", "versions", "date", "sizes", "benchmarks", "seconds"} <= set(results)
     assert results["versions"]["jax"] and results["machine"]["cpu_count"] >= 1
+    assert {"load_average_start", "load_average_end"} <= set(results["machine"])
     assert results["sizes"] == "smoke"
     entry = results["benchmarks"]["train_step"]
     assert entry["returncode"] == 0
