@@ -1,11 +1,13 @@
 """A run's instruction data: batches by position, held-out batches, questions, shipped data."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from jlora.runner import stdlib_modules
+from jlora.runner.config import load_config
 from jlora.runner.instruction_data import (
     Examples,
     InstructionBatches,
@@ -109,6 +111,15 @@ def test_shipped_stdlib_modules_data_keeps_its_held_out_questions_apart():
     assert not asked[0] & asked[1] and len(held.records) >= 100
     modules = [{r["messages"][-1]["content"] for r in part.records} for part in (train, held)]
     assert modules[1] <= modules[0]  # held-out functions come from modules seen in training
+    # The config's sample prompts are held-out questions.
+    config = load_config("smollm2_stdlib_modules")
+    assert {f"`{p.split('`')[1]}`" for p in config.generate.prompts} <= {
+        f"`{q.split('`')[1]}`" for q in asked[1]
+    }
+    assert config.generate.system == held.records[0]["messages"][0]["content"]
+    if sys.version_info[:2] == (3, 11):  # the version the shipped files were built with
+        assert held.records == stdlib_modules.build()[1]
+        assert train.records == stdlib_modules.build()[0]
     assert set(builtin_data()) == {
         "builtin:stdlib_modules/train.jsonl",
         "builtin:stdlib_modules/eval.jsonl",

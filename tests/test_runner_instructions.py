@@ -259,3 +259,15 @@ def test_wandb_asked_for_but_missing_is_refused_before_the_run(
     assert main(["finetune", DEFAULT, *over]) == 2
     one_error_line(capsys, "wandb is not installed", "pip install wandb")
     assert not (tmp_path / "r").exists()
+
+
+def test_chat_samples_carry_the_configured_system_turn(checkpoint, data, monkeypatch):
+    over = overrides("unused", checkpoint, data[0], data[1], **{"generate.system": "Be brief."})
+    task = PretrainedLMTask(load_config(DEFAULT, over))
+    asked = []
+    monkeypatch.setattr(task, "_generate_ids", lambda p, rows, *a: asked.extend(rows) or [[]])
+    task.show(task.base, {})
+    text = task.tokenizer.decode(asked[0])
+    assert text.startswith("system:\nBe brief.<|endoftext|>user:\n") and text.endswith(
+        "assistant:\n"
+    )

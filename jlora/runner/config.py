@@ -210,11 +210,14 @@ class GenerateSection:
         a user turn, the answer shown).
       max_new_tokens: most tokens sampled per prompt.
       temperature: 0 for greedy decoding, else the softmax temperature.
+      system: with ``data.train``: a system turn put before each prompt (as the training
+        conversations have one), or ``null`` for the template's default.
     """
 
     prompts: tuple[str, ...] = ("Shall I compare thee ", "My love is ")
     max_new_tokens: int = 120
     temperature: float = 0.7
+    system: str | None = None
 
 
 _LLAMA_RULES = (

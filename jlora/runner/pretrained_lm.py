@@ -343,6 +343,7 @@ class PretrainedLMTask(NoHead):
         top_k: int | None = None,
         top_p: float | None = None,
         chat: bool = False,
+        system: str | None = None,
     ) -> list[str]:
         """Continues each prompt with the KV-cache sampler, up to EOS or ``max_new_tokens``.
 
@@ -356,6 +357,7 @@ class PretrainedLMTask(NoHead):
           top_p: keep the nucleus of mass ``top_p``, or ``None``.
           chat: render each prompt as a user message with the model's chat template (and the
             assistant's turn opened); the result is then the answer alone.
+          system: with ``chat``: a system message put before each prompt.
 
         Returns:
           Per prompt, the prompt followed by its continuation (with ``chat``: the answer),
@@ -369,11 +371,12 @@ class PretrainedLMTask(NoHead):
         if not prompts:
             return []
         if chat:
+            head = [] if system is None else [{"role": "system", "content": system}]
             rows = [
                 cast(
                     list[int],
                     tok.apply_chat_template(
-                        [{"role": "user", "content": p}], add_generation_prompt=True
+                        [*head, {"role": "user", "content": p}], add_generation_prompt=True
                     ),
                 )
                 for p in prompts
@@ -413,6 +416,12 @@ class PretrainedLMTask(NoHead):
         g = self.config.generate
         chat = self.config.data.train is not None and self.tokenizer.chat_template is not None
         samples = self.generate_many(
-            params, g.prompts, g.max_new_tokens, g.temperature, self.config.train.seed, chat=chat
+            params,
+            g.prompts,
+            g.max_new_tokens,
+            g.temperature,
+            self.config.train.seed,
+            chat=chat,
+            system=g.system if chat else None,
         )
         return {**self.evaluate(params, extra), "samples": samples}

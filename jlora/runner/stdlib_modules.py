@@ -23,6 +23,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ HELD_OUT = 0.15
 PER_MODULE = 24  # so that a few large modules (inspect, typing) do not dominate
 SEED = 1234
 _MAX_SIGNATURE = 72
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _signature(name: str, fn: Any) -> str:
@@ -55,6 +57,7 @@ def _signature(name: str, fn: Any) -> str:
         text = f"{name}{inspect.signature(fn)}"
     except (TypeError, ValueError):
         text = f"{name}(...)"
+    text = _ADDRESS.sub("", text)  # a default's repr may hold its address: not reproducible
     return text if len(text) <= _MAX_SIGNATURE else text[: _MAX_SIGNATURE - 4] + "...)"
 
 
@@ -121,7 +124,8 @@ def build(
       >>> len(held) >= 2 and not {str(r) for r in train} & {str(r) for r in held}
       True
     """
-    train, held = [], []
+    train: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
     for index, (module, entries) in enumerate(sorted(functions(modules).items())):
         order = np.random.default_rng([seed, index]).permutation(len(entries))[:PER_MODULE]
         entries = [entries[i] for i in sorted(order)]
