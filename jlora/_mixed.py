@@ -22,6 +22,7 @@ import numpy as np
 
 from jlora._adapters import Adapter, place, scaled_b, sites_by_name, unit_config
 from jlora._factorised import lora
+from jlora._layout import adapter_shapes
 from jlora._paths import KeyPath, path_str
 from jlora._qlora import dequantize
 from jlora._split import combine
@@ -43,8 +44,8 @@ def _stacked(base: Any, adapters: Mapping[str, Adapter]) -> tuple[Any, Any]:
         present = [per[n][path] for n in adapters if path in per[n]]
         rank = max(ad.rank for ad in present)
         a0, b0 = present[0].site.a, present[0].site.b
-        zero_a = jnp.zeros((*a0.shape[:-1], rank), a0.dtype)
-        zero_b = jnp.zeros((*b0.shape[:ns], rank, *b0.shape[ns + 1 :]), b0.dtype)
+        a_shape, b_shape = adapter_shapes(present[0].site.kernel.shape, kernel_roles, rank)
+        zero_a, zero_b = jnp.zeros(a_shape, a0.dtype), jnp.zeros(b_shape, b0.dtype)
         a_rows, b_rows = [], []
         for n in adapters:
             ad = per[n].get(path)

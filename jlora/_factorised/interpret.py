@@ -7,7 +7,9 @@ goes to its rule: moving ops (casts, transposes, reshapes, stack slices) move it
 higher-order primitives (``jit``, ``remat``, ``scan``, ``while``, ``cond``, custom
 derivatives, ``shard_map``) run their bodies through this interpreter again. Anything else is
 :class:`Unsupported`: an error naming the primitive and kernel, or, when the caller opted in,
-that one use of the kernel is merged (``W + s·A·B``) with a warning.
+that one use of the kernel is merged (``W + s·A·B``) with a warning. The higher-order rules
+live here, beside the interpreter they call; the moving and consuming ones in ``moves`` and
+``consume``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from jlora._attach import check_unadapted, place_adapters
 from jlora._axes import axis_roles
 from jlora._config import LoraConfig
 from jlora._dora import place_peft_magnitudes
-from jlora._layout import adapter_shapes, fans
+from jlora._layout import adapter_shapes, axes_of, fans
 from jlora._paths import path_str
 from jlora._resolve import check_config, resolve_sites
 from jlora._tensorfile import decode
@@ -189,7 +189,7 @@ def _check_base_copies(
         kernel, index = owners[module]
         roles = roles_of(kernel)  # PyTorch's roles: the mapping's axes, else jlora's
         embedding = modules[module]["embedding"] if adapted else re.fullmatch(embed_pattern, kernel)
-        stack = [i for i, r in enumerate(roles) if r == "stack"]
+        stack = axes_of(roles, "stack")
         layer = np.moveaxis(np.asarray(base[kernel], np.float32), stack, range(len(stack)))[index]
         inner = tuple(r for r in roles if r != "stack")
         ours = _torch_weight(layer, inner, bool(embedding))
