@@ -50,11 +50,11 @@ def test_readme_starts_with_the_two_set_up_commands():
     assert 'pip install -e ".[test]"' in first
     assert first.endswith("jlora finetune")
     # Line 2: the PEFT extra, then the test suite.
-    assert 'pip install -e ".[test,peft]"' in second
+    assert 'pip install -e ".[test,peft,wandb]"' in second
     assert second.endswith("python -m pytest")
     # .ci/run installs the same extras.
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert '-e ".[test]"' in ci and '-e ".[test,peft]"' in ci
+    assert '-e ".[test]"' in ci and '-e ".[test,peft,wandb]"' in ci
 
 
 def test_readme_keeps_the_instruction_fine_tuning_section():
