@@ -16,24 +16,29 @@ from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
 from jlora._collectives import Collective, collectives
 from jlora._combination import combine_adapters
+from jlora._config import INITS as LORA_INITS
 from jlora._config import LoraConfig
 from jlora._dora import add_magnitudes, init_dora
 from jlora._factorised import lora, value_and_grad
 from jlora._init import init_lora
 from jlora._loftq import init_loftq
-from jlora._loraplus import loraplus_labels
+from jlora._loraplus import loraplus_labels, loraplus_partition
 from jlora._merge import merge_params, merge_quantized, unmerge_params
 from jlora._mixed import mixed_batch
 from jlora._optim import lora_optimizer, optimizer_shardings
 from jlora._paths import path_str
 from jlora._pissa import init_pissa, pissa_to_lora
-from jlora._qlora import Quantized, dequantize, quantize
+from jlora._qlora import KINDS as QUANTIZE_KINDS
+from jlora._qlora import Quantized, dequantize, has_quantized, quantize
+from jlora._quantized import is_quantized
 from jlora._sharding import adapter_specs, lora_shardings, partition_specs
 from jlora._split import combine, is_adapter_path, lora_labels, split
 from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
+    "LORA_INITS",
+    "QUANTIZE_KINDS",
     "Adapter",
     "Collective",
     "LoraConfig",
@@ -50,18 +55,21 @@ __all__ = [
     "delete_adapter",
     "dequantize",
     "export_peft",
+    "has_quantized",
     "import_peft",
     "init_dora",
     "init_loftq",
     "init_lora",
     "init_pissa",
     "is_adapter_path",
+    "is_quantized",
     "load_adapter",
     "lora",
     "lora_labels",
     "lora_optimizer",
     "lora_shardings",
     "loraplus_labels",
+    "loraplus_partition",
     "merge_params",
     "merge_quantized",
     "mixed_batch",

@@ -114,7 +114,14 @@ def quantize(
 
 
 def has_quantized(tree: Any) -> bool:
-    """Whether ``tree`` holds any :class:`Quantized` kernel."""
+    """Whether ``tree`` holds any :class:`Quantized` kernel.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> base = {"w": jnp.ones((8, 16))}
+      >>> has_quantized(base), has_quantized(quantize(base, "w", block_size=16))
+      (False, True)
+    """
     return any(map(is_quantized, jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 

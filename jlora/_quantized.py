@@ -61,7 +61,16 @@ class Quantized:
 
 
 def is_quantized(leaf: Any) -> bool:
-    """Whether ``leaf`` is a :class:`Quantized` kernel (a leaf for jlora, though a pytree)."""
+    """Whether ``leaf`` is a :class:`Quantized` kernel (a leaf for jlora, though a pytree).
+
+    Pass it as ``is_leaf`` to see quantised kernels whole in ``jax.tree`` functions.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> q = jlora.quantize({"w": jnp.ones((8, 16)), "b": jnp.ones(16)}, "w", block_size=16)
+      >>> [is_quantized(x) for x in jax.tree.leaves(q, is_leaf=is_quantized)]
+      [False, True]
+    """
     return isinstance(leaf, Quantized)
 
 

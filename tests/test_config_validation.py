@@ -106,3 +106,22 @@ def test_optional_float_keys_take_ints_and_null_and_refuse_text():
     assert from_dict(RunConfig, {"train": {"clip_norm": None}}).train.clip_norm is None
     with pytest.raises(TypeError, match=r"train.clip_norm: expected float or null, found 'x'"):
         from_dict(RunConfig, {"train": {"clip_norm": "x"}})
+
+
+def test_the_default_config_states_only_what_differs_from_the_defaults():
+    """The defaults live in one place, the dataclasses; default.yaml does not copy them."""
+    from jlora.runner.config import RunConfig, config_path, load_config, to_dict
+    from jlora.runner.yamlfile import read_yaml
+
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = dict(flat(to_dict(RunConfig())))
+    stated = dict(flat(read_yaml(config_path("default")) or {}))
+    copied = {k for k, v in stated.items() if k != "run_dir" and defaults[k] == v}
+    assert not copied
+    assert load_config("default") == RunConfig()

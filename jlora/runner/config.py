@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from jlora import LORA_INITS, QUANTIZE_KINDS
 from jlora.runner.yamlfile import read_yaml
 
 # The configs shipped inside the package (``jlora/configs/NAME.yaml``), usable from any
@@ -299,8 +300,9 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "train.train_step": ("merge", "factorised"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "lora.init": ("kaiming", "gaussian"),
-    "lora.quantize": ("none", "int8", "nf4"),
+    # From the library, so that a new init or quantisation kind reaches the runner by itself.
+    "lora.init": LORA_INITS,
+    "lora.quantize": ("none", *QUANTIZE_KINDS),
     "data.overflow": ("truncate", "error"),
     "data.no_assistant": ("skip", "error"),
     "log.wandb_mode": ("online", "offline"),

@@ -22,7 +22,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
-from jlora._quantized import is_quantized
 from jlora.runner import resume, rundir
 from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.instruction_data import describe
@@ -490,7 +489,7 @@ def _counts(params: Any, extra: Any) -> dict[str, int]:
     lora, _ = jlora.split(params)
 
     def size(tree: Any) -> int:  # a quantised kernel counts its logical size
-        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=is_quantized))
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=jlora.is_quantized))
 
     return {
         "trainable_params": size(lora) + size(extra),

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 import jlora
-from jlora._paths import path_str
 
 
 def non_finite(tree: Any) -> str | None:
@@ -36,7 +35,7 @@ def non_finite(tree: Any) -> str | None:
         if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
             continue
         if not np.isfinite(np.asarray(jax.device_get(x))).all():
-            return path_str(path)
+            return jlora.path_str(path)
     return None
 
 

@@ -14,8 +14,6 @@ import jax
 import optax
 
 import jlora
-from jlora._loraplus import loraplus_partition
-from jlora._qlora import has_quantized
 from jlora.runner.config import RunConfig
 from jlora.runner.tasks import lora_config
 
@@ -50,7 +48,7 @@ def dense_model(params: Any, cfg: jlora.LoraConfig) -> Any:
     A quantised base is merged in float (``merge_quantized(store="float")``): exactly the model
     that was trained.
     """
-    if has_quantized(params):
+    if jlora.has_quantized(params):
         return jlora.merge_quantized(params, cfg, store="float")
     return jlora.merge_params(params, cfg)
 
@@ -69,4 +67,4 @@ def adapter_optimizer(config: RunConfig, schedule: optax.Schedule) -> optax.Grad
     )
     if t.loraplus_lr_ratio == 1.0:
         return adam
-    return loraplus_partition(adam, t.loraplus_lr_ratio)
+    return jlora.loraplus_partition(adam, t.loraplus_lr_ratio)
