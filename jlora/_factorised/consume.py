@@ -28,9 +28,9 @@ from jlora._factorised.quantized_view import use
 from jlora._factorised.rule import Context, Unsupported, register
 from jlora._factorised.value import LoraValue
 
-# Up to this rank the second low-rank product runs as elementwise multiply-adds (`_widen`);
-# above it, as a matmul. On XLA:CPU at T=2048, `gelu(x·W + h·B)` with out 256 or 1024 took
-# 0.88-0.92x the matmul form's time at r=4, 0.94-1.01x at r=8, 1.04-1.14x at r=16.
+# Up to this rank the second low-rank product runs as elementwise multiply-adds (`_widen`),
+# which XLA:CPU fuses with the consumer; above it, as a matmul (docs/performance.md,
+# `benchmarks/op_profile.py`).
 FUSED_MAX_RANK = 8
 
 
@@ -38,8 +38,8 @@ def _expand(h: jax.Array, f: jax.Array) -> jax.Array:
     """``h @ f`` for a thin ``h [T, r]``, written as r broadcast products summed pairwise.
 
     A pairwise sum rather than a running one: the r products are independent, so the
-    vectorised loop is not one chain of r dependent adds per element. On XLA:CPU,
-    ``gelu(a + h·B)`` at T=2048, O=1024, r=8 took 1.45 ms against 1.77 ms (gelu alone: 0.94).
+    vectorised loop is not one chain of r dependent adds per element (faster on XLA:CPU;
+    ``benchmarks/op_profile.py``, numbers on docs/performance.md).
     """
     acc_dtype = jnp.promote_types(h.dtype, jnp.float32)  # bf16 products still sum in f32
     hf, ff = h.astype(acc_dtype), f.astype(acc_dtype)
@@ -185,8 +185,8 @@ def dot_general(drop: Dropout, params: Mapping[str, Any], lhs: Any, rhs: Any) ->
     else:
         # Stacked (per-layer / per-expert) products keep their batch axes. As in `_thin`, the
         # first factor enters with its rank axis ahead of its `in` axes and behind a barrier,
-        # so that its gradient is the wide `(dhᵀ·x)ᵀ` per stack entry, not `xᵀ·dh` (measured on
-        # `benchmarks/experts_step.py`: train step 1.42-1.43x -> 1.22-1.26x the limit).
+        # so that its gradient is the wide `(dhᵀ·x)ᵀ` per stack entry, not `xᵀ·dh` (faster:
+        # `benchmarks/experts_step.py`).
         stack_pos = {ax: i for i, ax in enumerate(v.group("stack"))}
         f1_t = lax.optimization_barrier(jnp.moveaxis(f1, -1, ns))  # stack + (r,) + first
         dims1 = (
