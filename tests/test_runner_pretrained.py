@@ -314,3 +314,19 @@ def test_smollm2_config_runs_two_steps(tmp_path):
     assert np.isfinite(results["after"]["eval_loss"]) and results["after"]["samples"][0]
     assert results["adapter_params"] == 2_442_240  # rank 8 on 7 projections of 30 layers
     print(f"SmolLM2, 2 steps: {time.perf_counter() - tic:.0f} s")
+
+
+def test_a_checkpoint_run_without_targets_adapts_every_projection(checkpoint):
+    from jlora.runner.tasks import lora_config
+
+    cfg = lora_config(load_config(DEFAULT, [f"model.path={checkpoint}"]))
+    params = jlora.init_lora(jax.random.key(0), load_pretrained(checkpoint).params, cfg)
+    adapted = {
+        jlora.path_str(p).split("/")[-2]
+        for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        if jlora.path_str(p).endswith("kernel_lora_a")
+    }
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # targets given are kept as given
+    given = lora_config(load_config(DEFAULT, [f"model.path={checkpoint}", "lora.targets=[x]"]))
+    assert given.targets == ("x",)

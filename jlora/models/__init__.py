@@ -15,12 +15,20 @@ The built-in models (``llama``, a small byte-level decoder, and ``bert``) serve 
 default configs; ``jlora.models.llama_hf`` turns the former into a Hugging Face model.
 """
 
-from jlora.models.decoder import Decoder, DecoderConfig, init_cache
+from jlora.models.decoder import (
+    DECODER_AXIS_RULES,
+    DECODER_TARGETS,
+    Decoder,
+    DecoderConfig,
+    init_cache,
+)
 from jlora.models.pretrained import Pretrained, export_merged_hf, load_pretrained, save_pretrained
 from jlora.models.sampling import generate
 from jlora.models.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "DECODER_AXIS_RULES",
+    "DECODER_TARGETS",
     "Decoder",
     "DecoderConfig",
     "Pretrained",

@@ -41,6 +41,7 @@ from jlora.models.rope import apply_rope, check_rope_scaling, rope_cos_sin, rope
 
 __all__ = [
     "DECODER_AXIS_RULES",
+    "DECODER_TARGETS",
     "SUPPORTED_ARCHITECTURES",
     "Decoder",
     "DecoderConfig",
@@ -52,6 +53,10 @@ __all__ = [
 DECODER_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(?:.*/)?model/layers/(.*)/kernel", ("stack", "in", "out")),
 )
+
+#: ``LoraConfig.targets`` for every attention and MLP projection of a :class:`Decoder` (what
+#: PEFT's ``target_modules="all-linear"`` picks on these models, less ``lm_head``).
+DECODER_TARGETS = r"(?:.*/)?model/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
 
 # transformers' defaults per architecture for keys a config.json may leave out
 _DEFAULTS: dict[str, dict[str, Any]] = {

@@ -103,6 +103,9 @@ class LoraSection:
     """The :class:`jlora.LoraConfig` fields a run sets (regex targets only, to stay JSON-able).
 
     Attributes:
+      targets: regexes of the kernel paths to adapt. The default names every projection of
+        the built-in model; with ``model.path`` left at it, every attention and MLP projection
+        of the checkpoint's decoder (``jlora.models.decoder.DECODER_TARGETS``).
       dora: add DoRA magnitudes (``jlora.init_dora``): ``m · (W + s·A·B) / ||W + s·A·B||``.
       quantize: ``"none"``, or ``"int8"`` / ``"nf4"`` to train on a quantised copy of the base
         (QLoRA: ``jlora.quantize`` with the same targets, blocks of ``quantize_block``).

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import jax
 
 import jlora
-from jlora.runner.config import RunConfig
+from jlora.runner.config import LoraSection, RunConfig
 
 
 class Task(Protocol):
@@ -102,7 +102,9 @@ def lora_config(config: RunConfig) -> jlora.LoraConfig:
     """The :class:`jlora.LoraConfig` of a run's ``lora`` section.
 
     A checkpoint's decoder (``model.path``) stacks its layers' kernels ``[L, in, out]``, so
-    its config carries :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer).
+    its config carries :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer);
+    left at their default (the built-in model's paths), its targets are
+    :data:`jlora.models.decoder.DECODER_TARGETS`, every attention and MLP projection.
 
     Example:
       >>> lora_config(RunConfig()).rank
@@ -110,14 +112,17 @@ def lora_config(config: RunConfig) -> jlora.LoraConfig:
     """
     s = config.lora
     axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    targets = tuple(s.targets)
     if config.model.path is not None:
-        from jlora.models.decoder import DECODER_AXIS_RULES
+        from jlora.models.decoder import DECODER_AXIS_RULES, DECODER_TARGETS
 
         axis_rules = DECODER_AXIS_RULES
+        if s.targets == LoraSection().targets:
+            targets = (DECODER_TARGETS,)
     return jlora.LoraConfig(
         rank=s.rank,
         alpha=s.alpha,
-        targets=tuple(s.targets),
+        targets=targets,
         exclude=tuple(s.exclude),
         use_rslora=s.use_rslora,
         init=s.init,
