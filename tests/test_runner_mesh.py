@@ -25,6 +25,15 @@ def test_sharded_run_matches_single_device():
     assert out["devices"] == 8 and len(out["mesh"]) == 4
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-5)
     assert "batch_size 6 must be divisible by mesh data*fsdp = 4" in out["batch_error"]
+    # A checkpoint's decoder laid out by the decoder rules, on packed chats, accumulated.
+    decoder = out["decoder"]
+    assert len(decoder["mesh"]) == 3 and len(decoder["mesh_eval"]) == 2
+    np.testing.assert_allclose(decoder["mesh"], decoder["one"], rtol=1e-4)
+    np.testing.assert_allclose(decoder["mesh_eval"], decoder["one_eval"], rtol=1e-4)
+    specs = decoder["specs"]
+    assert specs["model/layers/self_attn/q_proj/kernel"] == [None, "fsdp", "tensor"]
+    assert specs["model/layers/mlp/down_proj/kernel"] == [None, "tensor", "fsdp"]
+    assert specs["model/embed_tokens/embedding"] == [None, "fsdp"]
 
 
 def test_mesh_larger_than_the_devices_is_refused():

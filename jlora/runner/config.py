@@ -234,6 +234,18 @@ _LLAMA_RULES = (
 )
 
 
+# The same layout for a checkpoint's decoder (model.path), whose layer kernels are stacked
+# [layers, in, out]: the layer axis stays whole.
+DECODER_RULES = (
+    (r".*self_attn/[qkv]_proj/kernel", "none", "fsdp", "tensor"),
+    (r".*self_attn/o_proj/kernel", "none", "tensor", "fsdp"),
+    (r".*mlp/(gate|up)_proj/kernel", "none", "fsdp", "tensor"),
+    (r".*mlp/down_proj/kernel", "none", "tensor", "fsdp"),
+    (r"lm_head/kernel", "fsdp", "tensor"),
+    (r".*embed_tokens/embedding", "none", "fsdp"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
     """Sharded training on a ``(data, fsdp, tensor)`` device mesh; all 1 = one device.
@@ -244,7 +256,9 @@ class MeshSection:
       tensor: ways the base kernels' output axes (and their B factors) are split.
       rules: ``[regex, axis, ...]`` per base leaf, first match wins, one axis name (``data``,
         ``fsdp``, ``tensor`` or ``none``) per array axis; unmatched leaves are replicated.
-        Adapters always follow their kernel.
+        Adapters always follow their kernel. The default lays out the built-in model; left at
+        it, a ``model.path`` run uses the same layout for the checkpoint's decoder
+        (``DECODER_RULES``: input axes over ``fsdp``, output axes over ``tensor``).
     """
 
     data: int = 1

@@ -26,7 +26,7 @@ from jlora.runner import resume, rundir
 from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.instruction_data import describe
 from jlora.runner.interrupt import StopRequest
-from jlora.runner.mesh import batch_sharding, make_mesh, shard_state
+from jlora.runner.mesh import batch_sharding, make_mesh, mesh_section, shard_state
 from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
 from jlora.runner.sinks import MetricSinks, check_sinks
@@ -227,9 +227,10 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     if task.data_stats.get("train_examples"):
         log(describe(task.data_stats))
     cfg = lora_config(config)
-    mesh = make_mesh(config.mesh)
+    mesh_config = mesh_section(config)
+    mesh = make_mesh(mesh_config)
     if mesh is not None:
-        mesh_rules(config.mesh)
+        mesh_rules(mesh_config)
     put_batch = _batch_placer(config, mesh)
     key = jax.random.key(t.seed)
     params = adapt(jax.random.fold_in(key, 0), prepare_base(config, task.base), config)
@@ -259,7 +260,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             before = _before(config, task, start_model, state, sinks, start, log)
             jit_options: dict[str, Any] = {}
             if mesh is not None:  # lay everything out on the mesh, and keep it so each step
-                base, state, state_shardings = shard_state(mesh, config.mesh, base, state, cfg)
+                base, state, state_shardings = shard_state(mesh, mesh_config, base, state, cfg)
                 replicated = NamedSharding(mesh, PartitionSpec())
                 jit_options["out_shardings"] = (state_shardings, replicated)
             step_fn = _make_step(task, loss_fn, tx, t, jit_options)

@@ -8,6 +8,7 @@ and XLA inserts the collectives they imply.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -15,9 +16,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
-from jlora.runner.config import MeshSection
+from jlora.runner.config import DECODER_RULES, MeshSection, RunConfig
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_section(config: RunConfig) -> MeshSection:
+    """The run's mesh section, with the decoder's rules for a ``model.path`` run left at default.
+
+    Example:
+      >>> from jlora.runner.config import ModelSection
+      >>> mesh_section(RunConfig()).rules == MeshSection().rules
+      True
+      >>> mesh_section(RunConfig(model=ModelSection(path="m"))).rules == DECODER_RULES
+      True
+    """
+    section = config.mesh
+    if config.model.path is not None and section.rules == MeshSection().rules:
+        return dataclasses.replace(section, rules=DECODER_RULES)
+    return section
 
 
 def make_mesh(section: MeshSection) -> Mesh | None:
