@@ -288,9 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser(
-        "export-peft", help="write a run's adapter as a PEFT adapter directory, RUN_DIR/peft/"
+        "export-peft",
+        help="write a run's adapter as a PEFT adapter directory, RUN_DIR/peft/",
+        description="Writes RUN_DIR/peft/ (adapter_model.safetensors, adapter_config.json). A "
+        "run of a checkpoint names its base there, so that "
+        "peft.AutoPeftModelForCausalLM.from_pretrained('RUN_DIR/peft') loads base and adapter; "
+        "a GGUF or package base is written first as the Hugging Face directory RUN_DIR/base_hf/.",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory written by jlora finetune")
     p.set_defaults(fn=cmd_export_peft)
     p = sub.add_parser("eval", help="evaluate the base and the adapted model of a run")
     p.add_argument("run_dir")
