@@ -168,6 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         )
     given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
     given += ["--chat"] if args.chat else []
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is the system turn of a chat; add --chat")
     if config.model.path is None and given:
         raise ValueError(
             f"{', '.join(given)} need a run of a checkpoint (model.path); {args.run_dir!r} runs "
@@ -178,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if config.model.path is None:  # the built-in byte-level model: no tokenizer, no cache
         print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
         return
-    options = {"top_k": args.top_k, "top_p": args.top_p, "chat": args.chat}
+    options = {"top_k": args.top_k, "top_p": args.top_p, "chat": args.chat, "system": args.system}
     print(
         task.generate(
             merged, args.prompt, args.max_new_tokens, args.temperature, args.seed, **options
@@ -323,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat",
         action="store_true",
         help="send PROMPT as a user message through the model's chat template; print the answer",
+    )
+    p.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="with --chat: a system message before PROMPT (e.g. the one the run trained with)",
     )
     p.set_defaults(fn=cmd_generate)
     # argparse %-formats help strings: a literal percent sign is written %%.

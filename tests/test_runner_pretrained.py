@@ -330,3 +330,12 @@ def test_a_checkpoint_run_without_targets_adapts_every_projection(checkpoint):
     # targets given are kept as given
     given = lora_config(load_config(DEFAULT, [f"model.path={checkpoint}", "lora.targets=[x]"]))
     assert given.targets == ("x",)
+
+
+def test_generate_system_needs_chat(run, capsys):
+    run_dir = str(run[0])
+    assert main(["generate", run_dir, "Shall I", "--system", "Be brief."]) == 2
+    assert "--system is the system turn of a chat; add --chat" in capsys.readouterr().err
+    chat = ["--chat", "--system", "Be brief.", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(["generate", run_dir, "Shall I", *chat]) == 0
+    assert not capsys.readouterr().out.startswith("Shall I")  # the answer alone

@@ -405,10 +405,19 @@ class PretrainedLMTask(NoHead):
         top_k: int | None = None,
         top_p: float | None = None,
         chat: bool = False,
+        system: str | None = None,
     ) -> str:
         """One prompt through :meth:`generate_many`."""
         return self.generate_many(
-            params, [prompt], max_new_tokens, temperature, seed, top_k=top_k, top_p=top_p, chat=chat
+            params,
+            [prompt],
+            max_new_tokens,
+            temperature,
+            seed,
+            top_k=top_k,
+            top_p=top_p,
+            chat=chat,
+            system=system,
         )[0]
 
     def show(self, params: Any, extra: Any) -> dict[str, Any]:
