@@ -1,41 +1,19 @@
 """benchmarks/instruction_step.py end to end on a tiny random checkpoint (no timing asserted)."""
 
-import importlib.util
 import json
-import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jlora.models.decoder import Decoder, DecoderConfig
-from jlora.models.pretrained import save_pretrained
-
-PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "instruction_step.py")
+from bench_helpers import load_benchmark, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("instruction_step_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("instruction_step")
 
 
 def test_every_table_on_a_tiny_checkpoint(bench, tmp_path, capsys):
-    config = DecoderConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    init = jax.jit(lambda: Decoder(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-    save_pretrained(tmp_path / "tiny", (config, init()["params"], None))
+    tiny_checkpoint(tmp_path / "tiny")
     out = bench.main(
         [
             "--source", str(tmp_path / "tiny"), "--json", str(tmp_path / "out.json"),
