@@ -20,6 +20,15 @@ from jlora.runner.loop import finetune
 TARGETS = r".*(q_proj|v_proj|down_proj)/kernel"
 
 
+def finetune_and_export(run_dir, *over):
+    """A short run in ``run_dir``, then ``jlora export-peft``; the adapter config it wrote."""
+    tiny = ["train.batch_size=2", "data.seq_len=16", "train.eval_batches=1"]
+    tiny += ["train.progress=false", "generate.max_new_tokens=1", f"train.eval_every={10**6}"]
+    finetune(load_config(DEFAULT, [f"run_dir={run_dir}", *tiny, *over]), log=lambda _: 0)
+    assert main(["export-peft", str(run_dir)]) == 0
+    return json.loads((run_dir / "peft" / "adapter_config.json").read_text())
+
+
 def random_adapter(run_dir, base):
     """An adapter with non-zero B, saved where a run keeps it."""
     cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=TARGETS, axis_rules=DECODER_AXIS_RULES)
@@ -59,22 +68,13 @@ def test_the_exported_run_serves_from_auto_peft_model(tmp_path):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     ckpt = write_checkpoint(tmp_path / "ckpt")
-    over = [
-        f"run_dir={tmp_path / 'run'}",
+    written = finetune_and_export(
+        tmp_path / "run",
         f"model.path={ckpt}",
         f"lora.targets=['{TARGETS}']",
-        "data.seq_len=32",
         "train.steps=3",
-        "train.batch_size=2",
-        "train.eval_every=3",
-        "train.checkpoint_every=3",
-        "train.progress=false",
         "train.learning_rate=3e-2",
-        "generate.max_new_tokens=2",
-    ]
-    finetune(load_config(DEFAULT, over), log=lambda _: 0)
-    assert main(["export-peft", str(tmp_path / "run")]) == 0
-    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    )
     assert written["base_model_name_or_path"] == str(ckpt)  # an HF directory is named as is
 
     pretrained = load_pretrained(ckpt)
@@ -90,18 +90,7 @@ def test_the_exported_run_serves_from_auto_peft_model(tmp_path):
 
 
 def test_a_builtin_model_run_exports_for_the_builtin_mapping(tmp_path, capsys):
-    over = [
-        f"run_dir={tmp_path / 'run'}",
-        "train.steps=1",
-        "train.batch_size=2",
-        "data.seq_len=16",
-        "train.eval_batches=1",
-        "train.progress=false",
-        "generate.max_new_tokens=1",
-    ]
-    finetune(load_config(DEFAULT, over), log=lambda _: 0)
-    assert main(["export-peft", str(tmp_path / "run")]) == 0
-    written = json.loads((tmp_path / "run" / "peft" / "adapter_config.json").read_text())
+    written = finetune_and_export(tmp_path / "run", "train.steps=1")
     assert written["base_model_name_or_path"] is None
     assert any("self_attn.q_proj" in m for m in written["target_modules"])
 
