@@ -104,11 +104,24 @@ def _freeze(value: Any) -> Any:
 class DecoderConfig:
     """Shape and options of a Llama-family decoder, readable from a Hugging Face config.json.
 
+    The first fields mean what the same keys of a transformers ``config.json`` mean.
+
     Attributes:
-      vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
-        num_key_value_heads, head_dim, rms_norm_eps, rope_theta, rope_scaling,
-        max_position_embeddings, tie_word_embeddings, bos_token_id, eos_token_id: as in
-        transformers' configs (``head_dim`` explicit; ``rope_scaling`` a dict or ``None``).
+      vocab_size: tokens in the vocabulary (rows of the embedding).
+      hidden_size: width of the residual stream.
+      intermediate_size: width of the MLP's gate and up projections.
+      num_hidden_layers: decoder layers.
+      num_attention_heads: query heads.
+      num_key_value_heads: key/value heads (grouped-query attention); ``None`` for as many as
+        query heads.
+      head_dim: width of a head; ``None`` for ``hidden_size // num_attention_heads``.
+      rms_norm_eps: the RMSNorm epsilon.
+      rope_theta: the rotary embedding's base.
+      rope_scaling: transformers' ``rope_scaling`` dict (``llama3`` or ``linear``), or ``None``.
+      max_position_embeddings: longest sequence the model is configured for.
+      tie_word_embeddings: the output head is the embedding's transpose.
+      bos_token_id: beginning-of-sequence token id, or ``None``.
+      eos_token_id: end-of-sequence token id(s), or ``None``.
       attention_bias: q/k/v projections have biases (Qwen2).
       qk_norm: RMSNorm over each head of q and k before the rotation (Qwen3).
       sliding_window: every layer attends only to the last ``sliding_window`` slots, or
