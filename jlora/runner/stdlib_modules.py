@@ -23,7 +23,6 @@ import importlib
 import inspect
 import json
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -49,15 +48,41 @@ HELD_OUT = 0.15
 PER_MODULE = 24  # so that a few large modules (inspect, typing) do not dominate
 SEED = 1234
 _MAX_SIGNATURE = 72
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class _Shown:
+    """A default shown by a fixed text in a signature."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _default(value: Any) -> Any:
+    """A default as the question shows it: literals as written, anything else as ``...``.
+
+    Other defaults' reprs depend on the process (``executable=sys.executable`` is a venv's
+    path; objects print their address), which would make the data differ between machines.
+    """
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str | bytes) and len(value) <= 24 and os.sep not in str(value):
+        return value
+    return _Shown("...")
 
 
 def _signature(name: str, fn: Any) -> str:
     try:
-        text = f"{name}{inspect.signature(fn)}"
+        signature = inspect.signature(fn)
     except (TypeError, ValueError):
-        text = f"{name}(...)"
-    text = _ADDRESS.sub("", text)  # a default's repr may hold its address: not reproducible
+        return f"{name}(...)"
+    parameters = [
+        p if p.default is p.empty else p.replace(default=_default(p.default))
+        for p in signature.parameters.values()
+    ]
+    text = f"{name}{signature.replace(parameters=parameters)}"
     return text if len(text) <= _MAX_SIGNATURE else text[: _MAX_SIGNATURE - 4] + "...)"
 
 
