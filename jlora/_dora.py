@@ -6,8 +6,8 @@ axes, one per ``stack + out`` entry, and treated as a constant in the backward p
 the output. The magnitude leaf ``k_lora_m`` (shape ``stack + out``, see ``_layout``) starts at
 the norm itself, so the model is unchanged at step 0. Merging folds ``m / norm`` into the
 kernel; the factorised path scales the output of ``x·W + s·(x·A)·B`` by it, computing the norm
-without forming ``W + s·A·B`` (``jlora._factorised.dora``, which holds the norms). This module
-adds and places the magnitude leaves.
+without forming ``W + s·A·B`` (the norms are ``jlora._dora_norm``'s, shared with the merge and
+the engine). This module adds and places the magnitude leaves.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.tree_util import DictKey
 
 from jlora._config import LoraConfig
-from jlora._factorised.dora import factorised_norm
+from jlora._dora_norm import factorised_norm
 from jlora._init import init_lora
 from jlora._layout import magnitude_key, role_sizes
 from jlora._paths import KeyPath, path_str

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._config import LoraConfig
-from jlora._factorised.dora import rescale
+from jlora._dora_norm import rescale
 from jlora._layout import adapter_keys, delta, magnitude_key
 from jlora._paths import KeyPath, path_str
 from jlora._qlora import dequantize, quantize_kernel

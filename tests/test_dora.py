@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from zoo import zoo
 
 import jlora
-from jlora._factorised.dora import dense_norm, factorised_norm
+from jlora._dora_norm import dense_norm, factorised_norm
 
 ZOO = ("linen_attention", "linen_scan", "linen_conv", "linen_embed", "plain_dict")
 

@@ -17,7 +17,6 @@ import jax
 from jax.tree_util import DictKey, SequenceKey
 
 from jlora._config import LoraConfig
-from jlora._factorised.dora import with_magnitude
 from jlora._factorised.dropout import Dropout
 from jlora._factorised.eager import compile_eager, is_input
 from jlora._factorised.interpret import concrete, interpret
@@ -171,7 +170,7 @@ def lora(
             value = LoraValue(
                 w, adapted.site.a, adapted.site.b, adapted.roles, adapted.scale, adapted.site.name
             )
-            inputs.append(with_magnitude(value, adapted.site.m))
+            inputs.append(value.with_magnitude(adapted.site.m))
         ctx = Context(on_unsupported, Dropout(dropout.rate, dropout.key))
         outs = concrete(interpret(closed.jaxpr, closed.consts, inputs, ctx), ctx, "output")
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
