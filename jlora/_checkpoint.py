@@ -16,6 +16,9 @@ Restoring takes a ``like`` tree (concrete arrays, or ``jax.ShapeDtypeStruct`` e.
 ``jax.eval_shape``, with ``.sharding`` where the result should be sharded). Its paths and
 shapes are checked against the checkpoint's metadata first, so a state of another shape (an
 adapter of another rank, another optimizer) fails naming the leaf instead of deep inside orbax.
+
+Orbax is imported inside the functions that use it, not at the top: ``import jlora`` then
+loads neither orbax nor what it brings (tensorstore, yaml, ...) until a checkpoint is touched.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jlora._atomic import atomic_write
 from jlora._paths import path_str
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 FILE_CHECKSUMS = "files.sha256.json"
 
@@ -45,6 +50,8 @@ class Restored(NamedTuple):
 
 
 def _manager(directory: str | os.PathLike[str], keep: int | None = None) -> ocp.CheckpointManager:
+    import orbax.checkpoint as ocp  # here, not at the top: see the module docstring
+
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, create=True
     )
@@ -152,6 +159,8 @@ def save_checkpoint(
         raise ValueError(f"save_checkpoint: step must be an int >= 0; got {step!r}")
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"save_checkpoint: keep must be an int >= 1 or None; got {keep!r}")
+    import orbax.checkpoint as ocp  # here, not at the top: see the module docstring
+
     with _manager(directory, keep) as manager:
         if step in manager.all_steps():
             raise ValueError(
@@ -278,6 +287,8 @@ def restore_checkpoint(
         raise FileNotFoundError(
             f"restore_checkpoint: no checkpoint for step {step} in {where!r}; found steps {steps}"
         )
+    import orbax.checkpoint as ocp  # here, not at the top: see the module docstring
+
     # Python / numpy scalars in `like` (counters, data positions) are restored as 0-d arrays.
     like = jax.tree.map(lambda x: x if hasattr(x, "shape") else np.asarray(x), like)
     at = f"step {step} of {where!r}"
