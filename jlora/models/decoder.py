@@ -17,7 +17,8 @@ LoRA targets read like PEFT's (``r".*(q_proj|v_proj)/kernel"``) and one layer is
     lm_head/kernel                               [D, V]   (absent with tied embeddings)
 
 The 3-D stacked kernels need one axis rule, :data:`DECODER_AXIS_RULES`
-(``("stack", "in", "out")``), also given by ``jlora.peft.HF_DECODER.axis_rules``.
+(``("stack", "in", "out")``), also given by ``PEFT_MAPPING.axis_rules``: :data:`PEFT_MAPPING`
+names each adapted kernel's PyTorch module for PEFT files (at the end of this module).
 
 Attention follows transformers' eager path: scores ``q·kᵀ/sqrt(hd)`` masked with the dtype's
 minimum (never ``-inf``, so a query with no visible key gets a uniform, finite softmax),
@@ -38,10 +39,12 @@ import jax
 import jax.numpy as jnp
 
 from jlora.models.rope import apply_rope, check_rope_scaling, rope_cos_sin, rope_inv_freq
+from jlora.peft import ModuleRule, PeftMapping
 
 __all__ = [
     "DECODER_AXIS_RULES",
     "DECODER_TARGETS",
+    "PEFT_MAPPING",
     "SUPPORTED_ARCHITECTURES",
     "Decoder",
     "DecoderConfig",
@@ -702,3 +705,23 @@ def causal_lm_loss(
         return jnp.mean(nll)
     weights = jnp.asarray(mask, jnp.float32)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+#: :class:`Decoder` -> transformers ``*ForCausalLM``, for ``jlora.export_peft`` /
+#: ``jlora.import_peft``: ``model/layers/self_attn/q_proj/kernel`` is
+#: ``model.layers.{i}.self_attn.q_proj`` for every layer ``i`` of the stack, plus ``lm_head`` and
+#: ``model.embed_tokens``. Its ``axis_rules`` equal :data:`DECODER_AXIS_RULES`. Also reachable as
+#: ``jlora.peft.HF_DECODER`` (its name before it moved here).
+PEFT_MAPPING = PeftMapping(
+    "hf-decoder",
+    (
+        ModuleRule(
+            r"(?:.*/)?model/layers/(.*)/kernel",
+            r"model.layers.{layer}.\1",
+            axes=("stack", "in", "out"),
+        ),
+        ModuleRule(r"(?:.*/)?lm_head/kernel", "lm_head"),
+        ModuleRule(r"(?:.*/)?model/embed_tokens/embedding", "model.embed_tokens"),
+    ),
+    task_type="CAUSAL_LM",
+)

@@ -6,7 +6,7 @@ kernel's ``"a/b/c"`` path, the PyTorch module name it becomes (``match.expand`` 
 axis), and optionally the PyTorch role (``"in"``, ``"out"``, ``"stack"``) of each kernel axis
 when the JAX kernel is not laid out as jlora's defaults say (Flax GPT-2 stores ``(out, in)``),
 and optionally an ``out_permutation`` for a PyTorch twin that orders a layer's output features
-differently (the built-in Llama's rotary pairs, :data:`jlora.peft.BUILTIN_LLAMA`).
+differently (rotary pairs interleaved in one model and split in halves in the other).
 
 PEFT stores ``lora_A`` as ``(r, in)`` and ``lora_B`` as ``(out, r)``, with an N-d kernel's
 ``in`` axes and ``out`` axes each flattened in kernel order (C order), as a PyTorch ``Linear``
@@ -16,7 +16,8 @@ exported (an error names it).
 The shipped mappings cover the Flax models of ``transformers<5`` (whose parameter paths mirror
 PyTorch module names) and any model that names its parameters the Hugging Face way, such as the
 project's own MiniLM BERT (``encoder/layer/0/attention/self/query/kernel`` with ``(in, out)``
-kernels maps to ``encoder.layer.0.attention.self.query``).
+kernels maps to ``encoder.layer.0.attention.self.query``). A model that names its parameters
+its own way keeps its mapping beside it, e.g. ``jlora.models.decoder.PEFT_MAPPING``.
 """
 
 from __future__ import annotations
@@ -225,20 +226,3 @@ GPT2 = hf_mapping("gpt2", kernel_axes=("out", "in"), fan_in_fan_out=True, embedd
 LLAMA = hf_mapping("llama")
 #: Flax BERT of ``transformers<5``, and any BERT (e.g. jlora's MiniLM) named the HF way.
 BERT = hf_mapping("bert")
-#: jlora's Llama-family decoder (:class:`jlora.models.decoder.Decoder`, HF parameter names, layers
-#: stacked ``[L, in, out]``) -> transformers ``*ForCausalLM``: ``model/layers/self_attn/q_proj/
-#: kernel`` is ``model.layers.{i}.self_attn.q_proj`` for every layer ``i``, plus ``lm_head`` and
-#: ``model.embed_tokens``. Its ``axis_rules`` equal ``jlora.models.decoder.DECODER_AXIS_RULES``.
-HF_DECODER = PeftMapping(
-    "hf-decoder",
-    (
-        ModuleRule(
-            r"(?:.*/)?model/layers/(.*)/kernel",
-            r"model.layers.{layer}.\1",
-            axes=("stack", "in", "out"),
-        ),
-        ModuleRule(r"(?:.*/)?lm_head/kernel", "lm_head"),
-        ModuleRule(r"(?:.*/)?model/embed_tokens/embedding", "model.embed_tokens"),
-    ),
-    task_type="CAUSAL_LM",
-)
