@@ -1,8 +1,12 @@
-"""The README and the documentation site: size, set-up lines, links, and the strict build."""
+"""The README and the documentation site: size, set-up lines, links, generated blocks, snippets
+that run as written, and the strict build."""
 
+import difflib
+import importlib.util
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,17 @@ def _markdown_files() -> list[pathlib.Path]:
     return [README, *sorted(DOCS.rglob("*.md"))]
 
 
+def _generate():
+    """docs/generate.py as a module (docs/ is not a package)."""
+    name = "jlora_docs_generate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DOCS / "generate.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def test_readme_is_at_most_8000_characters():
     size = len(README.read_text(encoding="utf-8"))
     assert size <= 8000, f"README.md is {size} characters; move depth into docs/ (limit 8000)"
@@ -52,9 +67,35 @@ def test_readme_starts_with_the_two_set_up_commands():
     # Line 2: the PEFT extra, then the test suite.
     assert 'pip install -e ".[test,peft,wandb]"' in second
     assert second.endswith("python -m pytest")
-    # .ci/run installs the same extras.
-    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert '-e ".[test]"' in ci and '-e ".[test,peft,wandb]"' in ci
+
+
+def _pip_installs(text: str) -> list[tuple[str, ...]]:
+    """The arguments of every ``pip install`` in shell text, less quietness and constraints."""
+    installs = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0]
+        for command in re.split(r"&&|;", line):
+            if not command.strip().startswith("pip install "):
+                continue
+            words = shlex.split(command)
+            args, skip = [], False
+            for word in words[2:]:
+                if skip:
+                    skip = False
+                elif word == "-c":
+                    skip = True  # -c FILE: CI's lowest-version constraints
+                elif word not in ("-q", "--upgrade", "--upgrade-strategy", "eager"):
+                    args.append(word)
+            installs.append(tuple(args))
+    return installs
+
+
+def test_ci_installs_what_the_readme_installs():
+    readme = _pip_installs("\n".join(_generate().setup_commands()))
+    ci = _pip_installs((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
+    assert ("-e", ".[test]") in readme, "README's set-up lines install nothing recognisable"
+    missing = [args for args in readme if args not in ci]
+    assert not missing, f".ci/run does not install what README's set-up lines do: {missing}"
 
 
 def test_readme_keeps_the_instruction_fine_tuning_section():
@@ -74,6 +115,126 @@ def test_relative_links_point_to_existing_files(path):
 def test_link_check_sees_links():
     # Guards the regex: a checker that finds no link would pass on anything.
     assert "docs/getting_started.md" in _relative_links(README)
+
+
+def test_generated_blocks_are_current():
+    # Tables, lists and numbers in README.md and docs/ come from one source each (the code, the
+    # nav, benchmarks/results/cpu.json, docs/outputs/); docs/generate.py writes them in place.
+    stale = _generate().stale()
+    diffs = []
+    for path, fresh in stale.items():
+        old = path.read_text(encoding="utf-8").splitlines()
+        rel = str(path.relative_to(ROOT))
+        diffs += list(difflib.unified_diff(old, fresh.splitlines(), rel, rel, lineterm="", n=1))
+    assert not stale, (
+        f"generated blocks are stale in {[str(p.relative_to(ROOT)) for p in stale]}; "
+        "run: python docs/generate.py\n" + "\n".join(diffs[:60])
+    )
+
+
+def test_generated_block_markers_are_checked():
+    generate = _generate()
+    page = DOCS / "page.md"
+    with pytest.raises(ValueError, match="unknown generated block 'config-kyes'"):
+        generate.blocks(page, "<!-- generated: config-kyes -->\n<!-- end generated -->\n")
+    with pytest.raises(ValueError, match="has no '<!-- end generated -->' line"):
+        generate.blocks(page, "<!-- generated: cli -->\ntext\n")
+    with pytest.raises(ValueError, match="starts inside the one opened at line 1"):
+        generate.blocks(page, "<!-- generated: cli -->\n<!-- generated: cli -->\n")
+    with pytest.raises(ValueError, match="without a start marker"):
+        generate.blocks(page, "text\n<!-- end generated -->\n")
+    text = "a\n<!-- generated: install -->\nold\n<!-- end generated -->\nb\n"
+    fresh = generate.regenerate(page, text)
+    assert fresh.startswith("a\n<!-- generated: install -->\n\n```bash\npython3 -m venv")
+    assert fresh.endswith("```\n\n<!-- end generated -->\nb\n")
+
+
+@pytest.mark.parametrize("path", sorted((DOCS / "api").glob("*.md")), ids=lambda p: p.name)
+def test_api_pages_say_what_they_hold_without_the_site(path):
+    # On GitHub the ::: lines render as text: a generated list of the names says what is there.
+    text = path.read_text(encoding="utf-8")
+    assert "<!-- generated: api-summary -->" in text
+    assert text.index("<!-- generated: api-summary -->") < text.index("\n::: ")
+
+
+PY_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+FRAGMENT = "<!-- fragment -->"
+FRAGMENT_OF = re.compile(r"Fragment of \[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _python_blocks(text: str) -> list[tuple[int, str, str | None]]:
+    """``(line, code, source)`` of each ```python block; ``source`` is set for a fragment.
+
+    A fragment is a block right after a ``<!-- fragment -->`` line, with "Fragment of
+    [file](link)" in the lines above that mark; its source is that link ("" when missing).
+    """
+    found = []
+    for match in PY_BLOCK.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        above = text[: match.start()].rstrip("\n").splitlines()
+        source = None
+        if above and above[-1].strip() == FRAGMENT:
+            named = FRAGMENT_OF.search("\n".join(above[-6:-1]))
+            source = named.group(1) if named else ""
+        found.append((line, match.group(1), source))
+    return found
+
+
+def _code_lines(code: str) -> list[str]:
+    lines = [line.split("  #", 1)[0].strip() for line in code.splitlines()]
+    return [line for line in lines if line and line != "..." and not line.startswith("#")]
+
+
+def _fragment_problems(path: pathlib.Path, text: str) -> list[str]:
+    problems = []
+    for line, code, source in _python_blocks(text):
+        if source is None:
+            continue
+        where = f"{path.name}:{line}"
+        target = (path.parent / source).resolve() if source else None
+        if target is None or not target.is_file():
+            problems.append(f"{where}: a fragment needs 'Fragment of [file](link)' to a file")
+            continue
+        have = set(_code_lines(target.read_text(encoding="utf-8")))
+        problems += [
+            f"{where}: {c!r} is not in {source}" for c in _code_lines(code) if c not in have
+        ]
+    return problems
+
+
+def test_fragment_check_reads_the_marks():
+    page = ROOT / "page.md"  # links resolve from the repository root
+    ok = (
+        "Fragment of [examples/jax_mlp.py](examples/jax_mlp.py):\n\n<!-- fragment -->\n"
+        "```python\np = jlora.init_lora(kl, params, cfg)\n...\n```\n"
+    )
+    assert [source for _, _, source in _python_blocks(ok)] == ["examples/jax_mlp.py"]
+    assert _fragment_problems(page, ok) == []
+    changed = ok.replace("init_lora(kl", "init_lora(key")
+    assert _fragment_problems(page, changed) == [
+        "page.md:4: 'p = jlora.init_lora(key, params, cfg)' is not in examples/jax_mlp.py"
+    ]
+    unnamed = "<!-- fragment -->\n```python\nx = 1\n```\n"
+    assert "needs 'Fragment of [file](link)'" in _fragment_problems(page, unnamed)[0]
+
+
+@pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_fragments_come_from_the_file_they_link(path):
+    assert not _fragment_problems(path, path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    "path", [README, DOCS / "index.md", DOCS / "getting_started.md"], ids=lambda p: p.name
+)
+def test_python_blocks_run_as_written(path):
+    # Each ```python block that is not marked as a fragment runs, in page order, in one
+    # namespace: what a reader gets by pasting them into one session.
+    blocks = _python_blocks(path.read_text(encoding="utf-8"))
+    runnable = [(line, code) for line, code, source in blocks if source is None]
+    assert runnable, f"{path.name} has no runnable python block"
+    namespace = {"__name__": f"docs_{path.stem}"}
+    for line, code in runnable:
+        exec(compile(code, f"{path.relative_to(ROOT)}:{line}", "exec"), namespace)
 
 
 def test_the_builtin_llama_to_peft_path_stays_documented():
