@@ -1,6 +1,7 @@
 """Every example runs, on tiny settings, and shows LoRA doing its job."""
 
 import os
+import re
 import runpy
 
 import pytest
@@ -46,9 +47,25 @@ def test_qlora_scan():
     assert r["nf4"] < r["float"] - 5  # the base's 8 MB of float kernels held in 4.5 bits
 
 
-@pytest.mark.parametrize(
-    "name", ["nnx_finetune", "jax_mlp", "merge_export", "lora_article", "qlora_scan"]
-)
+NAMES = sorted(f.removesuffix(".py") for f in os.listdir(EXAMPLES) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_examples_document_how_to_run(name):
     with open(os.path.join(EXAMPLES, f"{name}.py")) as f:
-        assert f"Run: python examples/{name}.py" in f.read()
+        assert f"python examples/{name}.py" in f.read()  # "Run: ..." or a command per setting
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_example_is_listed_and_run(name):
+    # docs/examples.md links each one; this file (or, for the multi-process one,
+    # test_distributed.py) runs it.
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(os.path.dirname(EXAMPLES), "docs", "examples.md")) as f:
+        assert f"](../examples/{name}.py)" in f.read(), f"docs/examples.md does not link {name}.py"
+    runners = []
+    for test_file in ("test_examples.py", "test_distributed.py"):
+        with open(os.path.join(tests, test_file)) as f:
+            if re.search(rf"example\(\"{name}\"\)|\"{name}\.py\"", f.read()):
+                runners.append(test_file)
+    assert runners, f"no test runs examples/{name}.py"
