@@ -71,13 +71,12 @@ def _merge_hf(run_dir: str) -> None:
     from jlora.models.pretrained import export_merged_hf, load_pretrained
 
     config = rundir.load_run_config(run_dir)
-    path = getattr(config.model, "path", None)
-    if not path:  # refused before any weight is read
+    if config.model.kind != "llama":  # refused before any weight is read
         raise ValueError(
-            "--format hf needs a run of a Hugging Face / GGUF model (model.path); this run "
-            f"uses model.kind={config.model.kind}. Use --format safetensors (the default)"
+            "--format hf writes a decoder as a Hugging Face model directory; this run uses "
+            f"model.kind={config.model.kind}. Use --format safetensors (the default)"
         )
-    base = load_pretrained(path)
+    base = load_pretrained(config.model.decoder)
     # A QLoRA run's adapter belongs to the quantised base; export_merged_hf merges it in float.
     # (Stand-ins for a run config, as some tests use, may carry only the model section.)
     base_params = prepare_base(config, base.params) if hasattr(config, "lora") else base.params
@@ -106,28 +105,25 @@ def cmd_merge(args: argparse.Namespace) -> None:
 def cmd_export_peft(args: argparse.Namespace) -> None:
     """Writes a run's adapter as a PEFT LoRA adapter directory, ``RUN_DIR/peft/``.
 
-    A run of a checkpoint (``model.path``) records its base so that
+    A decoder run records its base so that
     ``peft.AutoPeftModelForCausalLM.from_pretrained(RUN_DIR/peft)`` loads it alone: a Hugging
-    Face directory is named as it is; a GGUF file or package is first written as one,
-    ``RUN_DIR/base_hf/``. A run of the built-in models writes the adapter for
-    ``jlora.peft.builtin_llama``/``BUILTIN_BERT``-shaped PyTorch models, without a base path.
+    Face directory (the built-in model's included) is named as it is; a GGUF file or package
+    is first written as one, ``RUN_DIR/base_hf/``. A ``bert`` run writes the adapter for the
+    ``BertModel`` of all-MiniLM-L6-v2, without a base path.
     """
+    from jlora.models.bert import PEFT_MAPPING as BERT_MAPPING
+    from jlora.models.decoder import PEFT_MAPPING as DECODER_MAPPING
     from jlora.models.pretrained import load_pretrained, resolve_source, save_pretrained
 
     config = rundir.load_run_config(args.run_dir)
     out = os.path.join(args.run_dir, "peft")
-    if config.model.path is None:
-        _, task, params, cfg = _restore(args.run_dir)
-        mapping = (
-            jlora.peft.BUILTIN_BERT
-            if config.model.kind == "bert"
-            else jlora.peft.builtin_llama(task.model_config.n_heads)  # type: ignore[attr-defined]
-        )
-        jlora.export_peft(out, params, cfg, mapping)
+    if config.model.kind == "bert":
+        _, _, params, cfg = _restore(args.run_dir)
+        jlora.export_peft(out, params, cfg, BERT_MAPPING)
         print(f"wrote {out}: a PEFT LoRA adapter (load it onto the matching PyTorch model)")
         return
-    source = resolve_source(config.model.path)
-    base = load_pretrained(config.model.path)
+    source = resolve_source(config.model.decoder)
+    base = load_pretrained(config.model.decoder)
     base_dir = os.path.abspath(source)
     if not os.path.isdir(source):  # PEFT loads its base from a Hugging Face directory
         base_dir = os.path.abspath(os.path.join(args.run_dir, "base_hf"))
@@ -139,7 +135,7 @@ def cmd_export_peft(args: argparse.Namespace) -> None:
         out,
         params,
         cfg,
-        jlora.peft.HF_DECODER,
+        DECODER_MAPPING,
         base_model_name_or_path=base_dir,
         task_type="CAUSAL_LM",
     )
@@ -170,16 +166,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     given += ["--chat"] if args.chat else []
     if args.system is not None and not args.chat:
         raise ValueError("--system is the system turn of a chat; add --chat")
-    if config.model.path is None and given:
-        raise ValueError(
-            f"{', '.join(given)} need a run of a checkpoint (model.path); {args.run_dir!r} runs "
-            "the built-in byte-level model, which samples with --temperature only"
-        )
     config, task, params, cfg = _restore(args.run_dir)
     merged = dense_model(params, cfg)
-    if config.model.path is None:  # the built-in byte-level model: no tokenizer, no cache
-        print(task.generate(merged, args.prompt, args.max_new_tokens, args.temperature, args.seed))
-        return
     options = {"top_k": args.top_k, "top_p": args.top_p, "chat": args.chat, "system": args.system}
     print(
         task.generate(
@@ -191,18 +179,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_summary(args: argparse.Namespace) -> None:
     """Shows what a config would adapt, without training (shapes only, nothing allocated).
 
-    For a checkpoint (``model.path``) only its config is read: the parameter shapes come from
-    ``jax.eval_shape`` over the decoder, so a 7B model is summarised without its weights.
+    For a decoder only its config is read: the parameter shapes come from ``jax.eval_shape``
+    over the decoder, so a 7B model is summarised without its weights.
     """
     path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
-    if config.model.path is not None:
+    if config.model.kind == "llama":
         from jlora.runner.pretrained_lm import abstract_base, checkpoint_config
 
         decoder, source = checkpoint_config(config.model)
-        where = (
-            config.model.path if source == config.model.path else f"{config.model.path} ({source})"
-        )
+        name = config.model.decoder
+        where = name if source == name else f"{name} ({source})"
         print(
             f"model: {where}: {decoder.architecture}, {decoder.num_hidden_layers} layers, "
             f"hidden {decoder.hidden_size}, vocab {decoder.vocab_size} (weights not read)"
@@ -286,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("safetensors", "hf"),
         default="safetensors",
         help="safetensors: RUN_DIR/merged.safetensors (jlora's parameter tree); hf: "
-        "RUN_DIR/merged_hf/, a Hugging Face model directory (runs of a pretrained model.path)",
+        "RUN_DIR/merged_hf/, a Hugging Face model directory (decoder runs)",
     )
     p.set_defaults(fn=cmd_merge)
     p = sub.add_parser(

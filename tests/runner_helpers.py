@@ -1,6 +1,5 @@
 """Shared settings for the runner tests: the default config, a tiny Llama base and checkpoint."""
 
-import dataclasses
 import json
 import os
 
@@ -10,26 +9,35 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jlora.models.decoder import Decoder, DecoderConfig
-from jlora.models.llama import LlamaConfig, init_params
 from jlora.models.pretrained import save_pretrained
-from jlora.models.weights import save_params
+from jlora.models.tokenizer import byte_level
 from jlora.runner.text import load_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
-TINY = LlamaConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_len=64)
+# The built-in model's shape, smaller: a byte-level Llama.
+TINY = DecoderConfig(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+)
 
 
 def write_tiny_weights(path):
-    meta = {"model": "llama", "config": json.dumps(dataclasses.asdict(TINY))}
-    save_params(path, init_params(TINY, seed=1), meta)
+    """A random TINY decoder with the byte-level tokenizer, as a Hugging Face directory."""
+    params = Decoder(TINY).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    save_pretrained(path, (TINY, params, byte_level()))
     return str(path)
 
 
 def tiny_overrides(run_dir, weights, steps=4, **extra):
     kv = {
         "run_dir": run_dir,
-        "model.weights": weights,
+        "model.path": weights,
         "data.seq_len": 32,
         "train.steps": steps,
         "train.batch_size": 4,

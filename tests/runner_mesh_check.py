@@ -23,7 +23,7 @@ MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
 def main():
     d = tempfile.mkdtemp()
-    weights = write_tiny_weights(os.path.join(d, "tiny.safetensors"))
+    weights = write_tiny_weights(os.path.join(d, "tiny"))
     out = {}
     for name, mesh in (("one", []), ("mesh", MESH)):
         over = [*tiny_overrides(os.path.join(d, name), weights, 4), *mesh, "train.batch_size=8"]

@@ -23,7 +23,7 @@ from jlora.runner.tasks import make_task
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors")
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny")
 
 
 def one_error_line(capsys, *needles):
@@ -104,7 +104,7 @@ def test_summary_runs_from_outside_the_repository(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "layer_0/attn/query/kernel" in proc.stdout
+    assert "model/layers/self_attn/q_proj/kernel" in proc.stdout
 
 
 # --- YAML files -------------------------------------------------------------------------------
@@ -136,20 +136,20 @@ def test_broken_config_yaml_in_a_run_dir(tmp_path, capsys):
 # --- bad inputs, each one line naming the file ------------------------------------------------
 
 
-def test_weights_that_are_not_safetensors(tmp_path, capsys):
+def test_a_model_path_that_is_no_checkpoint(tmp_path, capsys):
     bad = tmp_path / "model.bin"
-    bad.write_bytes(b"\x00\x01 definitely not safetensors")
-    assert main(["summary", f"model.weights={bad}"]) == 2
-    one_error_line(capsys, str(bad), "not a safetensors file")
-    assert main(["summary", f"model.weights={tmp_path / 'none.safetensors'}"]) == 2
-    one_error_line(capsys, str(tmp_path / "none.safetensors"), "no file")
+    bad.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    assert main(["summary", f"model.path={bad}"]) == 2
+    one_error_line(capsys, str(bad), "is not a readable GGUF file")
+    assert main(["summary", f"model.path={tmp_path}"]) == 2
+    one_error_line(capsys, str(tmp_path), "has no config.json")
 
 
-def test_weights_without_a_model_config(tmp_path, capsys):
-    path = tmp_path / "w.safetensors"
-    save_file({"a": np.ones(2, np.float32)}, str(path))
-    assert main(["summary", f"model.weights={path}"]) == 2
-    one_error_line(capsys, str(path), "no 'config' in its metadata")
+def test_model_keys_of_the_other_kind_are_refused(tmp_path, capsys):
+    assert main(["summary", f"model.weights={tmp_path}"]) == 2
+    one_error_line(capsys, "model.weights", "names the encoder of a kind=bert run")
+    assert main(["summary", "model.kind=bert", "model.remat=true"]) == 2
+    one_error_line(capsys, "model.remat describes a decoder", "model.kind is 'bert'")
 
 
 @pytest.mark.parametrize(
@@ -291,6 +291,8 @@ def test_a_tiny_temperature_is_greedy_too_and_never_nan(lm_task):
 def test_generate_refuses_bad_settings_in_the_library(lm_task):
     with pytest.raises(ValueError, match=r"max_new_tokens must be >= 0, found -1"):
         lm_task.generate(lm_task.base, "Hi", -1, 1.0, 0)
-    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, found inf"):
+    with pytest.raises(
+        ValueError, match=r"temperature must be a finite number >= 0 \(0 is greedy\), found inf"
+    ):
         lm_task.generate(lm_task.base, "Hi", 4, float("inf"), 0)
     assert lm_task.generate(lm_task.base, "Hi", 0, 1.0, 0) == "Hi"

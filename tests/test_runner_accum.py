@@ -30,7 +30,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors")
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny")
 
 
 def tiny_config(run_dir, weights, steps=STEPS, **extra):
@@ -60,10 +60,10 @@ def test_accumulated_gradient_equals_the_gradient_of_the_concatenated_batch(tiny
     rng = jax.random.key(1)
 
     loss, grads = jax.jit(accumulated_value_and_grad(loss_fn, task.batch_weight))(
-        trainable, base, np.stack(micro), rng
+        trainable, base, jax.tree.map(lambda *x: np.stack(x), *micro), rng
     )
     want_loss, want = jax.jit(jax.value_and_grad(loss_fn))(
-        trainable, base, np.concatenate(micro), rng
+        trainable, base, jax.tree.map(lambda *x: np.concatenate(x), *micro), rng
     )
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6, atol=1e-6)
     for (path, g), w in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want), strict=True):

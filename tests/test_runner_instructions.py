@@ -219,7 +219,7 @@ def test_empty_and_missing_data_files(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("over", "expected"),
     [
-        (["data.train=x.jsonl"], "config data.train needs model.path"),
+        (["model.kind=bert", "data.train=x.jsonl"], "config data.train is instruction data for a"),
         (["data.eval=x.jsonl"], "config data.eval='x.jsonl' applies to instruction data only"),
         (["train.eval_exact_match=5"], "train.eval_exact_match=5 applies to instruction data"),
         (["data.overflow=drop"], "config data.overflow: expected one of"),

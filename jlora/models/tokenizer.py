@@ -400,6 +400,30 @@ def from_sentencepiece(path: str | os.PathLike[str]) -> Tokenizer:
     return from_gguf_metadata(meta, source=path)
 
 
+def byte_level() -> Tokenizer:
+    """A tokenizer whose ids are the text's UTF-8 bytes (0..255), no special tokens.
+
+    The built-in model's vocabulary. It is an ordinary byte-level BPE ``tokenizers.Tokenizer``
+    with one token per byte and no merges, so it saves as a ``tokenizer.json`` that
+    transformers' ``PreTrainedTokenizerFast`` loads; decoding an invalid UTF-8 sequence gives
+    U+FFFD.
+
+    Example:
+      >>> tok = byte_level()
+      >>> tok.encode("hé"), tok.decode([104, 195, 169])
+      ([104, 195, 169], 'hé')
+    """
+    alphabet = {ord(c): c for c in pre_tokenizers.ByteLevel.alphabet()}
+    # GPT-2's byte -> printable character map: printable bytes stand for themselves, the other
+    # 68 bytes take the characters from U+0100 on, in byte order.
+    shifted = iter(sorted(set(map(chr, range(256, 512))) & set(alphabet.values())))
+    chars = {b: alphabet[b] if b in alphabet else next(shifted) for b in range(256)}
+    backend = Backend(models.BPE(vocab={c: b for b, c in chars.items()}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return Tokenizer(backend, {"additional_special_tokens": []}, source="<bytes>")
+
+
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """The tokenizer of a checkpoint: a HF directory, a ``.gguf`` file or a ``tokenizer.model``.
 

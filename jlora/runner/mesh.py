@@ -22,17 +22,17 @@ AXES = ("data", "fsdp", "tensor")
 
 
 def mesh_section(config: RunConfig) -> MeshSection:
-    """The run's mesh section, with the decoder's rules for a ``model.path`` run left at default.
+    """The run's mesh section; a decoder's rules left empty become :data:`DECODER_RULES`.
 
     Example:
       >>> from jlora.runner.config import ModelSection
-      >>> mesh_section(RunConfig()).rules == MeshSection().rules
+      >>> mesh_section(RunConfig()).rules == DECODER_RULES
       True
-      >>> mesh_section(RunConfig(model=ModelSection(path="m"))).rules == DECODER_RULES
-      True
+      >>> mesh_section(RunConfig(model=ModelSection(kind="bert"))).rules
+      ()
     """
     section = config.mesh
-    if config.model.path is not None and section.rules == MeshSection().rules:
+    if config.model.kind == "llama" and not section.rules:
         return dataclasses.replace(section, rules=DECODER_RULES)
     return section
 

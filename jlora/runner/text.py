@@ -1,6 +1,6 @@
-"""Byte-level text data: named text sources, encoding, and resumable language-model batches.
+"""Text data: named text sources and resumable language-model batches of token windows.
 
-A batch is a pure function of ``(seed, position)``: windows of ``seq_len + 1`` bytes are
+A batch is a pure function of ``(seed, position)``: windows of ``seq_len + 1`` tokens are
 shuffled per epoch with a generator seeded by ``(seed, epoch)``, so a run resumes exactly by
 storing only its data position.
 """
@@ -52,26 +52,6 @@ def load_text(source: str) -> str:
     if not text.strip():
         raise ValueError(f"data.source {source!r} is empty; give a file with text to train on")
     return text
-
-
-def encode(text: str) -> np.ndarray:
-    """UTF-8 bytes as token ids ``0..255``.
-
-    Example:
-      >>> encode("hi").tolist()
-      [104, 105]
-    """
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
-
-
-def decode(tokens: np.ndarray) -> str:
-    """Token ids back to text (invalid UTF-8 sequences become U+FFFD).
-
-    Example:
-      >>> decode(encode("héllo"))
-      'héllo'
-    """
-    return bytes(np.asarray(tokens, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
