@@ -10,7 +10,7 @@ medians, compiled ahead of time; memory from XLA's ``memory_analysis()``):
   ``remat``. The step functions are ``real_model.py``'s.
 - **bf16**: the LoRA step with bf16 compute (f32 parameters, adapters, optimizer state and loss)
   against f32: tokens/s and the difference of the loss both compute on the same batch.
-- **packing**: the LoRA step on ``jlora.runner.instructions.pack`` rows (several examples per
+- **packing**: the LoRA step on ``jlora.runner.data.chats.pack`` rows (several examples per
   row; attention kept inside each through ``segment_ids``, positions restarting) against padded
   rows (one example per row, padded to the same ``--pack-seq``), in tokens/s of real
   (non-padding) tokens. The examples are synthetic: lengths drawn uniformly from
@@ -41,7 +41,7 @@ import optax
 
 from jlora.models.decoder import Decoder, causal_lm_loss
 from jlora.models.pretrained import Pretrained, load_pretrained
-from jlora.runner.instructions import Packed, pack
+from jlora.runner.data.chats import Packed, pack
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (

@@ -19,10 +19,10 @@ from typing import Any
 import jax
 
 import jlora
-from jlora.runner import rundir
 from jlora.runner.config import RunConfig, load_config, shipped_configs
 from jlora.runner.host_memory import keep_freed_memory
 from jlora.runner.report import format_results
+from jlora.runner.rundir import directory as rundir
 from jlora.runner.variants import adapt, dense_model, prepare_base
 
 # Errors that are the user's input, printed as one clear message instead of a traceback.
@@ -45,7 +45,7 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Trains (or resumes) a run and prints what LoRA did."""
-    from jlora.runner.loop import finetune
+    from jlora.runner.trainer.loop import finetune
 
     path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
@@ -185,7 +185,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     path, overrides = _split_args(args.args)
     config = load_config(path, overrides)
     if config.model.kind == "llama":
-        from jlora.runner.pretrained_lm import abstract_base, checkpoint_config
+        from jlora.runner.tasks.causal_lm import abstract_base, checkpoint_config
 
         decoder, source = checkpoint_config(config.model)
         name = config.model.decoder

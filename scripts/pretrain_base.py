@@ -27,7 +27,7 @@ import optax
 from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss
 from jlora.models.pretrained import save_pretrained
 from jlora.models.tokenizer import byte_level
-from jlora.runner.text import LMBatches, eval_windows, load_text, split_tokens
+from jlora.runner.data.text import LMBatches, eval_windows, load_text, split_tokens
 
 CONFIG = DecoderConfig(
     vocab_size=256,

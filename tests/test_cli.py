@@ -234,8 +234,8 @@ def test_malformed_jsonl_data(tmp_path, tiny_bert, capsys, content, expected):
 
 
 def test_blank_lines_in_jsonl_data_are_skipped(tmp_path):
-    from jlora.runner.classify import load_examples
     from jlora.runner.config import DataSection
+    from jlora.runner.tasks.classification import load_examples
 
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "apple", "label": "a"}\n\n{"text": "wheel", "label": "b"}\n\n')

@@ -13,9 +13,9 @@ import jlora
 from jlora.cli import main
 from jlora.models.decoder import DECODER_AXIS_RULES
 from jlora.models.pretrained import load_pretrained
-from jlora.runner import rundir
 from jlora.runner.config import ModelSection, RunConfig, load_config
-from jlora.runner.loop import finetune
+from jlora.runner.rundir import directory as rundir
+from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|v_proj|down_proj)/kernel"
 

@@ -11,7 +11,7 @@ import jlora
 from jlora.cli import build_parser, main
 from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, DecoderConfig
 from jlora.models.pretrained import load_pretrained, save_pretrained
-from jlora.runner import rundir
+from jlora.runner.rundir import directory as rundir
 
 
 def test_format_defaults_to_safetensors():

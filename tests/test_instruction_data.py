@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jlora.runner.config import config_path
-from jlora.runner.instruction_data import (
+from jlora.runner.data.chat_batches import (
     Examples,
     InstructionBatches,
     builtin_data,
@@ -19,7 +19,7 @@ from jlora.runner.instruction_data import (
     resolve_data,
     split_records,
 )
-from jlora.runner.instructions import Records, pack, read_records
+from jlora.runner.data.chats import Records, pack, read_records
 from jlora.runner.yamlfile import read_yaml
 
 
@@ -134,7 +134,7 @@ def test_stdlib_modules_builder(tmp_path):
     which functions a module holds.) A function's module is where it is defined.
     """
     done = subprocess.run(
-        [sys.executable, "-m", "jlora.runner.stdlib_modules", str(tmp_path)],
+        [sys.executable, "-m", "jlora.runner.data.stdlib_modules", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,15 +14,15 @@ from safetensors.numpy import load_file
 
 import jlora
 from jlora.runner.config import RunConfig, apply_overrides, load_config
-from jlora.runner.loop import (
+from jlora.runner.rundir.directory import read_metrics
+from jlora.runner.tasks import lora_config, make_task
+from jlora.runner.trainer.loop import (
     accumulated_value_and_grad,
     finetune,
     make_loss,
     make_optimizer,
     make_schedule,
 )
-from jlora.runner.rundir import read_metrics
-from jlora.runner.tasks import lora_config, make_task
 from jlora.runner.variants import adapt, adapter_optimizer, prepare_base
 
 STEPS = 4

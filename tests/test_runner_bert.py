@@ -12,9 +12,9 @@ from safetensors.numpy import save_file
 
 from jlora.cli import main
 from jlora.models.bert import Bert, BertConfig, _hf_name
-from jlora.runner.classify import load_examples, model_dir
 from jlora.runner.config import DataSection, load_config
 from jlora.runner.tasks import make_task
+from jlora.runner.tasks.classification import load_examples, model_dir
 
 MINILM = os.path.join(ROOT, "configs", "minilm_fortunes.yaml")
 WORDS = {"fruit": ["apple", "pear", "plum", "fig"], "car": ["wheel", "road", "truck", "gear"]}

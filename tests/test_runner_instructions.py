@@ -13,9 +13,9 @@ from test_cli import one_error_line
 import jlora
 from jlora.cli import main
 from jlora.runner.config import load_config
-from jlora.runner.loop import finetune
-from jlora.runner.pretrained_lm import PretrainedLMTask
-from jlora.runner.rundir import read_metrics
+from jlora.runner.rundir.directory import read_metrics
+from jlora.runner.tasks.causal_lm import CausalLMTask
+from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 # Prefix-consistent, and the end-of-turn token closes each turn, so the model learns to stop.
@@ -130,7 +130,7 @@ def test_accumulated_micro_batches_weigh_their_tokens(checkpoint, data, tmp_path
         over = overrides(tmp_path / name, checkpoint, data[0], data[1], steps=1, **extra)
         over += ["train.warmup_steps=0", "train.schedule=constant", "train.clip_norm=null"]
         finetune(load_config(DEFAULT, over), log=lambda _: 0)
-        base = PretrainedLMTask(load_config(DEFAULT, over)).base
+        base = CausalLMTask(load_config(DEFAULT, over)).base
         return jlora.split(jlora.load_adapter(tmp_path / name / "adapter", base)[0])[0]
 
     one = adapters("one", **{"train.batch_size": 4, "data.pack": "false"})
@@ -140,9 +140,9 @@ def test_accumulated_micro_batches_weigh_their_tokens(checkpoint, data, tmp_path
 
 def test_packed_batches_hold_several_examples_per_row(checkpoint, data):
     over = overrides("unused", checkpoint, data[0], data[1], **{"data.seq_len": 128})
-    packed = PretrainedLMTask(load_config(DEFAULT, over)).train_batch(0)
+    packed = CausalLMTask(load_config(DEFAULT, over)).train_batch(0)
     assert packed["segment_ids"].max() > 1
-    padded = PretrainedLMTask(load_config(DEFAULT, [*over, "data.pack=false"])).train_batch(0)
+    padded = CausalLMTask(load_config(DEFAULT, [*over, "data.pack=false"])).train_batch(0)
     assert padded["segment_ids"].max() == 1
     # what is learned is the answers: far fewer tokens than the rows hold
     assert 0 < packed["loss_mask"].sum() < (packed["segment_ids"] > 0).sum() / 2
@@ -189,7 +189,7 @@ def test_long_records_are_truncated_and_counted_or_refused(checkpoint, data, tmp
     one_error_line(capsys, "train.jsonl:7: the record is", "more than data.seq_len=48")
     assert not (tmp_path / "r").exists()
     config = load_config(DEFAULT, overrides(tmp_path / "t", checkpoint, train, data[1]))
-    stats = PretrainedLMTask(config).data_stats
+    stats = CausalLMTask(config).data_stats
     # The cut-off record's answer fell past seq_len: nothing left to learn, so it is dropped.
     assert stats["train_truncated_examples"] == 1 and stats["train_truncated_tokens"] > 0
     assert stats["train_no_loss_examples"] == 1 and stats["train_examples"] == 6
@@ -263,7 +263,7 @@ def test_wandb_asked_for_but_missing_is_refused_before_the_run(
 
 def test_chat_samples_carry_the_configured_system_turn(checkpoint, data, monkeypatch):
     over = overrides("unused", checkpoint, data[0], data[1], **{"generate.system": "Be brief."})
-    task = PretrainedLMTask(load_config(DEFAULT, over))
+    task = CausalLMTask(load_config(DEFAULT, over))
     asked = []
     monkeypatch.setattr(task, "_generate_ids", lambda p, rows, *a: asked.extend(rows) or [[]])
     task.show(task.base, {})

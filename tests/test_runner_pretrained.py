@@ -17,9 +17,9 @@ from jlora.cli import build_parser, main
 from jlora.models.decoder import DECODER_AXIS_RULES
 from jlora.models.pretrained import load_pretrained, resolve_source
 from jlora.runner.config import ModelSection, check_model, load_config
-from jlora.runner.loop import finetune
-from jlora.runner.pretrained_lm import PretrainedLMTask, checkpoint_config
-from jlora.runner.rundir import read_metrics
+from jlora.runner.rundir.directory import read_metrics
+from jlora.runner.tasks.causal_lm import CausalLMTask, checkpoint_config
+from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 STEPS = 6
@@ -122,7 +122,7 @@ def test_generate_prints_the_prompt_and_its_continuation(run, capsys):
 def test_generate_matches_the_adapted_model_token_by_token(run, checkpoint):
     """The sampler's greedy tokens are the argmax of the adapted (unmerged) model's logits."""
     config = load_config(DEFAULT, overrides(run[0], checkpoint))
-    task = PretrainedLMTask(config)
+    task = CausalLMTask(config)
     params, cfg = jlora.load_adapter(run[0] / "adapter", task.base)
     text = task.generate(jlora.merge_params(params, cfg), "My love", 4, 0.0, 0)
     ids = task.tokenizer.encode("My love")
@@ -242,7 +242,7 @@ def test_checkpoint_config_refusals(tmp_path):
 
 def test_task_refusals_name_the_setting(checkpoint, tmp_path):
     def task(path=checkpoint, **extra):
-        return PretrainedLMTask(load_config(DEFAULT, overrides(tmp_path / "r", path, **extra)))
+        return CausalLMTask(load_config(DEFAULT, overrides(tmp_path / "r", path, **extra)))
 
     with pytest.raises(ValueError, match=r"data.seq_len 200 exceeds model.path .* 128; lower"):
         task(**{"data.seq_len": 200})

@@ -11,16 +11,16 @@ from runner_helpers import DEFAULT, tiny_overrides, write_tiny_weights
 import jlora
 import jlora._adapter_files
 from jlora.cli import main
-from jlora.runner import loop
 from jlora.runner.config import load_config
-from jlora.runner.lock import hold_lock
-from jlora.runner.loop import finetune
-from jlora.runner.rundir import OWNED, prepare_run_dir
+from jlora.runner.rundir.directory import OWNED, prepare_run_dir
+from jlora.runner.rundir.lock import hold_lock
+from jlora.runner.trainer import loop
+from jlora.runner.trainer.loop import finetune
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny.safetensors")
+    return write_tiny_weights(tmp_path_factory.mktemp("w") / "tiny")
 
 
 def config(run_dir, weights, steps=2, **extra):

@@ -9,9 +9,9 @@ from runner_helpers import ROOT
 from test_runner_bert import overrides, tiny_bert  # noqa: F401 (tiny_bert is a fixture)
 
 from jlora.cli import main
-from jlora.runner.classify import load_examples
 from jlora.runner.config import DataSection, load_config
-from jlora.runner.stdlib_text import FAMILIES, first_paragraph, stdlib_docstrings
+from jlora.runner.data.stdlib_text import FAMILIES, first_paragraph, stdlib_docstrings
+from jlora.runner.tasks.classification import load_examples
 
 STDLIB = os.path.join(ROOT, "configs", "minilm_stdlib.yaml")
 

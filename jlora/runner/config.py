@@ -71,7 +71,7 @@ class DataSection:
     Attributes:
       source: for ``llama``: ``"sonnets"``, ``"pydoc"`` or a UTF-8 file; for ``bert``:
         ``"stdlib"`` (standard-library docstrings labelled by module family, see
-        :mod:`jlora.runner.stdlib_text`), ``"fortunes"`` (Debian's fortune categories) or a
+        :mod:`jlora.runner.data.stdlib_text`), ``"fortunes"`` (Debian's fortune categories) or a
         JSON-lines file of ``{"text": ..., "label": ...}``.
       val_fraction: share of the data held out for evaluation.
       seq_len: tokens per training window (``llama``) or per example (``bert``).
@@ -81,7 +81,7 @@ class DataSection:
       train: instruction data instead of ``source`` (with ``model.path``): a JSONL file, a
         directory of ``*.jsonl`` files, or ``builtin:NAME`` (a data set shipped with jlora,
         e.g. ``builtin:stdlib_modules``), whose records are ``{"messages": [...]}``,
-        ``{"prompt", "completion"}`` or ``{"text"}`` (:mod:`jlora.runner.instructions`).
+        ``{"prompt", "completion"}`` or ``{"text"}`` (:mod:`jlora.runner.data.chats`).
         Rendered with the model's chat template; the loss is on assistant turns only.
       eval: held-out instruction data, as ``train``; ``null`` holds out ``val_fraction`` of
         the ``train`` records.

@@ -12,8 +12,8 @@ import os
 import uuid
 from typing import Any, cast
 
-from jlora.runner import rundir
 from jlora.runner.config import RunConfig, to_dict
+from jlora.runner.rundir import directory as rundir
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"

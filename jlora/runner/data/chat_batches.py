@@ -2,12 +2,12 @@
 
 Everything is read and tokenized when the run starts, so a bad record (its file and line
 named) stops the run before any step. Batches are a pure function of ``(seed, position)``:
-epoch ``e`` packs the examples in :func:`~jlora.runner.instructions.epoch_order` ``(n, e,
+epoch ``e`` packs the examples in :func:`~jlora.runner.data.chats.epoch_order` ``(n, e,
 seed)``, the epochs' rows form one stream, and batch ``p`` is rows ``p·b .. p·b + b - 1`` of it,
 so a resumed run that stored only its position sees exactly the rows of an uninterrupted one.
 
 A batch is a dict of ``[b, seq_len]`` arrays, the fields of
-:class:`~jlora.runner.instructions.Packed`: ``tokens``, ``targets``, ``loss_mask``,
+:class:`~jlora.runner.data.chats.Packed`: ``tokens``, ``targets``, ``loss_mask``,
 ``segment_ids`` and ``positions``.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from jlora.models.tokenizer import Tokenizer
-from jlora.runner.instructions import Packed, Records, epoch_order, pack, tokenize_record
+from jlora.runner.data.chats import Packed, Records, epoch_order, pack, tokenize_record
 
 BUILTIN = "builtin:"
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -113,7 +113,7 @@ def tokenize_records(
     """Every record tokenized, cut to ``seq_len`` or refused, and checked to teach something.
 
     Args:
-      records: from :func:`~jlora.runner.instructions.read_records`.
+      records: from :func:`~jlora.runner.data.chats.read_records`.
       tokenizer: the model's tokenizer (and chat template).
       seq_len: most tokens per example.
       overflow: ``"truncate"`` examples longer than ``seq_len`` (counted), or ``"error"``.

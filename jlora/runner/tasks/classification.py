@@ -21,8 +21,8 @@ from jlora.models.bert import MINILM_PACKAGE, Bert, load_bert, mean_pool, minilm
 from jlora.models.weights import load_params, save_params
 from jlora.models.wordpiece import WordPiece
 from jlora.runner.config import DataSection, RunConfig
-from jlora.runner.stdlib_text import stdlib_docstrings
-from jlora.runner.tasks import FixedBatches
+from jlora.runner.data.stdlib_text import stdlib_docstrings
+from jlora.runner.tasks.base import FixedBatches
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 PACKAGE = "package:"

@@ -22,15 +22,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 import jlora
-from jlora.runner import resume, rundir
 from jlora.runner.config import RunConfig, to_dict
-from jlora.runner.instruction_data import describe
-from jlora.runner.interrupt import StopRequest
+from jlora.runner.data.chat_batches import describe
 from jlora.runner.mesh import batch_sharding, make_mesh, mesh_section, shard_state
 from jlora.runner.mesh import rules as mesh_rules
 from jlora.runner.plots import plot_losses
-from jlora.runner.sinks import MetricSinks, check_sinks
+from jlora.runner.rundir import directory as rundir
+from jlora.runner.rundir import resume
 from jlora.runner.tasks import Task, lora_config, make_task
+from jlora.runner.trainer.interrupt import StopRequest
+from jlora.runner.trainer.sinks import MetricSinks, check_sinks
 from jlora.runner.variants import adapt, adapter_optimizer, dense_model, prepare_base
 
 

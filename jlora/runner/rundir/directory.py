@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from jlora.runner.config import RunConfig, from_dict, to_dict
-from jlora.runner.lock import LOCK_FILE, hold_lock
+from jlora.runner.rundir.lock import LOCK_FILE, hold_lock
 from jlora.runner.yamlfile import read_yaml
 
 CONFIG_FILE = "config.yaml"

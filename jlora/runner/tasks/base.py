@@ -1,13 +1,10 @@
-"""What a run trains: the task protocol, the task for a config, and its ``LoraConfig``."""
+"""The task protocol: a model and its data, what the trainer needs of them, and two mixins."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
 import jax
-
-import jlora
-from jlora.runner.config import RunConfig
 
 
 class Task(Protocol):
@@ -81,54 +78,3 @@ class NoHead:
         """No head: an empty tree."""
         del run_dir
         return {}
-
-
-def make_task(config: RunConfig) -> Task:
-    """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``."""
-    if config.model.kind == "bert":
-        from jlora.runner.classify import ClassificationTask
-
-        return ClassificationTask(config)
-    from jlora.runner.pretrained_lm import PretrainedLMTask
-
-    return PretrainedLMTask(config)
-
-
-def lora_config(config: RunConfig) -> jlora.LoraConfig:
-    """The :class:`jlora.LoraConfig` of a run's ``lora`` section.
-
-    A decoder stacks its layers' kernels ``[L, in, out]``, so its config carries
-    :data:`jlora.models.decoder.DECODER_AXIS_RULES` (one adapter per layer); with
-    ``lora.targets`` left empty, its targets are :data:`jlora.models.decoder.DECODER_TARGETS`,
-    every attention and MLP projection.
-
-    Raises:
-      ValueError: for a ``bert`` run without ``lora.targets``.
-
-    Example:
-      >>> lora_config(RunConfig()).rank
-      8
-    """
-    s = config.lora
-    axis_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    targets = tuple(s.targets)
-    if config.model.kind == "llama":
-        from jlora.models.decoder import DECODER_AXIS_RULES, DECODER_TARGETS
-
-        axis_rules = DECODER_AXIS_RULES
-        targets = targets or (DECODER_TARGETS,)
-    elif not targets:
-        raise ValueError(
-            "config lora.targets: a model.kind=bert run names the kernels it adapts, e.g. "
-            "lora.targets=['layer_\\d+/attention/(query|value)/kernel']"
-        )
-    return jlora.LoraConfig(
-        rank=s.rank,
-        alpha=s.alpha,
-        targets=targets,
-        exclude=tuple(s.exclude),
-        use_rslora=s.use_rslora,
-        init=s.init,
-        dropout=s.dropout,
-        axis_rules=axis_rules,
-    )

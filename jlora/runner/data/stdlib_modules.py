@@ -10,7 +10,7 @@ is the score.
 
 The data shipped in ``jlora/assets/instructions/stdlib_modules/`` was written by::
 
-    python -m jlora.runner.stdlib_modules jlora/assets/instructions/stdlib_modules
+    python -m jlora.runner.data.stdlib_modules jlora/assets/instructions/stdlib_modules
 
 on CPython 3.11; other versions give slightly different functions, so the shipped files, not a
 fresh build, are what the published numbers come from.
