@@ -11,7 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from jlora.models.decoder import Decoder, DecoderConfig
 from jlora.models.pretrained import save_pretrained
 from jlora.models.tokenizer import byte_level
-from jlora.runner.text import load_text
+from jlora.runner.data.text import load_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")

@@ -15,8 +15,8 @@ import jlora
 from jlora.models.pretrained import load_pretrained
 from jlora.runner import mesh as runner_mesh
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
-from jlora.runner.trainer.loop import finetune
 
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 

@@ -13,8 +13,8 @@ from runner_helpers import DEFAULT, ROOT, tiny_overrides, write_tiny_weights
 
 from jlora.cli import main
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
-from jlora.runner.trainer.loop import finetune
 
 STEPS = 10
 
@@ -138,7 +138,7 @@ def test_lora_dropout_changes_training_once_b_is_nonzero(tmp_path, tiny_weights)
 @pytest.mark.parametrize(("setting", "calls"), [("true", 1), ("false", 0)])
 def test_finetune_keeps_freed_memory_unless_told_not_to(monkeypatch, tmp_path, setting, calls):
     import jlora.cli
-    import jlora.runner.trainer.loop
+    import jlora.runner.finetune
 
     seen = []
     monkeypatch.setattr(jlora.cli, "keep_freed_memory", lambda: seen.append("kept") or True)
@@ -147,7 +147,7 @@ def test_finetune_keeps_freed_memory_unless_told_not_to(monkeypatch, tmp_path, s
         seen.append("train")
         raise ValueError("stopped before training")
 
-    monkeypatch.setattr(jlora.runner.trainer.loop, "finetune", stop)
+    monkeypatch.setattr(jlora.runner.finetune, "finetune", stop)
     over = [f"run_dir={tmp_path / 'run'}", f"train.keep_freed_memory={setting}"]
     assert main(["finetune", DEFAULT, *over]) == 2
     assert seen == ["kept"] * calls + ["train"]  # and before the first computation

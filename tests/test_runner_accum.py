@@ -14,15 +14,12 @@ from safetensors.numpy import load_file
 
 import jlora
 from jlora.runner.config import RunConfig, apply_overrides, load_config
+from jlora.runner.finetune import finetune
+from jlora.runner.objectives import Supervised
+from jlora.runner.optimizer import make_optimizer, make_schedule
 from jlora.runner.rundir.directory import read_metrics
 from jlora.runner.tasks import lora_config, make_task
-from jlora.runner.trainer.loop import (
-    accumulated_value_and_grad,
-    finetune,
-    make_loss,
-    make_optimizer,
-    make_schedule,
-)
+from jlora.runner.trainer.step import accumulated_value_and_grad
 from jlora.runner.variants import adapt, adapter_optimizer, prepare_base
 
 STEPS = 4
@@ -55,11 +52,15 @@ def test_accumulated_gradient_equals_the_gradient_of_the_concatenated_batch(tiny
     # Non-zero B, so that A's gradient is not zero too.
     lora = jax.tree.map(lambda x: x + 0.01 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), lora)
     trainable = {"lora": lora, "extra": task.initial_extra(jlora.dequantize(base))}
-    loss_fn = make_loss(task, cfg, "factorised")
+    objective = Supervised(task, cfg, "factorised")
+
+    def loss_fn(*args):
+        return objective.loss(*args)[0]
+
     micro = [task.train_batch(0), task.train_batch(1)]
     rng = jax.random.key(1)
 
-    loss, grads = jax.jit(accumulated_value_and_grad(loss_fn, task.batch_weight))(
+    (loss, _), grads = jax.jit(accumulated_value_and_grad(objective.loss, task.batch_weight))(
         trainable, base, jax.tree.map(lambda *x: np.stack(x), *micro), rng
     )
     want_loss, want = jax.jit(jax.value_and_grad(loss_fn))(

@@ -9,14 +9,14 @@ import yaml
 from runner_helpers import DEFAULT, tiny_overrides, write_tiny_weights
 
 import jlora
+import jlora.runner.finetune as loop
 from jlora.cli import main
 from jlora.models.weights import load_params
 from jlora.runner.config import RunConfig, from_dict, load_config, parse_override
 from jlora.runner.data.text import LMBatches, eval_windows, load_text
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import load_run_config, prepare_run_dir
 from jlora.runner.tasks import make_task
-from jlora.runner.trainer import loop
-from jlora.runner.trainer.loop import finetune
 
 
 @pytest.fixture(scope="module")

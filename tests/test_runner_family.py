@@ -11,9 +11,9 @@ import jlora
 from jlora.cli import main
 from jlora.models.weights import load_params
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
 from jlora.runner.tasks import make_task
-from jlora.runner.trainer.loop import finetune
 from jlora.runner.variants import prepare_base
 
 FAMILY = {"lora.dora": True, "lora.quantize": "nf4", "lora.quantize_block": 32}

@@ -13,9 +13,9 @@ from test_cli import one_error_line
 import jlora
 from jlora.cli import main
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
 from jlora.runner.tasks.causal_lm import CausalLMTask
-from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 # Prefix-consistent, and the end-of-turn token closes each turn, so the model learns to stop.

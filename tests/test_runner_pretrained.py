@@ -17,9 +17,9 @@ from jlora.cli import build_parser, main
 from jlora.models.decoder import DECODER_AXIS_RULES
 from jlora.models.pretrained import load_pretrained, resolve_source
 from jlora.runner.config import ModelSection, check_model, load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
 from jlora.runner.tasks.causal_lm import CausalLMTask, checkpoint_config
-from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 STEPS = 6

@@ -15,8 +15,8 @@ from test_checkpoint import flip_bytes
 
 import jlora
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
-from jlora.runner.trainer.loop import finetune
 
 # checkpoint_every is not a multiple of log_every: a resume from step 7 starts mid-window.
 RUN = {"train.log_every": 5, "train.checkpoint_every": 7, "train.eval_every": 5}

@@ -10,12 +10,12 @@ from runner_helpers import DEFAULT, tiny_overrides, write_tiny_weights
 
 import jlora
 import jlora._adapter_files
+import jlora.runner.finetune as loop
 from jlora.cli import main
 from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import OWNED, prepare_run_dir
 from jlora.runner.rundir.lock import hold_lock
-from jlora.runner.trainer import loop
-from jlora.runner.trainer.loop import finetune
 
 
 @pytest.fixture(scope="module")
