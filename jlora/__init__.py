@@ -28,6 +28,8 @@ from jlora._mixed import mixed_batch
 from jlora._optim import lora_optimizer, optimizer_shardings
 from jlora._paths import path_str
 from jlora._pissa import init_pissa, pissa_to_lora
+from jlora._preference import LOSS_TYPES as PREFERENCE_LOSSES
+from jlora._preference import dpo_loss, preference_loss, sequence_logps
 from jlora._qlora import KINDS as QUANTIZE_KINDS
 from jlora._qlora import Quantized, dequantize, has_quantized, quantize
 from jlora._quantized import is_quantized
@@ -38,6 +40,7 @@ from jlora.peft import export_peft, import_peft
 
 __all__ = [
     "LORA_INITS",
+    "PREFERENCE_LOSSES",
     "QUANTIZE_KINDS",
     "Adapter",
     "Collective",
@@ -54,6 +57,7 @@ __all__ = [
     "combine_adapters",
     "delete_adapter",
     "dequantize",
+    "dpo_loss",
     "export_peft",
     "has_quantized",
     "import_peft",
@@ -77,11 +81,13 @@ __all__ = [
     "partition_specs",
     "path_str",
     "pissa_to_lora",
+    "preference_loss",
     "quantize",
     "restore_checkpoint",
     "save_adapter",
     "save_checkpoint",
     "select_adapter",
+    "sequence_logps",
     "split",
     "summary",
     "unmerge_params",
