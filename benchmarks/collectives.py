@@ -62,7 +62,7 @@ def main(argv=None):
     mesh = st.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     rows = []
     for width in (int(w) for w in args.widths.split(",")):
-        cfg = st.LlamaConfig(dim=width, n_layers=2, n_heads=4, ffn_dim=2 * width)
+        cfg = st.model_config(dim=width, layers=2)
         full, params = compile_step(mesh, cfg, "full")
         lora, adapters = compile_step(mesh, cfg, "lora")
         f, lo = per_kind(full), per_kind(lora)

@@ -23,6 +23,11 @@ and where each comes from:
   summary line;
 - ``pages``: the site's top-level pages from ``nav`` in mkdocs.yml, with the one-line summaries
   under ``extra.page_summaries`` there;
+- ``needs``: what a page's code needs installed, from ``extra.page_needs`` in mkdocs.yml (one
+  line at the top of every page);
+- ``modules PACKAGE``: the modules and sub-packages of ``PACKAGE`` (e.g. ``jlora.runner``), each
+  with its docstring's summary line, read from the source;
+- ``imports``: which parts of ``jlora/`` import which at module level, read from the source;
 - ``install``: the set-up commands that open README.md;
 - ``supported``: the Python, JAX and Flax versions ``pyproject.toml`` accepts;
 - ``headline``: README's headline numbers, from ``benchmarks/results/cpu.json`` (written by
@@ -60,6 +65,7 @@ README = ROOT / "README.md"
 MKDOCS_YML = ROOT / "mkdocs.yml"
 CPU_RESULTS = ROOT / "benchmarks" / "results" / "cpu.json"
 OUTPUTS = DOCS / "outputs"  # printed outputs of runs, pasted as printed
+PACKAGE = ROOT / "jlora"
 
 _START = re.compile(r"^<!-- generated: ([a-z-]+)(?: ([\w.-]+))? -->$")
 _END = "<!-- end generated -->"
@@ -697,6 +703,131 @@ def render_headline(block: Block) -> str:
     return "\n".join(_wrap(p) if p else p for p in paragraphs)
 
 
+def render_needs(block: Block) -> str:
+    """What the page's code needs installed: its entry under ``extra.page_needs`` in mkdocs.yml.
+
+    Keys are page paths under docs/ or globs (``api/*.md``); the first that matches wins.
+    """
+    import fnmatch
+
+    needs = (_mkdocs_config().get("extra") or {}).get("page_needs") or {}
+    page = block.path.relative_to(DOCS).as_posix() if block.path.is_relative_to(DOCS) else ""
+    for pattern, text in needs.items():
+        if fnmatch.fnmatchcase(page, pattern):
+            return _wrap(f"**Needs:** {text}.")
+    raise ValueError(
+        f"mkdocs.yml: no entry under extra.page_needs matches docs/{page}; add one (what the "
+        "page's code needs installed: the library alone, or which extra)"
+    )
+
+
+def _module_summary(path: pathlib.Path) -> str:
+    """The summary line of a module's docstring, read with ``ast`` (nothing is imported)."""
+    summary = _first_line(ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))))
+    if not summary:
+        raise ValueError(f"{path.relative_to(ROOT)} has no module docstring to summarise")
+    return _ROLE.sub(r"`\1`", summary)
+
+
+def render_modules(block: Block) -> str:
+    """The modules and sub-packages of the package ``block.arg``, each with its summary line."""
+    folder = ROOT.joinpath(*(block.arg or "").split("."))
+    if not (folder / "__init__.py").is_file():
+        raise ValueError(f"'modules {block.arg}': {folder.relative_to(ROOT)} is not a package")
+    lines = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / "__init__.py").is_file():
+            files = sorted(f.name for f in entry.glob("*.py") if f.name != "__init__.py")
+            listed = f" ({', '.join(f'`{f}`' for f in files)})" if files else ""
+            summary = _module_summary(entry / "__init__.py")
+            lines.append(_wrap(f"- `{entry.name}/`{listed}: {summary}"))
+        elif entry.suffix == ".py" and entry.name != "__init__.py":
+            lines.append(_wrap(f"- `{entry.name}`: {_module_summary(entry)}"))
+    return "\n".join(lines)
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_level_imports(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements that run when a module is imported.
+
+    Those in functions run later, those under ``if TYPE_CHECKING:`` never.
+    """
+    found: list[ast.Import | ast.ImportFrom] = []
+    for node in body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.If):
+            test = node.test
+            checking = getattr(test, "id", getattr(test, "attr", None)) == "TYPE_CHECKING"
+            found += [] if checking else _module_level_imports(node.body)
+            found += _module_level_imports(node.orelse)
+        elif isinstance(node, ast.ClassDef | ast.With):
+            found += _module_level_imports(node.body)
+        elif isinstance(node, ast.Try):
+            for part in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                found += _module_level_imports(part)
+    return found
+
+
+def part_of(module: str) -> str:
+    """The part of jlora a module belongs to, as the layout map names them.
+
+    ``jlora.cli``, ``jlora._entry``, ``jlora.models``, ``jlora.runner.<module or sub-package>``,
+    or ``library`` (``jlora/*.py``, ``_factorised/``, ``peft/``).
+    """
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in ("cli", "_entry", "models", "conftest"):
+        return ".".join(parts[:2])
+    if len(parts) > 1 and parts[1] == "runner":
+        return ".".join(parts[:3])
+    return "library"
+
+
+def import_edges() -> dict[str, set[str]]:
+    """``{part: the other parts it imports at module level}``, from the source of ``jlora/``."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in _module_level_imports(ast.parse(path.read_text(encoding="utf-8")).body):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*up, *([base] if base else [])])
+                targets = [base, *(f"{base}.{a.name}" for a in node.names)]
+            for target in targets:
+                if target == "jlora" or target.startswith("jlora."):
+                    a, b = part_of(name), part_of(target)
+                    if a != b:
+                        edges.setdefault(a, set()).add(b)
+    return edges
+
+
+def render_imports(block: Block) -> str:
+    """Each part of jlora with the parts it imports at module level (``library`` last)."""
+    edges = import_edges()
+
+    def label(part: str) -> str:
+        return "the library" if part == "library" else f"`{part}`"
+
+    lines = []
+    for part in sorted(edges, key=lambda p: (p == "library", p)):
+        if part == "jlora.conftest":
+            continue
+        targets = sorted(edges[part], key=lambda p: (p == "library", p))
+        lines.append(_wrap(f"- {label(part)} → {', '.join(map(label, targets))}"))
+    if "library" not in edges:
+        lines.append("- the library → nothing else of jlora")
+    return "\n".join(lines)
+
+
 RENDERERS: dict[str, Callable[[Block], str]] = {
     "primitive-rules": lambda block: render_rules(),
     "refusals": lambda block: render_refusals(),
@@ -709,6 +840,9 @@ RENDERERS: dict[str, Callable[[Block], str]] = {
     "headline": render_headline,
     "run": render_run,
     "run-excerpt": render_run_excerpt,
+    "needs": render_needs,
+    "modules": render_modules,
+    "imports": render_imports,
 }
 
 

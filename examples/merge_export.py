@@ -2,15 +2,15 @@
 
 After merging, the model is exactly the base architecture again (W' = W + s·A·B), so inference
 costs what the base costs and needs no jlora at all. This trains a short adapter on the
-built-in Llama base, saves the adapter (`jlora.save_adapter`), merges, exports the merged weights
-as one safetensors file, reloads them into a plain `Llama`, and checks the logits match the
-unmerged (factorised) model.
+built-in model (``builtin:llama_pydoc``, a small ``jlora.models.Decoder`` with a byte-level
+tokenizer), saves the adapter (``jlora.save_adapter``), merges, exports the merged model as a
+Hugging Face directory (``transformers.AutoModelForCausalLM.from_pretrained`` loads it),
+reloads it as a plain ``Decoder``, and checks the logits match the unmerged (factorised) model.
 
 Run: python examples/merge_export.py [--steps N] [--out DIR]
 """
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -20,22 +20,25 @@ import numpy as np
 import optax
 
 import jlora
-from jlora.models.llama import Llama, LlamaConfig, lm_loss
-from jlora.models.weights import load_params, save_params
-from jlora.runner.lm import weights_path
-from jlora.runner.text import LMBatches, encode, load_text
+from jlora.models import export_merged_hf, load_pretrained
+from jlora.models.decoder import DECODER_AXIS_RULES, causal_lm_loss
+from jlora.runner.data.text import LMBatches, load_text
 
 
 def main(steps: int = 30, out: str | None = None) -> dict[str, float]:
     out = out or tempfile.mkdtemp()
-    base, meta = load_params(weights_path("builtin:llama_pydoc"))
-    model = Llama(LlamaConfig(**json.loads(meta["config"])))
-    cfg = jlora.LoraConfig(rank=4, alpha=8.0, targets=r"layer_\d+/attn/(query|value)/kernel")
+    pretrained = load_pretrained("builtin:llama_pydoc")  # model, params, tokenizer, config
+    model, base, tokenizer = pretrained.model, pretrained.params, pretrained.tokenizer
+    # the layers are stacked [L, in, out]: the axis rules give each layer its own A and B
+    cfg = jlora.LoraConfig(
+        rank=4, alpha=8.0, targets=r".*(q_proj|v_proj)/kernel", axis_rules=DECODER_AXIS_RULES
+    )
     lora, _ = jlora.split(jlora.init_lora(jax.random.key(0), base, cfg))
-    data = LMBatches(encode(load_text("sonnets")), seq_len=64, batch_size=8, seed=0)
+    ids = np.asarray(tokenizer.encode(load_text("sonnets"), add_special_tokens=False), np.int32)
+    data = LMBatches(ids, seq_len=64, batch_size=8, seed=0)
 
     def loss(params, batch):
-        return lm_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
+        return causal_lm_loss(model.apply({"params": params}, batch[:, :-1]), batch[:, 1:])
 
     tx = optax.adam(3e-3)
     opt = tx.init(lora)
@@ -53,22 +56,21 @@ def main(steps: int = 30, out: str | None = None) -> dict[str, float]:
     adapted = jlora.combine(lora, base)
     jlora.save_adapter(os.path.join(out, "adapter"), adapted, cfg)  # adapter-sized files
 
-    # Export: merged weights, the base's structure and metadata; no adapters left.
-    merged = jlora.merge_params(adapted, cfg)
-    save_params(os.path.join(out, "merged.safetensors"), merged, meta)
-    served, _ = load_params(os.path.join(out, "merged.safetensors"))
-    tokens = jnp.asarray(encode("Shall I compare thee to a summer's day?"))[None]
-    fast = model.apply({"params": served}, tokens)  # plain model: no jlora at inference
+    # Export: W + s·A·B folded in, the base's config and tokenizer; no adapters left.
+    export_merged_hf(os.path.join(out, "merged_hf"), pretrained, adapted, cfg)
+    served = load_pretrained(os.path.join(out, "merged_hf"))  # a plain Decoder and its params
+    tokens = jnp.asarray(tokenizer.encode("Shall I compare thee to a summer's day?"))[None]
+    fast = served.model.apply({"params": served.params}, tokens)  # no jlora at inference
     factorised = jlora.lora(lambda p: model.apply({"params": p}, tokens), cfg)(adapted)
     gap = float(jnp.max(jnp.abs(fast - factorised)))
-    sizes = {name: os.path.getsize(os.path.join(out, name)) for name in ("merged.safetensors",)}
+    merged_bytes = os.path.getsize(os.path.join(out, "merged_hf", "model.safetensors"))
     adapter_bytes = sum(
         os.path.getsize(os.path.join(out, "adapter", f))
         for f in os.listdir(os.path.join(out, "adapter"))
     )
     print(
-        f"merged model exported to {out}/merged.safetensors ({sizes['merged.safetensors']:,} B; "
-        f"adapter alone {adapter_bytes:,} B); max |merged - factorised| logit gap {gap:.2e}"
+        f"merged model exported to {out}/merged_hf ({merged_bytes:,} B of weights; adapter "
+        f"alone {adapter_bytes:,} B); max |merged - factorised| logit gap {gap:.2e}"
     )
     np.testing.assert_allclose(fast, factorised, atol=1e-3)
     return {"gap": gap}

@@ -1,9 +1,11 @@
 """A sharded LoRA train step on a (data, fsdp, tensor) mesh, on one or many processes.
 
-The base Llama is laid out by regex rules (FSDP over kernel inputs, tensor parallel over
-outputs); adapters are created inside ``jit`` with shardings derived from their kernel's; the
-step runs through ``jlora.value_and_grad`` (factorised, gradients for adapters only). Nothing
-here communicates by hand: XLA inserts the collectives that the shardings imply.
+The base, a small ``jlora.models.Decoder`` (Llama-style, layers stacked ``[L, in, out]`` for
+``nn.scan``), is laid out by regex rules (FSDP over kernel inputs, tensor parallel over
+outputs, the layer axis whole); adapters are created inside ``jit`` with shardings derived from
+their kernel's; the step runs through ``jlora.value_and_grad`` (factorised, gradients for
+adapters only). Nothing here communicates by hand: XLA inserts the collectives that the
+shardings imply.
 
 Single process (on CPU, fake 8 devices):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_train.py --mesh 2,2,2
@@ -20,24 +22,51 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlora
-from jlora.models.llama import Llama, LlamaConfig, init_params, lm_loss
+from jlora.models.decoder import (
+    DECODER_AXIS_RULES,
+    DECODER_TARGETS,
+    Decoder,
+    DecoderConfig,
+    causal_lm_loss,
+)
 
+# Kernels are [L, in, out] (the layer axis unsplit), lm_head [D, V], the embedding [V, D].
 RULES = [
-    (r".*/attn/(query|key|value)/kernel", P("fsdp", "tensor")),
-    (r".*/attn/out/kernel", P("tensor", "fsdp")),
-    (r".*/mlp/(gate|up)/kernel", P("fsdp", "tensor")),
-    (r".*/mlp/down/kernel", P("tensor", "fsdp")),
+    (r".*self_attn/[qkv]_proj/kernel", P(None, "fsdp", "tensor")),
+    (r".*self_attn/o_proj/kernel", P(None, "tensor", "fsdp")),
+    (r".*mlp/(gate|up)_proj/kernel", P(None, "fsdp", "tensor")),
+    (r".*mlp/down_proj/kernel", P(None, "tensor", "fsdp")),
     (r"lm_head/kernel", P("fsdp", "tensor")),
-    (r"embed/embedding", P(None, "fsdp")),
+    (r".*embed_tokens/embedding", P(None, "fsdp")),
 ]
-LORA = jlora.LoraConfig(rank=4, alpha=8.0, targets=r".*/(attn|mlp)/\w+/kernel")
+# Every attention and MLP projection; the axis rules give each layer of the stack its own A, B.
+LORA = jlora.LoraConfig(rank=4, alpha=8.0, targets=DECODER_TARGETS, axis_rules=DECODER_AXIS_RULES)
 BATCH = P(("data", "fsdp"), None)
+
+
+def model_config(dim: int = 64, layers: int = 2, vocab: int = 256) -> DecoderConfig:
+    """A small Llama-style decoder: 4 heads, MLP width ``2 * dim``."""
+    return DecoderConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        rms_norm_eps=1e-5,
+    )
+
+
+def init_params(model_cfg: DecoderConfig, seed: int = 0):
+    """The base's random parameters (the same on every process: a fixed seed)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return Decoder(model_cfg).init(jax.random.key(seed), tokens)["params"]
 
 
 def make_mesh(shape: tuple[int, int, int], devices=None) -> jax.sharding.Mesh:
@@ -56,7 +85,7 @@ def batches(steps: int, batch: int, seq: int, vocab: int) -> np.ndarray:
     return rng.integers(0, vocab, size=(steps, batch, seq + 1), dtype=np.int32)
 
 
-def build(mesh, model_cfg: LlamaConfig, mode: str = "lora"):
+def build(mesh, model_cfg: DecoderConfig, mode: str = "lora"):
     """Base params laid out on ``mesh``, adapters created sharded inside jit, the step.
 
     ``mode="full"`` builds the full fine-tuning step on the same layout, for comparison.
@@ -66,12 +95,12 @@ def build(mesh, model_cfg: LlamaConfig, mode: str = "lora"):
     specs = jlora.partition_specs(params, RULES)
     shardings = jax.tree.map(named, specs)
     params = jax.device_put(params, shardings)
-    model = Llama(model_cfg)
+    model = Decoder(model_cfg)
     tx = optax.adam(1e-2)
 
     def loss(q, tokens):
         logits = model.apply({"params": q}, tokens[:, :-1])
-        return lm_loss(logits, tokens[:, 1:])
+        return causal_lm_loss(logits, tokens[:, 1:])
 
     if mode == "full":
 
@@ -102,7 +131,7 @@ def build(mesh, model_cfg: LlamaConfig, mode: str = "lora"):
     return lora, base, tx.init(lora), step, named(BATCH)
 
 
-def train(mesh, steps: int, model_cfg: LlamaConfig, batch: int = 8, seq: int = 32, mode="lora"):
+def train(mesh, steps: int, model_cfg: DecoderConfig, batch: int = 8, seq: int = 32, mode="lora"):
     """Runs ``steps`` sharded steps; returns the losses, final trainables and the compiled step."""
     lora, base, opt_state, step, batch_sharding = build(mesh, model_cfg, mode)
     data = batches(steps, batch, seq, model_cfg.vocab_size)
@@ -132,7 +161,7 @@ def main() -> None:
     if args.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, args.processes, args.id)
-    model_cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=4, ffn_dim=2 * args.dim)
+    model_cfg = model_config(args.dim, args.layers)
     mesh = make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     losses, lora, compiled = train(mesh, args.steps, model_cfg)
     if args.save:

@@ -14,7 +14,11 @@ import jlora
 
 
 def weight_shapes(params, mesh_shape):
-    """Every base kernel's full shape and per-device shard shape under the example's rules."""
+    """Every base kernel's full shape and per-device shard shape under the example's rules.
+
+    A stacked layer kernel ``[L, in, out]`` also gives one layer's slice of both: inside the
+    scan a gradient is reduced layer by layer.
+    """
     sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape, strict=True))
     specs = jlora.partition_specs(params, st.RULES)
     shapes = set()
@@ -27,6 +31,8 @@ def weight_shapes(params, mesh_shape):
             for name in (axis,) if isinstance(axis, str) else (axis or ()):
                 shard[i] //= sizes[name]
         shapes.add(tuple(shard))
+        if leaf.ndim == 3:
+            shapes |= {tuple(leaf.shape[1:]), tuple(shard[1:])}
     return shapes
 
 
@@ -42,7 +48,10 @@ def reduced_weight_shapes(compiled, shapes):
     )
 
 
-CFG = st.LlamaConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128)
+CFG = st.model_config(dim=64, layers=2)  # the example's defaults, as the two processes run
+# 3 layers for the mesh checks: a stacked kernel's leading axis (layers) then differs from the
+# per-device batch (8 rows over data x fsdp = 4), so no activation is taken for a weight shard
+MESH_CFG = st.model_config(dim=64, layers=3)
 
 
 def restore(directory, steps):
@@ -59,7 +68,7 @@ def restore(directory, steps):
 
 
 def main():
-    cfg = CFG
+    cfg = MESH_CFG
     steps = 5
     mesh = st.make_mesh((2, 2, 2))
     losses, lora, compiled = st.train(mesh, steps, cfg)

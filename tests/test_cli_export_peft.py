@@ -12,10 +12,10 @@ from test_models_gguf import hf_weights, write_gguf
 import jlora
 from jlora.cli import main
 from jlora.models.decoder import DECODER_AXIS_RULES
-from jlora.models.pretrained import load_pretrained
+from jlora.models.pretrained import builtin_models, load_pretrained
 from jlora.runner.config import ModelSection, RunConfig, load_config
+from jlora.runner.finetune import finetune
 from jlora.runner.rundir import directory as rundir
-from jlora.runner.trainer.loop import finetune
 
 TARGETS = r".*(q_proj|v_proj|down_proj)/kernel"
 
@@ -89,10 +89,45 @@ def test_the_exported_run_serves_from_auto_peft_model(tmp_path):
     assert np.abs(np.asarray(expected) - np.asarray(base_logits)).max() > 1e-4
 
 
-def test_a_builtin_model_run_exports_for_the_builtin_mapping(tmp_path, capsys):
+def test_a_builtin_model_run_names_the_shipped_directory_as_its_base(tmp_path):
     written = finetune_and_export(tmp_path / "run", "train.steps=1")
-    assert written["base_model_name_or_path"] is None
+    assert written["base_model_name_or_path"] == builtin_models()["llama_pydoc"]
+    assert written["task_type"] == "CAUSAL_LM"
     assert any("self_attn.q_proj" in m for m in written["target_modules"])
+
+
+@pytest.mark.peft
+def test_the_default_run_serves_from_auto_peft_model(tmp_path):
+    # The built-in model is a Hugging Face directory: PEFT loads it as the base, with no
+    # mapping or conversion of its own.
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    run = tmp_path / "run"
+    written = finetune_and_export(run, "train.steps=2", "generate.max_new_tokens=2")
+    assert written["base_model_name_or_path"] == builtin_models()["llama_pydoc"]
+
+    builtin = load_pretrained("builtin:llama_pydoc")
+    params, cfg = jlora.load_adapter(run / "adapter", builtin.params)
+    tokens = jnp.asarray(list("Shall I compare thee to a summer's day? Été".encode()))[None]
+    expected = jlora.lora(lambda p: builtin.model.apply({"params": p}, tokens), cfg)(params)
+    served = peft.AutoPeftModelForCausalLM.from_pretrained(str(run / "peft")).eval()
+    with torch.no_grad():
+        got = served(torch.tensor(np.array(tokens))).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
+    base_logits = builtin.model.apply({"params": builtin.params}, tokens)
+    assert np.abs(np.asarray(expected) - np.asarray(base_logits)).max() > 1e-4  # B moved
+
+
+@pytest.mark.peft
+def test_transformers_reads_the_builtin_tokenizer_as_utf8_bytes():
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(builtin_models()["llama_pydoc"])
+    assert (
+        tok("Shall é")["input_ids"]
+        == list("Shall é".encode())
+        == [83, 104, 97, 108, 108, 32, 195, 169]
+    )
+    assert tok.decode(list("Shall é".encode())) == "Shall é"
 
 
 def test_export_peft_of_a_missing_run_is_one_error_line(tmp_path, capsys):

@@ -237,11 +237,83 @@ def test_python_blocks_run_as_written(path):
         exec(compile(code, f"{path.relative_to(ROOT)}:{line}", "exec"), namespace)
 
 
-def test_the_builtin_llama_to_peft_path_stays_documented():
-    # tests/test_peft_llama_builtin.py follows this path: runner adapter/ -> PEFT -> PeftModel.
+def test_the_builtin_model_to_peft_path_stays_documented():
+    # tests/test_cli_export_peft.py follows this path: jlora finetune -> jlora export-peft ->
+    # AutoPeftModelForCausalLM, the built-in model's directory the base.
     text = (DOCS / "adapter_files.md").read_text(encoding="utf-8")
-    assert 'jlora.load_adapter("runs/default/adapter", base)' in text
-    assert "jlora.peft.BUILTIN_LLAMA" in text and "PeftModel.from_pretrained" in text
+    assert "jlora export-peft runs/default" in text
+    assert 'AutoPeftModelForCausalLM.from_pretrained("runs/default/peft")' in text
+    tests = (ROOT / "tests" / "test_cli_export_peft.py").read_text(encoding="utf-8")
+    assert "def test_the_default_run_serves_from_auto_peft_model(" in tests
+
+
+# Names of the retired built-in Llama and of runner modules that moved: a page, the README or an
+# example that still names one sends the reader to code that is not there.
+RETIRED = re.compile(
+    r"jlora\.models\.llama\b|llama_hf|BUILTIN_LLAMA|builtin_llama|llama_pydoc\.safetensors"
+    r"|PretrainedLMTask|runner/lm\.py|layer_\\d\+/attn|jlora[./]runner[./](lm|pretrained_lm"
+    r"|instruction_data|instructions|text|stdlib_text|stdlib_modules|loop|sinks|interrupt|lock"
+    r"|resume)\b"
+)
+
+
+def _reader_files() -> list[pathlib.Path]:
+    return [*_markdown_files(), *sorted((ROOT / "examples").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", _reader_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_or_example_names_a_retired_module(path):
+    found = [
+        f"{path.relative_to(ROOT)}:{i}: {m.group(0)}"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        for m in RETIRED.finditer(line)
+    ]
+    assert not found, found
+
+
+def test_the_retired_names_check_sees_them():
+    # Guards the pattern: one that matches nothing would pass on anything.
+    for stale in (
+        "from jlora.models.llama import Llama",
+        "jlora.peft.BUILTIN_LLAMA",
+        "jlora/assets/llama_pydoc.safetensors",
+        "jlora.runner.text.load_text",
+        "jlora/runner/instruction_data.py",
+        r'targets=r"layer_\d+/attn/(query|value)/kernel"',
+    ):
+        assert RETIRED.search(stale), stale
+    for current in ("builtin:llama_pydoc", "jlora.runner.data.text", "jlora.runner.rundir"):
+        assert not RETIRED.search(current), current
+
+
+def _nav_pages(nav) -> list[str]:
+    pages = []
+    for item in nav:
+        target = next(iter(item.values())) if isinstance(item, dict) else item
+        pages += [target] if isinstance(target, str) else _nav_pages(target)
+    return pages
+
+
+def test_every_page_says_what_it_needs_installed():
+    # One line at the top of each page, written from mkdocs.yml's extra.page_needs.
+    pages = _nav_pages(_generate()._mkdocs_config()["nav"])
+    assert "architecture.md" in pages and len(pages) > 20
+    missing = []
+    for page in pages:
+        head = (DOCS / page).read_text(encoding="utf-8").splitlines()[:3]
+        if head[1:] != ["", "<!-- generated: needs -->"]:
+            missing.append(page)
+    assert not missing, f"no '<!-- generated: needs -->' block under the title of {missing}"
+
+
+def test_imports_go_one_way_as_the_architecture_page_says():
+    # cli -> runner -> models -> library; nothing imports the other way.
+    order = {"library": 0, "jlora.models": 1, "jlora.cli": 3, "jlora._entry": 4}
+    edges = _generate().import_edges()
+    rank = {p: order.get(p, 2) for p in {*edges, *(b for bs in edges.values() for b in bs)}}
+    upward = sorted(f"{a} -> {b}" for a, bs in edges.items() for b in bs if rank[b] > rank[a])
+    assert not upward, upward
+    assert edges["jlora.models"] == {"library"}
 
 
 def test_mkdocs_build_strict():

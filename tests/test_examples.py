@@ -31,7 +31,7 @@ def test_jax_mlp():
 def test_merge_export(tmp_path):
     r = example("merge_export")(steps=2, out=str(tmp_path))
     assert r["gap"] < 1e-3
-    assert (tmp_path / "merged.safetensors").is_file()
+    assert (tmp_path / "merged_hf" / "config.json").is_file()  # a Hugging Face directory
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
