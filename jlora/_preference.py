@@ -13,7 +13,8 @@ are easy to miss: IPO's squared loss uses per-token averages of the log-ratios w
 ``rewards/*`` use the sums, and the ``rewards/*`` of the reference-free losses are
 ``beta`` times the policy's averaged log-probabilities. Where TRL 1.16 differs from earlier
 TRL, jlora keeps the earlier meaning and says so: ``label_smoothing`` on ``"sigmoid"`` is
-conservative DPO (TRL 1.16 ignores it there).
+conservative DPO (TRL 1.16 ignores it there and smooths labels with ``"robust"``, which jlora
+has too).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from jlora._factorised import lora
 from jlora._split import split
 
 #: The loss types, as TRL names them.
-LOSS_TYPES = ("sigmoid", "ipo", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "simpo", "orpo")
 #: Loss types that compare the policy with a reference model.
-REFERENCE_BASED = ("sigmoid", "ipo")
+REFERENCE_BASED = ("sigmoid", "robust", "ipo")
 #: Loss types whose log-probabilities are per-token averages (the others sum them).
 AVERAGED = ("simpo", "orpo")
 #: SimPO's target reward margin when ``gamma`` is not given (TRL's ``simpo_gamma``).
@@ -141,7 +142,7 @@ def _check_options(
         )
     unused = []
     if label_smoothing and loss_type in ("ipo", "orpo"):
-        unused.append(f"label_smoothing={label_smoothing!r} (sigmoid and simpo use it)")
+        unused.append(f"label_smoothing={label_smoothing!r} (sigmoid, robust, simpo use it)")
     if gamma is not None and loss_type != "simpo":
         unused.append(f"gamma={gamma!r} (simpo's target margin)")
     if has_reference and loss_type not in REFERENCE_BASED:
@@ -176,6 +177,8 @@ def preference_loss(
     - ``"sigmoid"`` (DPO; summed log-probs): ``Δ = (c - c0) - (r - r0)``, loss
       ``-(1-ε)·logσ(βΔ) - ε·logσ(-βΔ)`` (conservative DPO for ε > 0; TRL 1.16's sigmoid
       ignores ε, earlier TRL and its CPO sigmoid use this form). ``ln 2`` when policy = reference.
+    - ``"robust"`` (rDPO; summed log-probs): ``(-(1-ε)·logσ(βΔ) + ε·logσ(-βΔ)) / (1 - 2ε)``,
+      an unbiased loss under labels flipped with probability ε; TRL 1.16's label-smoothed DPO.
     - ``"ipo"`` (summed log-probs and completion lengths): ``(Δ' - 1/(2β))²`` with ``Δ'`` the
       log-ratios averaged per token: ``(c - c0)/len_c - (r - r0)/len_r`` (lengths clamped to
       >= 1), as TRL computes it; ``β`` is the paper's τ.
@@ -195,14 +198,15 @@ def preference_loss(
 
     Args:
       chosen_logps: ``[B]`` policy log-probabilities of the chosen answers (summed over the
-        completion for sigmoid/ipo, averaged for simpo/orpo: see :func:`sequence_logps`).
+        completion for sigmoid/robust/ipo, averaged for simpo/orpo: see
+        :func:`sequence_logps`).
       rejected_logps: ``[B]``, likewise for the rejected answers.
-      ref_chosen_logps: ``[B]`` the reference's, summed (sigmoid, ipo only).
-      ref_rejected_logps: ``[B]`` the reference's, summed (sigmoid, ipo only).
+      ref_chosen_logps: ``[B]`` the reference's, summed (sigmoid, robust, ipo only).
+      ref_rejected_logps: ``[B]`` the reference's, summed (sigmoid, robust, ipo only).
       loss_type: one of :data:`LOSS_TYPES`.
       beta: ``β`` > 0 (a Python number is checked; a traced one is trusted).
       label_smoothing: ``ε`` in ``[0, 0.5)``, the probability a label is flipped (sigmoid,
-        simpo).
+        robust, simpo).
       gamma: SimPO's target margin (simpo only; ``None`` for :data:`SIMPO_GAMMA`).
       chosen_nll: scalar, the chosen answers' mean next-token NLL (orpo only, required).
       chosen_lengths: ``[B]`` completion token counts of the chosen answers (ipo only, required).
@@ -214,7 +218,7 @@ def preference_loss(
 
     Raises:
       ValueError: for an unknown ``loss_type`` (naming the choices), ``beta <= 0``,
-        ``label_smoothing`` outside ``[0, 0.5)``, a missing reference (sigmoid, ipo), NLL
+        ``label_smoothing`` outside ``[0, 0.5)``, a missing reference (sigmoid, robust, ipo), NLL
         (orpo) or lengths (ipo), an argument the chosen loss does not use, or log-probability
         arrays that are not all the same ``[B]`` shape.
 
@@ -268,8 +272,13 @@ def preference_loss(
         chosen_ratio = c - jnp.asarray(ref_chosen_logps, jnp.float32)
         rejected_ratio = r - jnp.asarray(ref_rejected_logps, jnp.float32)
         chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+        logits = beta * (chosen_ratio - rejected_ratio)
         if loss_type == "sigmoid":
-            losses = _smoothed(beta * (chosen_ratio - rejected_ratio), label_smoothing)
+            losses = _smoothed(logits, label_smoothing)
+        elif loss_type == "robust":
+            flipped = label_smoothing * jax.nn.log_sigmoid(-logits)
+            clean = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits)
+            losses = (clean + flipped) / (1.0 - 2.0 * label_smoothing)
         else:
             chosen_len = jnp.maximum(jnp.asarray(chosen_lengths, jnp.float32), 1.0)
             rejected_len = jnp.maximum(jnp.asarray(rejected_lengths, jnp.float32), 1.0)
@@ -342,11 +351,11 @@ def dpo_loss(
     """A preference loss of a LoRA-adapted model on a batch of pairs, and TRL's metrics.
 
     The policy is ``jlora.lora(apply_fn, config)(params, tokens, **kw)``; the reference (for
-    ``"sigmoid"`` and ``"ipo"``) is the same base with the adapters off,
+    ``"sigmoid"``, ``"robust"`` and ``"ipo"``) is the same base with the adapters off,
     ``apply_fn(split(params)[1], tokens, **kw)`` under ``stop_gradient``, so no second copy of
     the weights exists and at init (B = 0) the DPO loss is exactly ``ln 2``. Pass
     ``reference_logps`` precomputed to skip the reference forward. Each row's completion
-    log-probability is summed (sigmoid, ipo) or averaged (simpo, orpo) over the tokens
+    log-probability is summed (sigmoid, robust, ipo) or averaged (simpo, orpo) over the tokens
     ``loss_mask`` marks (:func:`sequence_logps`); the loss and metrics are
     :func:`preference_loss`'s. ORPO's NLL term is the mean next-token NLL over the chosen rows'
     tokens that ``nll_mask`` marks (default ``loss_mask``, the answers; TRL's ``ORPOTrainer``
@@ -372,7 +381,7 @@ def dpo_loss(
       label_smoothing: as in :func:`preference_loss`.
       gamma: as in :func:`preference_loss`.
       reference_logps: ``(chosen, rejected)``, each ``[B]``: the reference's summed
-        completion log-probabilities, precomputed (sigmoid, ipo).
+        completion log-probabilities, precomputed (sigmoid, robust, ipo).
       on_unsupported: as in :func:`jlora.lora`.
       dropout_rng: as in :func:`jlora.lora` (the reference runs without dropout).
       deterministic: as in :func:`jlora.lora`.

@@ -71,6 +71,11 @@ def np_loss(
         d = (c - c0) - (r - r0)
         losses = -(1 - eps) * np_log_sigmoid(beta * d) - eps * np_log_sigmoid(-beta * d)
         rc, rr = beta * (c - c0), beta * (r - r0)
+    elif loss_type == "robust":
+        d = (c - c0) - (r - r0)
+        clean = -(1 - eps) * np_log_sigmoid(beta * d)
+        losses = (clean + eps * np_log_sigmoid(-beta * d)) / (1 - 2 * eps)
+        rc, rr = beta * (c - c0), beta * (r - r0)
     elif loss_type == "ipo":
         d = (c - c0) / np.maximum(len_c, 1) - (r - r0) / np.maximum(len_r, 1)
         losses = (d - 1 / (2 * beta)) ** 2
@@ -146,6 +151,19 @@ def test_sigmoid_is_dpo_and_conservative_dpo(logps, maybe_jit, eps):
     assert_close(fn(c, r, c0, r0), np_loss("sigmoid", c, r, c0, r0, beta=0.3, eps=eps))
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_robust_is_rdpo(logps, maybe_jit, eps):
+    c, r, c0, r0 = logps[0]
+    fn = maybe_jit(
+        functools.partial(jlora.preference_loss, loss_type="robust", beta=0.3, label_smoothing=eps)
+    )
+    assert_close(fn(c, r, c0, r0), np_loss("robust", c, r, c0, r0, beta=0.3, eps=eps))
+    if eps == 0.0:  # without flips, rDPO is DPO
+        np.testing.assert_allclose(
+            fn(c, r, c0, r0)[0], jlora.preference_loss(c, r, c0, r0, beta=0.3)[0]
+        )
+
+
 def test_label_smoothing_changes_the_loss_but_not_ln2_at_equal_margins(logps):
     c, r, c0, r0 = logps[0]
     plain, _ = jlora.preference_loss(c, r, c0, r0, beta=0.3)
@@ -154,6 +172,8 @@ def test_label_smoothing_changes_the_loss_but_not_ln2_at_equal_margins(logps):
     for eps in (0.0, 0.1, 0.4):
         loss, _ = jlora.preference_loss(c, r, c, r, label_smoothing=eps)
         assert float(loss) == LN2
+        loss, _ = jlora.preference_loss(c, r, c, r, loss_type="robust", label_smoothing=eps)
+        np.testing.assert_allclose(float(loss), LN2, rtol=1e-6)
 
 
 def test_label_smoothing_bounds_the_gradient_away_from_zero():
@@ -220,11 +240,11 @@ def test_metrics_carry_no_gradient(logps):
 
 def test_unknown_loss_type_names_the_choices(logps):
     c, r, c0, r0 = logps[0]
-    with pytest.raises(ValueError, match=r"unknown loss_type 'dpo'.*'sigmoid', 'ipo', 'simpo'"):
+    with pytest.raises(ValueError, match=r"unknown loss_type 'dpo'.*'sigmoid', 'robust', 'ipo'"):
         jlora.preference_loss(c, r, c0, r0, loss_type="dpo")
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo"])
 def test_reference_based_losses_need_the_reference(logps, loss_type):
     c, r, c0, _ = logps[0]
     with pytest.raises(ValueError, match=r"compares with a reference model: give both"):
@@ -356,7 +376,7 @@ def by_hand(loss_type, params, batch, **options):
     average = loss_type in ("simpo", "orpo")
     logps = jlora.sequence_logps(logits, batch["targets"], mask, average=average)
     args = [logps[:pairs], logps[pairs:]]
-    if loss_type in ("sigmoid", "ipo"):
+    if loss_type in ("sigmoid", "robust", "ipo"):
         ref = jlora.sequence_logps(base_logits, batch["targets"], mask)
         args += [ref[:pairs], ref[pairs:]]
     if loss_type == "ipo":
@@ -383,6 +403,7 @@ def test_dpo_loss_is_exactly_ln2_at_init(model, maybe_jit):
     [
         ("sigmoid", {"beta": 0.5}),
         ("sigmoid", {"beta": 0.5, "label_smoothing": 0.1}),
+        ("robust", {"beta": 0.5, "label_smoothing": 0.1}),
         ("ipo", {"beta": 0.5}),
         ("simpo", {"beta": 2.0, "gamma": 0.3, "label_smoothing": 0.05}),
         ("orpo", {"beta": 0.2}),
