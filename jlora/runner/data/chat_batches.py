@@ -22,7 +22,15 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from jlora.models.tokenizer import Tokenizer
-from jlora.runner.data.chats import Packed, Records, epoch_order, pack, tokenize_record
+from jlora.runner.config import DataSection
+from jlora.runner.data.chats import (
+    Packed,
+    Records,
+    epoch_order,
+    pack,
+    read_records,
+    tokenize_record,
+)
 
 BUILTIN = "builtin:"
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -71,6 +79,44 @@ def resolve_data(spec: str, key: str) -> str:
             "a directory of them, or one of " + ", ".join(builtin_data())
         )
     return spec
+
+
+def read_instruction_data(data: DataSection, seed: int) -> tuple[Records, Records]:
+    """A run's training and held-out records: ``data.train`` and ``data.eval``, checked.
+
+    Without ``data.eval``, ``data.val_fraction`` of the ``data.train`` records are held out
+    (:func:`split_records` with ``seed``), so the task and the defaults see the same split.
+
+    Raises:
+      FileNotFoundError: as :func:`resolve_data`.
+      ValueError: as :func:`~jlora.runner.data.chats.read_records`, or if no record is left
+        to train on or to evaluate on.
+
+    Example:
+      >>> train, held = read_instruction_data(
+      ...     DataSection(train="builtin:stdlib_modules/train.jsonl"), seed=0)
+      >>> len(held.records) > 0, held.sources[0].split(":")[0].endswith("train.jsonl")
+      (True, True)
+    """
+    no_assistant = cast(Literal["skip", "error"], data.no_assistant)
+    if data.train is None:
+        raise ValueError("data.train is not set: this run reads data.source, not records")
+    train_path = resolve_data(data.train, "data.train")
+    train = read_records(train_path, no_assistant=no_assistant)
+    if not train.records:
+        raise ValueError(
+            f"data.train {data.train!r}: no record left to learn from "
+            f"({train.skipped} conversation(s) without an assistant turn skipped)"
+        )
+    if data.eval is None:
+        return split_records(train, data.val_fraction, seed)
+    held = read_records(resolve_data(data.eval, "data.eval"), no_assistant=no_assistant)
+    if not held.records:
+        raise ValueError(
+            f"data.eval {data.eval!r}: no record to evaluate on "
+            f"({held.skipped} conversation(s) without an assistant turn skipped)"
+        )
+    return train, held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,16 +413,18 @@ def describe(stats: dict[str, Any]) -> str:
     for split in ("train", "eval"):
         if f"{split}_examples" not in stats:
             continue
-        text = f"{split}: {stats[f'{split}_examples']} examples, {stats[f'{split}_tokens']} tokens"
+        text = (
+            f"{split}: {stats[f'{split}_examples']:,} examples, {stats[f'{split}_tokens']:,} tokens"
+        )
         if stats[f"{split}_truncated_examples"]:
             text += (
-                f", {stats[f'{split}_truncated_examples']} truncated "
-                f"({stats[f'{split}_truncated_tokens']} tokens cut)"
+                f", {stats[f'{split}_truncated_examples']:,} truncated "
+                f"({stats[f'{split}_truncated_tokens']:,} tokens cut)"
             )
         if stats[f"{split}_no_loss_examples"]:
-            text += f", {stats[f'{split}_no_loss_examples']} dropped with nothing to learn"
+            text += f", {stats[f'{split}_no_loss_examples']:,} dropped with nothing to learn"
         parts.append(text)
     line = "; ".join(parts)
     if stats.get("skipped"):
-        line += f"; skipped {stats['skipped']} without an assistant turn"
+        line += f"; skipped {stats['skipped']:,} without an assistant turn"
     return line

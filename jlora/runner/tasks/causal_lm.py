@@ -22,10 +22,10 @@ import numpy as np
 
 from jlora.models import hf_dir
 from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_cache
-from jlora.models.gguf import read_gguf
+from jlora.models.gguf import read_gguf, read_gguf_metadata
 from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
-from jlora.models.tokenizer import Tokenizer
+from jlora.models.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 from jlora.runner.config import ModelSection, RunConfig
 from jlora.runner.data.chat_batches import (
     InstructionBatches,
@@ -33,11 +33,10 @@ from jlora.runner.data.chat_batches import (
     eval_batches,
     exact_match,
     questions,
-    resolve_data,
-    split_records,
+    read_instruction_data,
     tokenize_records,
 )
-from jlora.runner.data.chats import Records, read_records
+from jlora.runner.data.chats import Records
 from jlora.runner.data.text import LMBatches, eval_windows, load_text, split_tokens
 from jlora.runner.tasks.base import NoHead
 
@@ -75,6 +74,40 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
     return config, source
 
 
+def _no_tokenizer(section: ModelSection) -> ValueError:
+    return ValueError(
+        f"model.path {section.decoder!r} has no tokenizer (tokenizer.json or "
+        "tokenizer.model beside config.json, or tokenizer.ggml.* in a GGUF); the "
+        "language-model task needs one to read its data. Copy the tokenizer files "
+        "of the model it came from into that directory"
+    )
+
+
+def checkpoint_tokenizer(section: ModelSection) -> Tokenizer:
+    """The tokenizer of ``section.path`` (or the built-in model), without reading any weight.
+
+    The same tokenizer :func:`jlora.models.pretrained.load_pretrained` gives: the directory's
+    ``tokenizer.json`` or ``tokenizer.model``, or a GGUF file's ``tokenizer.ggml.*`` metadata.
+
+    Raises:
+      ValueError: if the checkpoint has no tokenizer (the message says what to copy where).
+
+    Example:
+      >>> checkpoint_tokenizer(ModelSection()).encode("hi", add_special_tokens=False)
+      [104, 105]
+    """
+    source = resolve_source(section.decoder)
+    if os.path.isdir(source):
+        names = ("tokenizer.json", "tokenizer.model")
+        if any(os.path.isfile(os.path.join(source, n)) for n in names):
+            return load_tokenizer(source)
+    else:
+        meta = read_gguf_metadata(source)
+        if "tokenizer.ggml.model" in meta:
+            return from_gguf_metadata(meta, source=source)
+    raise _no_tokenizer(section)
+
+
 def abstract_base(config: DecoderConfig) -> Any:
     """The decoder's parameter tree as ``jax.ShapeDtypeStruct`` leaves (nothing allocated).
 
@@ -97,28 +130,6 @@ def _window_batch(windows: np.ndarray) -> dict[str, np.ndarray]:
         "targets": windows[:, 1:],
         "loss_mask": np.ones(windows[:, 1:].shape, bool),
     }
-
-
-def _read_instruction_files(config: RunConfig) -> tuple[Records, Records]:
-    """``data.train`` and ``data.eval`` read and checked (or the train records split)."""
-    data = config.data
-    no_assistant = cast(Literal["skip", "error"], data.no_assistant)
-    train_path = resolve_data(cast(str, data.train), "data.train")
-    train = read_records(train_path, no_assistant=no_assistant)
-    if not train.records:
-        raise ValueError(
-            f"data.train {data.train!r}: no record left to learn from "
-            f"({train.skipped} conversation(s) without an assistant turn skipped)"
-        )
-    if data.eval is None:
-        return split_records(train, data.val_fraction, config.train.seed)
-    held = read_records(resolve_data(data.eval, "data.eval"), no_assistant=no_assistant)
-    if not held.records:
-        raise ValueError(
-            f"data.eval {data.eval!r}: no record to evaluate on "
-            f"({held.skipped} conversation(s) without an assistant turn skipped)"
-        )
-    return train, held
 
 
 def _eos_ids(tokenizer: Tokenizer, config: DecoderConfig) -> tuple[int, ...]:
@@ -161,17 +172,12 @@ class CausalLMTask(NoHead):
         if data.train is None:
             text = load_text(data.source)
         else:
-            records = _read_instruction_files(config)
+            records = read_instruction_data(data, config.train.seed)
         self.pretrained: Pretrained = load_pretrained(
             section.decoder, dtype=DTYPES[section.dtype], remat=section.remat
         )
         if self.pretrained.tokenizer is None:
-            raise ValueError(
-                f"model.path {section.decoder!r} has no tokenizer (tokenizer.json or "
-                "tokenizer.model beside config.json, or tokenizer.ggml.* in a GGUF); the "
-                "language-model task needs one to read its data. Copy the tokenizer files "
-                "of the model it came from into that directory"
-            )
+            raise _no_tokenizer(section)
         self.tokenizer: Tokenizer = self.pretrained.tokenizer
         self.model = self.pretrained.model
         self.base = self.pretrained.params
