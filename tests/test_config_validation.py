@@ -122,6 +122,6 @@ def test_the_default_config_states_only_what_differs_from_the_defaults():
 
     defaults = dict(flat(to_dict(RunConfig())))
     stated = dict(flat(read_yaml(config_path("default")) or {}))
-    copied = {k for k, v in stated.items() if k != "run_dir" and defaults[k] == v}
+    copied = {k for k, v in stated.items() if defaults[k] == v}
     assert not copied
     assert load_config("default") == RunConfig()

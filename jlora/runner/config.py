@@ -74,7 +74,11 @@ class DataSection:
         :mod:`jlora.runner.data.stdlib_text`), ``"fortunes"`` (Debian's fortune categories) or a
         JSON-lines file of ``{"text": ..., "label": ...}``.
       val_fraction: share of the data held out for evaluation.
-      seq_len: tokens per training window (``llama``) or per example (``bert``).
+      seq_len: tokens per training window (``llama``) or per example (``bert``). Auto
+        (:data:`AUTO`): 128 for the built-in model and ``bert``; for a checkpoint's
+        instruction data the 95th percentile of the training examples' token lengths,
+        rounded up to a multiple of 64, for its text 512; capped by the model's
+        ``max_position_embeddings``.
       categories: for ``source="stdlib"`` or ``"fortunes"``: the families or categories used
         as labels.
       max_per_class: for classification: at most this many examples per label.
@@ -136,11 +140,24 @@ class LoraSection:
 class TrainSection:
     """How to train.
 
+    Keys marked auto (:data:`AUTO`) that the config does not give are resolved by
+    :mod:`jlora.runner.defaults` when the config is loaded, and the run directory stores
+    what they became: the defaults below for the built-in model (and ``bert``), the usual
+    LoRA settings for a real model when ``model.path`` names a checkpoint.
+
     Attributes:
-      steps: optimizer steps in total (a resumed run continues up to this).
-      batch_size: sequences (or examples) per step.
+      steps: optimizer steps in total (a resumed run continues up to this). Auto: 300 for
+        the built-in model; for a checkpoint one epoch over the training data
+        (packed rows, or text windows, of ``data.seq_len`` at ``batch_size × grad_accum``
+        a step), at least 100 steps, as TRL's LoRA example trains one packed epoch.
+      batch_size: sequences (or examples) per step. Auto: 16 for the built-in model, 8 for a
+        checkpoint (``grad_accum`` multiplies it without more memory).
       learning_rate: peak Adam learning rate (after linear warm-up, then ``schedule``).
-      warmup_steps: linear warm-up steps.
+        Auto: 3e-3 for the built-in model; for a checkpoint 2e-4, the rate of
+        QLoRA's fine-tuning scripts for 7B and 13B models and of TRL's and PEFT's LoRA
+        examples, or 1e-4 from 20B parameters on (QLoRA's rate for 33B and 65B).
+      warmup_steps: linear warm-up steps. Auto: 20 for the built-in model; for a checkpoint
+        3% of ``steps`` rounded up (QLoRA's ``warmup_ratio`` 0.03).
       schedule: the learning rate after warm-up: ``"cosine"`` (cosine decay to
         ``learning_rate / 10`` at ``steps``), ``"linear"`` (straight down to
         ``learning_rate / 10`` at ``steps``) or ``"constant"`` (``learning_rate`` throughout).
@@ -216,7 +233,10 @@ class GenerateSection:
 
     Attributes:
       prompts: texts to continue (with ``data.train`` and a chat template: questions asked as
-        a user turn, the answer shown).
+        a user turn, the answer shown). Auto: for the sonnets two sonnet openings;
+        for instruction data the first two held-out questions (the user turn before a
+        conversation's last answer, or a record's prompt); for other text the first words
+        of two lines of the held-out text.
       max_new_tokens: most tokens sampled per prompt.
       temperature: 0 for greedy decoding, else the softmax temperature.
       system: with ``data.train``: a system turn put before each prompt (as the training
@@ -286,9 +306,17 @@ class RunConfig:
     """A whole run; ``run_dir`` holds its config, metrics, plots, adapter and checkpoints.
 
     Attributes:
-      run_dir: the run's directory; a run there with the same config is resumed.
+      run_dir: the run's directory; a run there with the same config is resumed. Auto:
+        ``runs/default`` for the built-in run (the built-in model on the sonnets), else
+        ``runs/<model>-<data>``, named after ``model.path`` (or ``model.weights``) and
+        ``data.train`` (or ``data.source``), e.g. ``runs/SmolLM2-135M-Instruct-chats``.
       overwrite: delete the run in ``run_dir`` (jlora's own files only) and start over when
         its config differs; otherwise a different config is refused.
+
+    The defaults are the built-in run's. The keys in :data:`AUTO` are "auto": when a config
+    file and its overrides leave one out, :func:`load_config` resolves it for the model and
+    the data (:mod:`jlora.runner.defaults`), so a checkpoint does not inherit the built-in
+    run's numbers; a value given is always kept.
 
     Example:
       >>> cfg = apply_overrides(RunConfig(), ["train.steps=5", "lora.rank=4"])
@@ -305,6 +333,33 @@ class RunConfig:
     generate: GenerateSection = GenerateSection()
     mesh: MeshSection = MeshSection()
     log: LogSection = LogSection()
+
+
+#: The "auto" keys: left out of a config file and its overrides, they get a value that fits
+#: the model and the data (:func:`jlora.runner.defaults.resolve`, run by :func:`load_config`);
+#: for the built-in model that value is the dataclass default. See each field's docstring.
+AUTO = (
+    "run_dir",
+    "data.seq_len",
+    "train.steps",
+    "train.batch_size",
+    "train.learning_rate",
+    "train.warmup_steps",
+    "generate.prompts",
+)
+
+
+def get_dotted(config: Any, dotted: str) -> Any:
+    """The value of the dotted key ``dotted`` in a config dataclass.
+
+    Example:
+      >>> get_dotted(RunConfig(), "lora.rank")
+      8
+    """
+    value = config
+    for key in dotted.split("."):
+        value = getattr(value, key)
+    return value
 
 
 CHOICES = {
@@ -605,6 +660,16 @@ def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+def _dotted_keys(tree: Mapping[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
 def shipped_configs() -> dict[str, str]:
     """The configs shipped with jlora, by name: ``{"default": ".../jlora/configs/default.yaml"}``.
 
@@ -646,24 +711,62 @@ def config_path(spec: str | None) -> str:
     )
 
 
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> RunConfig:
+def read_config(
+    path: str | None, overrides: Sequence[str] = ()
+) -> tuple[RunConfig, frozenset[str]]:
+    """A YAML run config with overrides applied, and the dotted keys the two of them give.
+
+    Nothing is resolved: keys left out keep their dataclass defaults. :func:`load_config`
+    resolves the :data:`AUTO` keys that are not among those given.
+
+    Raises:
+      FileNotFoundError, KeyError, TypeError, ValueError: as :func:`load_config`.
+
+    Example:
+      >>> config, given = read_config("default", ["train.steps=7", "lora.rank=4"])
+      >>> sorted(given), config.train.batch_size
+      (['lora.rank', 'train.steps'], 16)
+    """
+    data = read_yaml(config_path(path)) or {}
+    config = apply_overrides(from_dict(RunConfig, data), overrides)
+    tree: dict[str, Any] = _plain_copy(data)
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return config, frozenset(_dotted_keys(tree))
+
+
+def _plain_copy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _plain_copy(v) for k, v in tree.items()}
+    return tree
+
+
+def load_config(path: str | None, overrides: Sequence[str] = (), *, log: Any = None) -> RunConfig:
     """Reads a YAML run config (keys not given keep their defaults), then applies overrides.
+
+    Then the :data:`AUTO` keys that neither gives are resolved for the model and the data
+    (:func:`jlora.runner.defaults.resolve`): the built-in run's values for the built-in
+    model, values that fit a checkpoint and its data otherwise. Explicit values always win.
 
     Args:
       path: a YAML file, or the name of a shipped config (:func:`config_path`); ``None``
         means the shipped ``default``.
       overrides: dotted ``key=value`` strings, applied after the file.
+      log: called with one line per value resolved for a checkpoint or its data, and why.
 
     Returns:
-      The validated :class:`RunConfig`.
+      The validated, resolved :class:`RunConfig`.
 
     Raises:
-      FileNotFoundError: if the file does not exist and no shipped config has that name.
-      KeyError, TypeError, ValueError: as :func:`from_dict`.
+      FileNotFoundError: if the file does not exist and no shipped config has that name, or
+        the checkpoint or data a default is computed from is missing.
+      KeyError, TypeError, ValueError: as :func:`from_dict`, or bad data or checkpoint.
 
     Example:
       >>> load_config("default", ["train.steps=7"]).train.steps
       7
     """
-    data = read_yaml(config_path(path)) or {}
-    return apply_overrides(from_dict(RunConfig, data), overrides)
+    from jlora.runner.defaults import resolve  # the model and data, on demand
+
+    config, given = read_config(path, overrides)
+    return resolve(config, given, log=log).config
