@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jlora.runner.rundir.directory import listing
+
 
 def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines() or [""])
@@ -11,6 +13,9 @@ def _indent(text: str) -> str:
 
 def format_results(results: dict[str, Any], run_dir: str, seconds: float | None = None) -> str:
     """What LoRA did, from a run's ``results.json`` content.
+
+    A line lists what the run directory holds (``RUN_FILES`` of
+    :mod:`jlora.runner.rundir.directory` says what each entry is).
 
     Example:
       >>> r = {"before": {"eval_loss": 2.0}, "after": {"eval_loss": 1.5},
@@ -33,10 +38,7 @@ def format_results(results: dict[str, Any], run_dir: str, seconds: float | None 
         zip(before.get("samples", []), after.get("samples", []), strict=False)
     ):
         lines += [f"sample {i + 1} before:", _indent(b), f"sample {i + 1} after:", _indent(a)]
-    lines.append(
-        f"run dir {run_dir}: config.yaml, metrics.jsonl, loss_curve.png, results.json, "
-        "adapter/, checkpoints/"
-    )
+    lines.append(f"run dir {run_dir}: {', '.join(listing(run_dir)) or '(empty)'}")
     if seconds is not None:
         lines.append(f"took {seconds:.0f} s")
     return "\n".join(lines)

@@ -1,11 +1,9 @@
 """The run directory: its resolved config, guarded against mixing runs, and its metrics file.
 
-Layout: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON object per line),
-``loss_curve.png``, ``before.json`` / ``results.json`` (what the base and the adapted model
-scored), ``adapter/`` (``jlora.save_adapter`` files), ``head.safetensors`` (a trained head),
-``merged.safetensors`` (``jlora merge``), ``checkpoints/`` (orbax) and ``.lock`` (held while a
-run is going). :data:`OWNED` lists them: ``overwrite=true`` deletes those and nothing else, so
-a run directory can share a folder with the user's own files.
+Layout: :data:`RUN_FILES` names everything jlora writes into a run directory and what it is
+(``config.yaml``, the resolved config; ``metrics.jsonl``; ``adapter/``; ``checkpoints/``;
+...). :data:`OWNED` is its list of names: ``overwrite=true`` deletes those and nothing else,
+so a run directory can share a folder with the user's own files.
 """
 
 from __future__ import annotations
@@ -25,24 +23,49 @@ from jlora.runner.yamlfile import read_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+#: Everything jlora writes into a run directory -> what it is (a folder ends in ``/``), in the
+#: order a listing shows them. ``jlora finetune`` writes the entries up to ``wandb/`` (a head
+#: only for a ``bert`` run, ``tensorboard/`` and ``wandb/`` when ``log`` asks for them); the
+#: other commands add the rest.
+RUN_FILES: dict[str, str] = {
+    CONFIG_FILE: "the resolved config of the run (a resumed run must match it)",
+    METRICS_FILE: "one JSON object per logged step and per evaluation",
+    "loss_curve.png": "training and held-out loss by step",
+    "before.json": "the base model's scores and samples, computed once per run",
+    "results.json": "scores and samples before and after, parameter counts, data statistics",
+    "adapter/": "the trained adapter, as jlora.save_adapter writes it",
+    "head.safetensors": "the trained classification head (bert runs)",
+    "checkpoints/": "the latest checkpoints (orbax), to resume from",
+    "tensorboard/": "TensorBoard event files (log.tensorboard)",
+    "wandb/": "Weights & Biases files (log.wandb)",
+    "merged.safetensors": "jlora merge: the base with the adapter folded in",
+    "merged_hf/": "jlora merge --format hf: a Hugging Face model directory",
+    "peft/": "jlora export-peft: a PEFT LoRA adapter directory",
+    "base_hf/": "jlora export-peft: a GGUF or package base as a Hugging Face directory",
+    LOCK_FILE: "held while a run is going",
+}
 # Everything jlora writes into a run directory (and the ``.tmp`` files of its atomic writes).
-OWNED = (
-    CONFIG_FILE,
-    METRICS_FILE,
-    "loss_curve.png",
-    "before.json",
-    "results.json",
-    "head.safetensors",
-    "merged.safetensors",
-    "merged_hf",
-    "peft",
-    "base_hf",
-    "adapter",
-    "checkpoints",
-    "tensorboard",
-    "wandb",
-    LOCK_FILE,
-)
+OWNED = tuple(name.rstrip("/") for name in RUN_FILES)
+
+
+def listing(run_dir: str) -> list[str]:
+    """The entries of :data:`RUN_FILES` that ``run_dir`` holds, in its order (no lock file).
+
+    Example:
+      >>> import tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> os.mkdir(os.path.join(d, "adapter"))
+      >>> open(os.path.join(d, CONFIG_FILE), "w").close()
+      >>> listing(d)
+      ['config.yaml', 'adapter/']
+    """
+    return [
+        name
+        for name in RUN_FILES
+        if name != LOCK_FILE and os.path.exists(os.path.join(run_dir, name.rstrip("/")))
+    ]
+
+
 # The first line of a config.yaml that jlora wrote: overwrite=true deletes only such a file.
 _MARK = "# written by jlora finetune: the resolved config of this run (do not edit)\n"
 # Keys that do not change what a run computes: where it lives (moved or renamed, or named by
@@ -169,6 +192,34 @@ def _write_config(config: RunConfig, path: str) -> None:
     os.replace(tmp, path)
 
 
+def saved_differences(config: RunConfig) -> list[str] | None:
+    """How the run saved in ``config.run_dir`` differs from ``config``; nothing is changed.
+
+    Returns:
+      ``None`` if no run is saved there; otherwise ``"key: saved (saved) vs now (now)"`` per
+      key that would make :func:`prepare_run_dir` refuse (empty: the same run, which resumes).
+
+    Raises:
+      ValueError: as :func:`prepare_run_dir` for a directory that is not a jlora run.
+
+    Example:
+      >>> import tempfile
+      >>> saved_differences(RunConfig(run_dir=tempfile.mkdtemp())) is None
+      True
+    """
+    _check_dir(config.run_dir)
+    path = os.path.join(config.run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    saved = _saved(path)
+    now = _flat(to_dict(config))
+    return [
+        f"{k}: {saved.get(k)!r} (saved) vs {now.get(k)!r} (now)"
+        for k in sorted(set(saved) | set(now))
+        if k not in _FREE | RESUMABLE and saved.get(k) != now.get(k)
+    ]
+
+
 def prepare_run_dir(config: RunConfig) -> bool:
     """Creates or checks ``config.run_dir``; returns whether it already held this run.
 
@@ -183,15 +234,8 @@ def prepare_run_dir(config: RunConfig) -> bool:
     """
     run_dir = config.run_dir
     path = os.path.join(run_dir, CONFIG_FILE)
-    _check_dir(run_dir)
-    if os.path.isfile(path):
-        saved = _saved(path)
-        now = _flat(to_dict(config))
-        diff = [
-            f"{k}: {saved.get(k)!r} (saved) vs {now.get(k)!r} (now)"
-            for k in sorted(set(saved) | set(now))
-            if k not in _FREE | RESUMABLE and saved.get(k) != now.get(k)
-        ]
+    diff = saved_differences(config)
+    if diff is not None:
         if not diff:
             if config_changes(config):
                 _write_config(config, path)
