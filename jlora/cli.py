@@ -1,4 +1,4 @@
-"""The ``jlora`` command: ``finetune``, ``merge``, ``eval``, ``generate`` and ``summary``.
+"""The ``jlora`` command: LoRA-fine-tune a model from a config, then use the run.
 
 Run ``jlora finetune`` for the built-in default; ``key=value`` arguments override config
 fields by their dotted names, e.g. ``jlora finetune train.steps=50 lora.rank=4``. A config is a
@@ -16,14 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
 import jlora
-from jlora.runner.config import RunConfig, load_config, shipped_configs
+from jlora.runner.config import RunConfig, load_config, read_config, shipped_configs
+from jlora.runner.dryrun import dry_run
 from jlora.runner.host_memory import keep_freed_memory
 from jlora.runner.report import format_results
 from jlora.runner.rundir import directory as rundir
-from jlora.runner.variants import adapt, dense_model, prepare_base
+from jlora.runner.variants import dense_model, prepare_base
 
 # Errors that are the user's input, printed as one clear message instead of a traceback.
 # ModuleNotFoundError: an optional package a config asks for (log.wandb) is not installed.
@@ -45,10 +44,13 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Trains (or resumes) a run and prints what LoRA did."""
-    from jlora.runner.trainer.loop import finetune
+    from jlora.runner.finetune import finetune
 
     path, overrides = _split_args(args.args)
-    config = load_config(path, overrides)
+    if args.dry_run:
+        print(dry_run(*read_config(path, overrides)))
+        return
+    config = load_config(path, overrides, log=print)  # says what each auto value became
     if config.train.keep_freed_memory:
         keep_freed_memory()  # before the first computation, so XLA's threads share the heap
     tic = time.perf_counter()
@@ -177,35 +179,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    """Shows what a config would adapt, without training (shapes only, nothing allocated).
+    """What a config would do, without training: ``jlora finetune --dry-run``'s report.
 
-    For a decoder only its config is read: the parameter shapes come from ``jax.eval_shape``
-    over the decoder, so a 7B model is summarised without its weights.
+    For a decoder only its config and tokenizer are read: the parameter shapes come from
+    ``jax.eval_shape`` over the decoder, so a 7B model is summarised without its weights.
     """
     path, overrides = _split_args(args.args)
-    config = load_config(path, overrides)
-    if config.model.kind == "llama":
-        from jlora.runner.tasks.causal_lm import abstract_base, checkpoint_config
-
-        decoder, source = checkpoint_config(config.model)
-        name = config.model.decoder
-        where = name if source == name else f"{name} ({source})"
-        print(
-            f"model: {where}: {decoder.architecture}, {decoder.num_hidden_layers} layers, "
-            f"hidden {decoder.hidden_size}, vocab {decoder.vocab_size} (weights not read)"
-        )
-        base = abstract_base(decoder)
-    else:
-        from jlora.runner.tasks import make_task
-
-        print(f"model: {config.model.kind} {config.model.weights}")
-        base = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_task(config).base
-        )
-    abstract = jax.eval_shape(
-        lambda b: adapt(jax.random.key(0), prepare_base(config, b), config), base
-    )
-    print(jlora.summary(abstract))
+    print(dry_run(*read_config(path, overrides)))
 
 
 def _probability(text: str) -> float:
@@ -253,10 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     Example:
       >>> build_parser().parse_args(["generate", "runs/default", "Hi"]).temperature
       0.7
+      >>> build_parser().description.split("; ")[1].split(" (")[0]
+      'subcommands: finetune, merge, export-peft, eval, generate, summary'
     """
-    parser = argparse.ArgumentParser(
-        prog="jlora", description=__doc__.splitlines()[0].replace("``", "")
-    )
+    parser = argparse.ArgumentParser(prog="jlora")
     sub = parser.add_subparsers(dest="command", required=True)
     config_help = (
         "a YAML config file, or the name of a config shipped with jlora: "
@@ -265,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("finetune", help="LoRA-fine-tune from a config (resumes if interrupted)")
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the run would do and stop: the auto values resolved for the model "
+        "and data (and why), the data statistics, what will be trained and the memory it "
+        "takes; nothing is compiled, no weight read, no run directory created",
+    )
     p.set_defaults(fn=cmd_finetune)
     p = sub.add_parser("merge", help="fold a run's adapter into the base and save it")
     p.add_argument("run_dir")
@@ -320,9 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_generate)
     # argparse %-formats help strings: a literal percent sign is written %%.
-    p = sub.add_parser("summary", help="what a config would adapt: shapes, counts, %% trainable")
+    p = sub.add_parser(
+        "summary",
+        help="what a config would do, as jlora finetune --dry-run: resolved values, data, "
+        "adapted kernels (shapes, counts, %% trainable), memory",
+    )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
     p.set_defaults(fn=cmd_summary)
+    # From the parser itself, so a new subcommand is listed without anyone remembering to.
+    parser.description = (
+        f"LoRA fine-tuning for JAX; subcommands: {', '.join(sub.choices)} "
+        "(jlora SUBCOMMAND --help for each)"
+    )
     return parser
 
 

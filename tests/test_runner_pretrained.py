@@ -143,9 +143,9 @@ def test_summary_reads_no_weights(checkpoint, monkeypatch, capsys):
     monkeypatch.setattr(pretrained_module.hf_dir, "read_tensors", never)
     assert main(["summary", f"model.path={checkpoint}", f"lora.targets=['{TARGETS}']"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"model: {checkpoint}: LlamaForCausalLM, 2 layers, hidden 32")
+    assert f"\nmodel: {checkpoint}: LlamaForCausalLM, 2 layers, hidden 32" in out
     assert "(weights not read)" in out
-    down = next(line for line in out.splitlines() if "down_proj" in line)
+    down = next(line for line in out.splitlines() if line.startswith("model/layers/mlp/down"))
     assert down.split()[:2] == ["model/layers/mlp/down_proj/kernel", "(2,"]
 
 
