@@ -1,4 +1,4 @@
-"""Preference tuning objectives: DPO, IPO, SimPO and ORPO as pure functions, as TRL computes them.
+"""Preference tuning objectives (DPO, rDPO, IPO, SimPO, ORPO) as pure functions, as TRL has them.
 
 A batch holds ``2B`` rows: the first ``B`` are the chosen answers, the last ``B`` the rejected
 answers to the same prompts, so one forward pass scores both (TRL's concatenated forward). A
@@ -363,7 +363,8 @@ def dpo_loss(
 
     Differentiate with respect to the adapters alone through :func:`jlora.split` /
     :func:`jlora.combine` (not inside :func:`jlora.value_and_grad`, whose stripped tree would
-    make the policy the reference): see the example.
+    make the policy the reference): see the example. Called eagerly, each call wraps
+    ``apply_fn`` anew and so compiles it again: call it inside the ``jax.jit`` train step.
 
     Args:
       apply_fn: ``apply_fn(params, tokens, **kw) -> logits [2B, T, V]``, e.g.
