@@ -8,7 +8,7 @@ Run once (needs ``torch`` and ``transformers<5``, which jlora itself never impor
 
 It writes ``tests/data/minilm_reference.json``: Hugging Face's tokenizer ids and
 ``BertModel``'s last hidden states (first 16 features of every token, and the mean-pooled
-sentence embedding) for a few fixed sentences. ``tests/test_models_bert.py`` checks that
+sentence embedding) for a few fixed sentences. ``tests/models/test_bert.py`` checks that
 jlora's torch-free loader, Flax BERT and WordPiece tokenizer reproduce them.
 """
 

@@ -1,4 +1,4 @@
-"""Run by test_runner_mesh.py with 8 fake CPU devices: the same tiny run on 1 device and on a
+"""Run by tests/runner/test_mesh.py with 8 fake CPU devices: the same tiny run on 1 device and on a
 2x2x2 mesh, for the built-in model and for a checkpoint's decoder on packed instruction data
 with gradient accumulation; prints their losses and the batch-size error as JSON."""
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from runner_helpers import DEFAULT, write_checkpoint
-from test_models_gguf import hf_weights, write_gguf
+from models.test_gguf import hf_weights, write_gguf
 
 import jlora
 from jlora.cli import main

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_chat_template import CHATML_GEN, MISTRAL
-from test_models_tokenizer import CHATML, SPECIALS, corpus
+from models.test_chat_template import CHATML_GEN, MISTRAL
+from models.test_tokenizer import CHATML, SPECIALS, corpus
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 from runner_helpers import ROOT
-from test_runner_bert import overrides, tiny_bert  # noqa: F401 (tiny_bert is a fixture)
+from runner.test_classification import overrides, tiny_bert  # noqa: F401 (tiny_bert is a fixture)
 
 from jlora.cli import main
 from jlora.runner.config import DataSection, load_config
