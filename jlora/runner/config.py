@@ -193,6 +193,18 @@ class TrainSection:
       loraplus_lr_ratio: LoRA+: B factors (and DoRA magnitudes) learn this many times faster
         than A; 1.0 is plain LoRA.
       progress: show a tqdm progress bar.
+      objective: what the run minimises: ``"sft"`` (the task's own loss: next-token
+        cross-entropy on the learned tokens, or classification) or a preference loss on
+        pairs of answers (``data.train`` holds ``{"prompt", "chosen", "rejected"}`` records,
+        :mod:`jlora.runner.data.preferences`), TRL's ``loss_type`` by its usual name:
+        ``"dpo"`` (TRL's ``sigmoid``), ``"robust"`` (rDPO), ``"ipo"``, ``"simpo"`` or
+        ``"orpo"`` (:func:`jlora.dpo_loss`). DPO, rDPO and IPO compare with the reference
+        model, which is the base with the adapters off.
+      beta: the preference loss's ``β`` (DPO's KL weight, IPO's τ, SimPO's reward scale,
+        ORPO's λ); TRL's default 0.1.
+      label_smoothing: the probability that a preference label is flipped, in ``[0, 0.5)``:
+        conservative DPO (``dpo``), rDPO (``robust``), SimPO's smoothing; 0 for the others.
+      simpo_gamma: SimPO's target reward margin ``γ`` (``objective: simpo`` only).
       keep_freed_memory: let ``jlora finetune`` make glibc's malloc keep freed memory
         (:func:`jlora.runner.host_memory.keep_freed_memory`), so that on CPU each step reuses
         the last one's buffers instead of page-faulting them in again; about 1.4x faster on
@@ -219,8 +231,23 @@ class TrainSection:
     loraplus_lr_ratio: float = 1.0
     progress: bool = True
     keep_freed_memory: bool = True
+    objective: str = "sft"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 0.5:  # False for nan
+            raise ValueError(
+                "config train.label_smoothing: the probability that a preference label is "
+                f"flipped must be in [0, 0.5), found {self.label_smoothing}"
+            )
+        if self.label_smoothing and self.objective not in ("dpo", "robust", "simpo"):
+            raise ValueError(
+                f"config train.label_smoothing={self.label_smoothing} is unused by "
+                f"train.objective={self.objective!r}; it applies to dpo, robust and simpo: "
+                "set it to 0 or change the objective"
+            )
         # An optional number: the range tables below hold only plain numbers.
         if self.clip_norm is not None and not (
             math.isfinite(self.clip_norm) and self.clip_norm > 0
@@ -371,6 +398,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "train.train_step": ("merge", "factorised"),
     "train.schedule": ("cosine", "linear", "constant"),
+    "train.objective": ("sft", "dpo", "robust", "ipo", "simpo", "orpo"),
     # From the library, so that a new init or quantisation kind reaches the runner by itself.
     "lora.init": LORA_INITS,
     "lora.quantize": ("none", *QUANTIZE_KINDS),
@@ -465,7 +493,8 @@ def check_data(config: RunConfig) -> None:
 
     Raises:
       ValueError: ``data.train`` with ``model.kind: bert`` (instruction data trains a
-        decoder), or ``data.eval`` or ``train.eval_exact_match`` without ``data.train``.
+        decoder), a preference ``train.objective`` without ``data.train``, or ``data.eval``
+        or ``train.eval_exact_match`` without ``data.train``.
 
     Example:
       >>> try:
@@ -476,6 +505,12 @@ def check_data(config: RunConfig) -> None:
       config data.train is instruction data for a de
     """
     data = config.data
+    if config.train.objective != "sft" and (data.train is None or config.model.kind != "llama"):
+        raise ValueError(
+            f"config train.objective={config.train.objective!r} trains a decoder (model.kind: "
+            "llama, with model.path) on preference pairs: set data.train to a JSONL file of "
+            '{"prompt", "chosen", "rejected"} records, or train.objective=sft'
+        )
     if data.train is not None and config.model.kind != "llama":
         raise ValueError(
             "config data.train is instruction data for a decoder (model.kind: llama); a "
@@ -586,10 +621,12 @@ _RANGES: dict[str, tuple[float, bool]] = {
             "train.learning_rate",
             "train.head_learning_rate",
             "train.loraplus_lr_ratio",
+            "train.beta",
         ),
         (0.0, True),
     ),
     "generate.temperature": (0.0, False),  # 0 is greedy decoding
+    "train.simpo_gamma": (0.0, False),
 }
 # Open or half-open unit intervals: (low, high, whether low is allowed).
 _FRACTIONS = {"data.val_fraction": (False, "(0, 1)"), "lora.dropout": (True, "[0, 1)")}
@@ -678,8 +715,8 @@ def shipped_configs() -> dict[str, str]:
     """The configs shipped with jlora, by name: ``{"default": ".../jlora/configs/default.yaml"}``.
 
     Example:
-      >>> sorted(shipped_configs())
-      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets', 'smollm2_stdlib_modules']
+      >>> sorted(shipped_configs())[:4]
+      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets']
     """
     folder = importlib.resources.files("jlora") / "configs"
     return {

@@ -353,7 +353,8 @@ def resolve(
 
     Raises:
       FileNotFoundError, ValueError: a checkpoint without config or tokenizer, or missing or
-        bad data, named as the task would name them.
+        bad data, named as the task would name them; a preference ``train.objective`` whose
+        ``data.seq_len``, ``train.steps`` or ``generate.prompts`` is left auto.
 
     Example:
       >>> r = resolve(RunConfig(), given={"train.steps"})
@@ -366,6 +367,13 @@ def resolve(
     profiled: list[DataProfile] = []
 
     def profile() -> DataProfile:
+        if current.train.objective != "sft":
+            needed = [k for k in ("data.seq_len", "train.steps", "generate.prompts") if auto(k)]
+            raise ValueError(
+                f"config train.objective={current.train.objective!r}: the auto values of "
+                f"{', '.join(needed)} are measured on instruction data, not preference pairs; "
+                "give them in the config"
+            )
         if not profiled:
             profiled.append(measure(config, model.tokenizer))
         return profiled[0]
@@ -439,7 +447,7 @@ def resolve(
             keep_builtin("generate.prompts", "the built-in run's, for the sonnets")
         else:
             set_value("generate.prompts", *held_out_prompts(profile()))
-    if measure_data and decoder_run:
+    if measure_data and decoder_run and current.train.objective == "sft":
         profile()
     ordered = {key: reasons[key] for key in AUTO if key in reasons}
     out = Resolved(current, ordered, frozenset(from_builtin), profiled[0] if profiled else None)

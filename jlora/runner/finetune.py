@@ -24,7 +24,7 @@ from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.data.chat_batches import describe
 from jlora.runner.mesh import batch_sharding, make_mesh, mesh_section, shard_state
 from jlora.runner.mesh import rules as mesh_rules
-from jlora.runner.objectives import Supervised
+from jlora.runner.objectives import make_objective
 from jlora.runner.optimizer import make_optimizer
 from jlora.runner.plots import plot_losses
 from jlora.runner.rundir import directory as rundir
@@ -71,7 +71,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
     lora, base = jlora.split(params)
     start_model = jlora.dequantize(base)  # what the adapters start from (QLoRA: quantised)
     tx = make_optimizer(config)
-    objective = Supervised(task, cfg, t.train_step)
+    objective = make_objective(config, task, cfg)
     changes = rundir.config_changes(config)
     # Also reads the data of a task that reads it lazily, before the run directory is touched.
     like = jax.eval_shape(lambda: _initial_state(lora, task.extra, tx, key))

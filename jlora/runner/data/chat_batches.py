@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from jlora.models.tokenizer import Tokenizer
+from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.config import DataSection
 from jlora.runner.data.chats import (
     Packed,
@@ -36,14 +36,19 @@ BUILTIN = "builtin:"
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def builtin_data() -> list[str]:
-    """The instruction data sets shipped with jlora, as ``data.train`` accepts them.
+def builtin_data(kind: str = "instructions") -> list[str]:
+    """The data sets shipped with jlora, as ``data.train`` accepts them.
+
+    ``kind`` is ``"instructions"`` (SFT records) or ``"preferences"`` (pairs, for a preference
+    ``train.objective``).
 
     Example:
       >>> "builtin:stdlib_modules/train.jsonl" in builtin_data()
       True
+      >>> "builtin:stdlib_modules/eval.jsonl" in builtin_data("preferences")
+      True
     """
-    root = importlib.resources.files("jlora") / "assets" / "instructions"
+    root = importlib.resources.files("jlora") / "assets" / kind
     return sorted(
         f"{BUILTIN}{folder.name}/{entry.name}"
         for folder in root.iterdir()
@@ -53,8 +58,10 @@ def builtin_data() -> list[str]:
     )
 
 
-def resolve_data(spec: str, key: str) -> str:
+def resolve_data(spec: str, key: str, kind: str = "instructions") -> str:
     """The path behind ``data.train``/``data.eval``: ``builtin:NAME/FILE.jsonl`` or as given.
+
+    A ``builtin:`` name is looked up among the shipped data of ``kind`` (:func:`builtin_data`).
 
     Raises:
       FileNotFoundError: for a ``builtin:`` name jlora does not ship (the known ones listed),
@@ -65,18 +72,18 @@ def resolve_data(spec: str, key: str) -> str:
       True
     """
     if spec.startswith(BUILTIN):
-        path = importlib.resources.files("jlora") / "assets" / "instructions"
+        path = importlib.resources.files("jlora") / "assets" / kind
         path = path / spec.removeprefix(BUILTIN)
         if not path.is_file():
             raise FileNotFoundError(
                 f"config {key}: {spec!r} is not a data set shipped with jlora; known: "
-                f"{', '.join(builtin_data())}"
+                f"{', '.join(builtin_data(kind))}"
             )
         return str(path)
     if not os.path.exists(spec):
         raise FileNotFoundError(
             f"config {key}: {spec!r} does not exist (cwd {os.getcwd()!r}); give a .jsonl file, "
-            "a directory of them, or one of " + ", ".join(builtin_data())
+            "a directory of them, or one of " + ", ".join(builtin_data(kind))
         )
     return spec
 
@@ -173,7 +180,7 @@ def tokenize_records(
         or one longer than ``seq_len`` under ``overflow="error"``.
 
     Example:
-      >>> from jlora.models.tokenizer import from_gguf_metadata
+      >>> from jlora.models.formats.tokenizer import from_gguf_metadata
       >>> tok = from_gguf_metadata({"tokenizer.ggml.model": "gpt2",
       ...     "tokenizer.ggml.tokens": ["a", "b", "</s>"], "tokenizer.ggml.merges": [],
       ...     "tokenizer.ggml.token_type": [1, 1, 3], "tokenizer.ggml.eos_token_id": 2})
@@ -351,7 +358,7 @@ def questions(records: Records, tokenizer: Tokenizer) -> list[Question]:
     no question and are left out.
 
     Example:
-      >>> from jlora.models.tokenizer import from_gguf_metadata
+      >>> from jlora.models.formats.tokenizer import from_gguf_metadata
       >>> tok = from_gguf_metadata({"tokenizer.ggml.model": "gpt2",
       ...     "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.merges": [],
       ...     "tokenizer.ggml.token_type": [1, 1]})

@@ -1,4 +1,6 @@
-"""What a run minimises over a task's batches: an objective, and the supervised one of today.
+"""What a run minimises over a task's batches: the objective protocol, SFT, and its chooser.
+
+The preference losses (DPO and its family) are in :mod:`~jlora.runner.objectives.preference`.
 
 An objective is a pure, jit-able ``loss(trainable, base, batch, rng) -> (loss, metrics)``
 with ``batch_weight(batch)``, the count its mean loss averages over (micro-batches of a
@@ -10,11 +12,12 @@ GRPO's) has it for free: the base with the adapters off. The train step
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import jax
 
 import jlora
+from jlora.runner.config import RunConfig
 from jlora.runner.tasks.base import Task
 
 
@@ -67,3 +70,21 @@ class Supervised:
     def batch_weight(self, batch: Any) -> jax.Array:
         """The task's count of what the loss averages over."""
         return self.task.batch_weight(batch)
+
+
+def make_objective(config: RunConfig, task: Task, cfg: jlora.LoraConfig) -> Objective:
+    """The objective that ``train.objective`` names.
+
+    :class:`Supervised` for ``sft``; else the preference loss
+    (:class:`~jlora.runner.objectives.preference.Preference`) on a
+    :class:`~jlora.runner.tasks.preference.PreferenceTask`.
+
+    Raises:
+      ValueError: as :class:`Supervised` or ``Preference``.
+    """
+    if config.train.objective == "sft":
+        return Supervised(task, cfg, config.train.train_step)
+    from jlora.runner.objectives.preference import Preference
+    from jlora.runner.tasks.preference import PreferenceTask
+
+    return Preference(cast(PreferenceTask, task), cfg, config)

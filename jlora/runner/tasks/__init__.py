@@ -2,6 +2,8 @@
 
 - :mod:`~jlora.runner.tasks.base`: the :class:`~jlora.runner.tasks.base.Task` protocol.
 - :mod:`~jlora.runner.tasks.causal_lm`: a decoder on text or instruction data.
+- :mod:`~jlora.runner.tasks.preference`: a decoder on preference pairs (``train.objective``
+  other than ``sft``).
 - :mod:`~jlora.runner.tasks.classification`: a BERT encoder with a classification head.
 """
 
@@ -15,7 +17,14 @@ __all__ = ["Task", "lora_config", "make_task"]
 
 
 def make_task(config: RunConfig) -> Task:
-    """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``."""
+    """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``.
+
+    A preference ``train.objective`` trains the decoder on pairs.
+    """
+    if config.train.objective != "sft":
+        from jlora.runner.tasks.preference import PreferenceTask
+
+        return PreferenceTask(config)
     if config.model.kind == "bert":
         from jlora.runner.tasks.classification import ClassificationTask
 

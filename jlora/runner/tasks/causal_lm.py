@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models import hf_dir
 from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_cache
-from jlora.models.gguf import read_gguf, read_gguf_metadata
+from jlora.models.formats import hf_dir
+from jlora.models.formats.gguf import read_gguf, read_gguf_metadata
+from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
-from jlora.models.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 from jlora.runner.config import ModelSection, RunConfig
 from jlora.runner.data.chat_batches import (
     InstructionBatches,
@@ -175,11 +175,7 @@ class CausalLMTask(NoHead):
                 f"max_position_embeddings {decoder_config.max_position_embeddings}; lower "
                 "data.seq_len"
             )
-        # Bad data is refused before the weights are read.
-        if data.train is None:
-            text = load_text(data.source)
-        else:
-            records = read_instruction_data(data, config.train.seed)
+        raw = self._read_data()  # bad data is refused before the weights are read
         self.pretrained: Pretrained = load_pretrained(
             section.decoder,
             dtype=DTYPES[section.dtype],
@@ -194,10 +190,7 @@ class CausalLMTask(NoHead):
         self.extra: dict[str, Any] = {}
         self.units_per_batch = config.train.batch_size * seq
         self.questions: list[Question] = []
-        if data.train is None:
-            self._text_data(text)
-        else:
-            self._instruction_data(*records)
+        self._use_data(raw)
         self._eval_loss = jax.jit(self.loss)
         self._eval_weight = jax.jit(self.batch_weight)
         model = self.model
@@ -221,6 +214,20 @@ class CausalLMTask(NoHead):
         self._step = step
         self._init_cache = functools.partial(init_cache, self.pretrained.config)
         self.weights_metadata = {"model_path": section.decoder}
+
+    def _read_data(self) -> Any:
+        """The run's data read and checked (a text, or instruction records), before any weight."""
+        data = self.config.data
+        if data.train is None:
+            return load_text(data.source)
+        return read_instruction_data(data, self.config.train.seed)
+
+    def _use_data(self, raw: Any) -> None:
+        """What :meth:`_read_data` read, tokenized into training and held-out batches."""
+        if self.config.data.train is None:
+            self._text_data(raw)
+        else:
+            self._instruction_data(*raw)
 
     def _text_data(self, text: str) -> None:
         """``data.source`` tokenized once and cut into ``seq_len + 1`` windows."""
