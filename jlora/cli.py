@@ -90,7 +90,7 @@ def _merge_hf(run_dir: str) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     """Folds a run's adapter into the base and saves the merged weights."""
-    from jlora.models.weights import save_params
+    from jlora.models.formats.weights import save_params
 
     if args.format == "hf":
         _merge_hf(args.run_dir)

@@ -1,7 +1,7 @@
 """Pretrains the built-in base model, ``builtin:llama_pydoc``, on CPython's ``pydoc_data.topics``.
 
 The base is a small configuration of :class:`jlora.models.Decoder` (:data:`CONFIG`: 4 layers,
-width 128, 0.92M parameters) with a byte-level vocabulary (:func:`jlora.models.tokenizer.
+width 128, 0.92M parameters) with a byte-level vocabulary (:func:`jlora.models.formats.tokenizer.
 byte_level`), written as a Hugging Face model directory: ``config.json``, ``model.safetensors``
 and ``tokenizer.json``, which ``jlora finetune`` adapts by default and ``transformers`` loads.
 1,000 steps of 32 x 128 bytes take about 5 minutes on 2 idle CPU cores:
@@ -25,8 +25,8 @@ import numpy as np
 import optax
 
 from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss
+from jlora.models.formats.tokenizer import byte_level
 from jlora.models.pretrained import save_pretrained
-from jlora.models.tokenizer import byte_level
 from jlora.runner.data.text import LMBatches, eval_windows, load_text, split_tokens
 
 CONFIG = DecoderConfig(

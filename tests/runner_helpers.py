@@ -9,8 +9,8 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jlora.models.decoder import Decoder, DecoderConfig
+from jlora.models.formats.tokenizer import byte_level
 from jlora.models.pretrained import save_pretrained
-from jlora.models.tokenizer import byte_level
 from jlora.runner.data.text import load_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jlora._atomic import atomic_path, atomic_write, temp_name
-from jlora.models.weights import save_params
+from jlora.models.formats.weights import save_params
 
 
 def dead_pid():

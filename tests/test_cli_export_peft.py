@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from runner_helpers import DEFAULT, write_checkpoint
 from models.test_gguf import hf_weights, write_gguf
+from runner_helpers import DEFAULT, write_checkpoint
 
 import jlora
 from jlora.cli import main

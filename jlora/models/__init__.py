@@ -23,9 +23,9 @@ from jlora.models.decoder import (
     DecoderConfig,
     init_cache,
 )
+from jlora.models.formats.tokenizer import Tokenizer, load_tokenizer
 from jlora.models.pretrained import Pretrained, export_merged_hf, load_pretrained, save_pretrained
 from jlora.models.sampling import generate
-from jlora.models.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "DECODER_AXIS_RULES",

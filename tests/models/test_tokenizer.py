@@ -10,8 +10,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jlora.models.gguf import read_gguf_metadata
-from jlora.models.tokenizer import (
+from jlora.models.formats.gguf import read_gguf_metadata
+from jlora.models.formats.tokenizer import (
     from_gguf_metadata,
     from_hf_dir,
     from_sentencepiece,

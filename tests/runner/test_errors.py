@@ -11,7 +11,7 @@ from runner_helpers import DEFAULT, tiny_overrides, write_tiny_weights
 import jlora
 import jlora.runner.finetune as loop
 from jlora.cli import main
-from jlora.models.weights import load_params
+from jlora.models.formats.weights import load_params
 from jlora.runner.config import RunConfig, from_dict, load_config, parse_override
 from jlora.runner.data.text import LMBatches, eval_windows, load_text
 from jlora.runner.finetune import finetune

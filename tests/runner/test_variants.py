@@ -9,7 +9,7 @@ from runner_helpers import DEFAULT, tiny_overrides, write_tiny_weights
 
 import jlora
 from jlora.cli import main
-from jlora.models.weights import load_params
+from jlora.models.formats.weights import load_params
 from jlora.runner.config import load_config
 from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics

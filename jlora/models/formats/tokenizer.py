@@ -17,8 +17,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from jlora.models.chat_template import render_chat_template
-from jlora.models.hf_dir import read_json
+from jlora.models.formats.chat_template import render_chat_template
+from jlora.models.formats.hf_dir import read_json
 
 _GPT2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 _SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
@@ -447,7 +447,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
       >>> load_tokenizer(f).encode("ab")
       [2]
     """
-    from jlora.models.gguf import read_gguf_metadata
+    from jlora.models.formats.gguf import read_gguf_metadata
 
     path = os.fspath(path)
     if os.path.isdir(path):

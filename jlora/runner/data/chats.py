@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jlora.models.chat_template import render_chat_template, render_chat_template_spans
-from jlora.models.tokenizer import Tokenizer
+from jlora.models.formats.chat_template import render_chat_template, render_chat_template_spans
+from jlora.models.formats.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -276,7 +276,7 @@ def tokenize_record(
         that fails to render or does not render prefix-consistently (naming ``where``).
 
     Example:
-      >>> from jlora.models.tokenizer import from_gguf_metadata
+      >>> from jlora.models.formats.tokenizer import from_gguf_metadata
       >>> tok = from_gguf_metadata({"tokenizer.ggml.model": "gpt2",
       ...     "tokenizer.ggml.tokens": ["a", "b", "</s>"], "tokenizer.ggml.merges": [],
       ...     "tokenizer.ggml.token_type": [1, 1, 3], "tokenizer.ggml.eos_token_id": 2})

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora.models.tokenizer import Tokenizer
+from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.data.chats import Records, epoch_order, tokenize_record
 from jlora.runner.data.text import split_tokens
 
@@ -93,7 +93,7 @@ def tokenized_lengths(records: Records, tokenizer: Tokenizer) -> Lengths:
       ValueError: as :func:`tokenize_record`, naming the record's file and line.
 
     Example:
-      >>> from jlora.models.tokenizer import byte_level
+      >>> from jlora.models.formats.tokenizer import byte_level
       >>> r = Records([{"text": "abc"}, {"prompt": "a", "completion": "bc"}], ["f:1", "f:2"])
       >>> tokenized_lengths(r, byte_level()).lengths.tolist()
       [3, 3]
@@ -195,7 +195,7 @@ def instruction_profile(train: Records, held: Records, tokenizer: Tokenizer) -> 
     """The :class:`DataProfile` of instruction records (as the task splits them).
 
     Example:
-      >>> from jlora.models.tokenizer import byte_level
+      >>> from jlora.models.formats.tokenizer import byte_level
       >>> r = Records([{"text": "abc"}], ["f:1"])
       >>> instruction_profile(r, r, byte_level()).stats(2)["train_truncated_tokens"]
       1
@@ -213,7 +213,7 @@ def text_profile(text: str, tokenizer: Tokenizer, val_fraction: float) -> DataPr
     r"""The :class:`DataProfile` of a text, tokenized and split as the task does.
 
     Example:
-      >>> from jlora.models.tokenizer import byte_level
+      >>> from jlora.models.formats.tokenizer import byte_level
       >>> p = text_profile("one two\nthree four\n", byte_level(), 0.5)
       >>> p.train_tokens, p.held_text
       (9, 'hree four\n')

@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from jlora.models.bert import MINILM_PACKAGE, Bert, load_bert, mean_pool, minilm_dir
-from jlora.models.weights import load_params, save_params
-from jlora.models.wordpiece import WordPiece
+from jlora.models.formats.weights import load_params, save_params
+from jlora.models.formats.wordpiece import WordPiece
 from jlora.runner.config import DataSection, RunConfig
 from jlora.runner.data.stdlib_text import stdlib_docstrings
 from jlora.runner.tasks.base import FixedBatches

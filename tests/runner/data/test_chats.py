@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jlora.models.decoder import Decoder, DecoderConfig
-from jlora.models.tokenizer import Tokenizer
+from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.data.chats import epoch_order, pack, read_records, tokenize_record
 
 SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>"}

@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 from runner_helpers import ROOT
-from runner.test_classification import overrides, tiny_bert  # noqa: F401 (tiny_bert is a fixture)
 
 from jlora.cli import main
 from jlora.runner.config import DataSection, load_config
 from jlora.runner.data.stdlib_text import FAMILIES, first_paragraph, stdlib_docstrings
 from jlora.runner.tasks.classification import load_examples
+from runner.test_classification import overrides, tiny_bert  # noqa: F401 (tiny_bert is a fixture)
 
 STDLIB = os.path.join(ROOT, "configs", "minilm_stdlib.yaml")
 
