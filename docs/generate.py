@@ -619,7 +619,7 @@ def render_run(block: Block) -> str:
 def render_run_excerpt(block: Block) -> str:
     """A run's ``before -> after`` lines and its last sample, before and after."""
     lines = run_output(block.arg or "").splitlines()
-    scores = [line for line in lines if re.match(r"^\w+: before .* -> after ", line)]
+    scores = [line for line in lines if re.match(r"^[\w/]+: before .* -> after ", line)]
     heads = [i for i, line in enumerate(lines) if re.match(r"^sample \d+ before:$", line)]
     sample: list[str] = []
     if heads:
