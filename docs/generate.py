@@ -67,7 +67,7 @@ CPU_RESULTS = ROOT / "benchmarks" / "results" / "cpu.json"
 OUTPUTS = DOCS / "outputs"  # printed outputs of runs, pasted as printed
 PACKAGE = ROOT / "jlora"
 
-_START = re.compile(r"^<!-- generated: ([a-z-]+)(?: ([\w.-]+))? -->$")
+_START = re.compile(r"^<!-- generated: ([a-z-]+)(?: ([\w.:,/-]+))? -->$")
 _END = "<!-- end generated -->"
 _WIDTH = 100  # the line length of the hand-written markdown
 
@@ -617,9 +617,15 @@ def render_run(block: Block) -> str:
 
 
 def render_run_excerpt(block: Block) -> str:
-    """A run's ``before -> after`` lines and its last sample, before and after."""
-    lines = run_output(block.arg or "").splitlines()
+    """A run's ``before -> after`` lines and its last sample, before and after.
+
+    ``NAME:KEY,KEY`` keeps only the score lines of those keys, in the run's order.
+    """
+    name, _, keys = (block.arg or "").partition(":")
+    lines = run_output(name).splitlines()
     scores = [line for line in lines if re.match(r"^[\w/]+: before .* -> after ", line)]
+    if keys:
+        scores = [line for line in scores if line.split(":")[0] in keys.split(",")]
     heads = [i for i, line in enumerate(lines) if re.match(r"^sample \d+ before:$", line)]
     sample: list[str] = []
     if heads:
@@ -630,7 +636,7 @@ def render_run_excerpt(block: Block) -> str:
                 break
             sample.append(line)
     if not scores:
-        raise ValueError(f"docs/outputs/{block.arg}.txt: no 'NAME: before X -> after Y' line")
+        raise ValueError(f"docs/outputs/{name}.txt: no 'NAME: before X -> after Y' line ({keys})")
     return "```text\n" + "\n".join([*scores, *sample]) + "\n```"
 
 

@@ -60,9 +60,9 @@ def test_readme_starts_with_the_two_set_up_commands():
     assert start <= 3, f"the set-up commands must open the README; found ```bash at line {start}"
     first, second, close = lines[start + 1 : start + 4]
     assert close == "```", "exactly two set-up command lines"
-    # Line 1: a fresh venv, the test extra as CI installs it, then the main job.
+    # Line 1: a fresh venv, the cli extra (what the main job needs), then the main job.
     assert first.startswith("python3 -m venv .venv && . .venv/bin/activate")
-    assert 'pip install -e ".[test]"' in first
+    assert 'pip install -e ".[cli]"' in first
     assert first.endswith("jlora finetune")
     # Line 2: the PEFT extra, then the test suite.
     assert 'pip install -e ".[test,peft,wandb]"' in second
@@ -93,7 +93,7 @@ def _pip_installs(text: str) -> list[tuple[str, ...]]:
 def test_ci_installs_what_the_readme_installs():
     readme = _pip_installs("\n".join(_generate().setup_commands()))
     ci = _pip_installs((ROOT / ".ci" / "run").read_text(encoding="utf-8"))
-    assert ("-e", ".[test]") in readme, "README's set-up lines install nothing recognisable"
+    assert ("-e", ".[cli]") in readme, "README's set-up lines install nothing recognisable"
     missing = [args for args in readme if args not in ci]
     assert not missing, f".ci/run does not install what README's set-up lines do: {missing}"
 
