@@ -325,6 +325,13 @@ def test_resume_continues_with_the_same_losses(checkpoint, data, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_a_quantised_base_is_its_own_reference(checkpoint, data, tmp_path):
+    over = overrides(tmp_path / "r", checkpoint, data, steps=1, **{"lora.quantize": "int8"})
+    over.append("lora.quantize_block=16")
+    results = finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    assert results["before"]["eval_loss"] == pytest.approx(LN2, abs=1e-6)
+
+
 def test_accumulated_micro_batches_weigh_pairs(checkpoint, data, tmp_path):
     """2 micro-batches of 1 pair update as one batch of 2 pairs (1e-6)."""
 

@@ -152,17 +152,25 @@ class PreferenceTask(CausalLMTask):
         n = self._held
         return np.concatenate(sums, 1)[:, :n], np.concatenate(counts, 1)[:, :n]
 
+    def _reference_model(self) -> Any:
+        """The reference the train step uses: the base as the run adapts it (QLoRA: quantised)."""
+        from jlora.runner.variants import prepare_base  # variants imports tasks
+
+        return jlora.dequantize(prepare_base(self.config, self.base))
+
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         """The preference loss and TRL's metrics on the held-out pairs, and exact match.
 
-        The reference log-probabilities are the base model's (``self.base``), computed on the
-        first call and kept (and used as the policy's when ``params`` is the base itself).
+        The reference log-probabilities are the base model's as the run adapts it (quantised
+        for QLoRA, as in the train step), computed on the first call and kept (and used as the
+        policy's when ``params`` is the float base itself).
         """
         del extra
         options = dict(self._options)
-        same = _same_leaves(params, self.base)  # the base model: its scores are the reference's
+        # The base model itself (a float base): its scores are the reference's.
+        same = self.config.lora.quantize == "none" and _same_leaves(params, self.base)
         if self._reference is None and (same or options["loss_type"] in REFERENCE_BASED):
-            self._reference = self._pair_logps(self.base)
+            self._reference = self._pair_logps(self._reference_model())
         sums, counts = self._reference if same and self._reference else self._pair_logps(params)
         kw: dict[str, Any] = {}
         if options["loss_type"] in REFERENCE_BASED:
