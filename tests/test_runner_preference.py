@@ -4,6 +4,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -398,3 +400,40 @@ def test_smollm2_dpo_config_runs_one_step(tmp_path):
     before, after = results["before"], results["after"]
     assert {"eval_rewards/accuracies", "eval_nll_loss", "exact_match"} <= set(after)
     assert after["eval_loss"] < before["eval_loss"]  # ORPO's NLL falls from the first step
+
+
+_MESH_RUN = """
+import json, pathlib, sys
+sys.path.insert(0, sys.argv[2])
+import test_runner_preference as t
+from runner_helpers import DEFAULT, write_checkpoint
+from jlora.runner.config import load_config
+from jlora.runner.finetune import finetune
+from jlora.runner.rundir.directory import read_metrics
+
+root = pathlib.Path(sys.argv[1])
+ck = write_checkpoint(root / "ck", chat_template=t.TEMPLATE)
+data = (t.write_jsonl(root / "tr.jsonl", t.PAIRS), t.write_jsonl(root / "ev.jsonl", t.PAIRS[:4]))
+out = {}
+for name, extra in (("one", {}), ("mesh", {"mesh.data": 2, "mesh.tensor": 2})):
+    over = t.overrides(root / name, ck, data, steps=2, **extra)
+    finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    out[name] = [m["train_loss"] for m in read_metrics(root / name) if "train_loss" in m]
+print(json.dumps(out))
+"""
+
+
+def test_a_preference_run_on_a_mesh_matches_one_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", _MESH_RUN, str(tmp_path), tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(out["one"]) == 2 and out["one"][0] == pytest.approx(LN2, abs=1e-6)
+    np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-5)
