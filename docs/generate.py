@@ -30,6 +30,8 @@ and where each comes from:
 - ``imports``: which parts of ``jlora/`` import which at module level, read from the source;
 - ``install``: the set-up commands that open README.md;
 - ``supported``: the Python, JAX and Flax versions ``pyproject.toml`` accepts;
+- ``architectures``: the checkpoint architectures that load, from
+  ``jlora.models.decoder.SUPPORTED_ARCHITECTURES``;
 - ``headline``: README's headline numbers, from ``benchmarks/results/cpu.json`` (written by
   ``python -m benchmarks``) and the default run's printed output;
 - ``run NAME`` / ``run-excerpt NAME``: a run's output as printed (or its summary lines and last
@@ -552,6 +554,14 @@ def setup_commands() -> list[str]:
     return lines[start : lines.index("```", start + 1) + 1]
 
 
+def render_architectures(block: Block) -> str:
+    """The ``architectures`` a checkpoint's ``config.json`` may name to load as a decoder."""
+    from jlora.models.decoder import SUPPORTED_ARCHITECTURES
+
+    names = ", ".join(f"`{name}`" for name in SUPPORTED_ARCHITECTURES)
+    return _wrap(f"Architectures that load (`config.json`'s `architectures`): {names}.")
+
+
 def render_install(block: Block) -> str:
     """README's set-up commands, as they open README.md."""
     return "\n".join(setup_commands())
@@ -842,6 +852,7 @@ RENDERERS: dict[str, Callable[[Block], str]] = {
     "api-summary": render_api_summary,
     "pages": render_pages,
     "install": render_install,
+    "architectures": render_architectures,
     "supported": render_supported,
     "headline": render_headline,
     "run": render_run,

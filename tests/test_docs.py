@@ -3,6 +3,7 @@ that run as written, and the strict build."""
 
 import difflib
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -336,3 +337,127 @@ def test_mkdocs_build_strict():
         )
         assert run.returncode == 0, run.stdout + run.stderr
         assert (pathlib.Path(site) / "index.html").exists()
+
+
+# docs/your_model.md: each ```bash block right after a "<!-- tested -->" line runs as written,
+# in page order, in a directory holding what the page's commands name: a tiny random Llama
+# checkpoint as my-model/, chats as chats.jsonl and the page's YAML as my-run.yaml.
+YOUR_MODEL = DOCS / "your_model.md"
+TESTED = "<!-- tested -->"
+BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# Appended to a training `jlora finetune` (not a --dry-run): two steps instead of the auto
+# value's 100, so the page's run takes seconds; nothing else in the commands changes.
+TINY_RUN = ["train.steps=2", "train.eval_batches=1", "generate.max_new_tokens=2"]
+# A chat template whose rendering of a conversation's start is a prefix of the whole, as real
+# models' templates are (runner_helpers.CHAT is not: it marks no turn's role).
+ROLE_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}<|endoftext|>{% endfor %}"
+    "{% if add_generation_prompt %}assistant:\n{% endif %}"
+)
+
+
+def _tested_commands(text: str) -> list[tuple[int, str]]:
+    """``(line, command)`` of each line of the ```bash blocks marked ``<!-- tested -->``."""
+    found = []
+    for match in BASH_BLOCK.finditer(text):
+        above = text[: match.start()].rstrip("\n").splitlines()
+        if not above or above[-1].strip() != TESTED:
+            continue
+        first = text.count("\n", 0, match.start()) + 2
+        for i, line in enumerate(match.group(1).splitlines()):
+            if line.strip():
+                found.append((first + i, line.strip()))
+    return found
+
+
+def test_tested_commands_read_the_marks():
+    text = "```bash\nhf download x\n```\n\n<!-- tested -->\n```bash\njlora a\n\njlora b\n```\n"
+    assert _tested_commands(text) == [(7, "jlora a"), (9, "jlora b")]
+
+
+@pytest.fixture(scope="module")
+def your_model_run(tmp_path_factory):
+    """The page's tested commands run in a fresh directory: ``(directory, [(command, run)])``."""
+    pytest.importorskip("tokenizers")
+    from runner_helpers import write_checkpoint  # tests/ is on sys.path (rootdir-relative)
+
+    cwd = tmp_path_factory.mktemp("your_model")
+    (cwd / "my-model").mkdir()
+    write_checkpoint(cwd / "my-model", chat_template=ROLE_TEMPLATE)
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{2 * i}."},
+            ]
+        }
+        for i in range(30)
+    ]
+    (cwd / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    text = YOUR_MODEL.read_text(encoding="utf-8")
+    (yaml,) = YAML_BLOCK.findall(text)
+    assert "Save this as `my-run.yaml`" in text
+    (cwd / "my-run.yaml").write_text(yaml)
+    runs = []
+    for line, command in _tested_commands(text):
+        words = shlex.split(command)
+        assert words[0] == "jlora", f"your_model.md:{line}: a tested command runs jlora"
+        if words[1] == "finetune" and "--dry-run" not in words:
+            words += TINY_RUN
+        run = subprocess.run(
+            [sys.executable, "-m", "jlora.cli", *words[1:]],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, f"your_model.md:{line}: {command}\n{run.stdout}{run.stderr}"
+        runs.append((command, run.stdout + run.stderr))
+    return cwd, runs
+
+
+def test_your_model_page_runs_as_written(your_model_run):
+    cwd, runs = your_model_run
+    commands = [command for command, _ in runs]
+    assert commands == [
+        "jlora finetune model.path=my-model data.train=chats.jsonl --dry-run",
+        "jlora finetune model.path=my-model data.train=chats.jsonl",
+        "jlora finetune my-run.yaml --dry-run",
+        "jlora finetune model.path=my-model data.train=chats.jsonl train.learning_rate=1e-4",
+        'jlora generate runs/my-model-chats "What is 2 plus 2?" --chat',
+        "jlora merge runs/my-model-chats --format hf",
+        "jlora export-peft runs/my-model-chats",
+    ]
+    dry_run = runs[0][1]
+    for part in ("== config: auto values resolved", "== data", "== memory =="):
+        assert part in dry_run
+    # The auto values the page's table describes, for the tiny checkpoint and data.
+    assert "run_dir runs/my-model-chats: named after the model and data" in dry_run
+    assert "data.seq_len 64: the 95th percentile" in dry_run
+    assert "train.learning_rate 0.0002" in dry_run
+    assert "train.batch_size 8" in dry_run
+    assert "raised to the minimum of 100" in dry_run
+    assert "held in float32" in dry_run
+    run = cwd / "runs" / "my-model-chats"
+    assert "== what LoRA did (runs/my-model-chats) ==" in runs[1][1]
+    assert (run / "adapter").is_dir()
+    assert "learning_rate: 0.0001" in (run / "config.yaml").read_text()
+    assert runs[4][1].strip(), "jlora generate printed no answer"
+    assert (run / "merged_hf" / "config.json").is_file()
+    assert (run / "peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.peft
+def test_your_model_result_loads_in_transformers_and_peft(your_model_run, monkeypatch):
+    # The page's python blocks, in one namespace, in the directory its commands ran in.
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    cwd, _ = your_model_run
+    monkeypatch.chdir(cwd)
+    blocks = _python_blocks(YOUR_MODEL.read_text(encoding="utf-8"))
+    assert len(blocks) == 2 and all(source is None for _, _, source in blocks)
+    namespace = {"__name__": "docs_your_model"}
+    for line, code, _ in blocks:
+        exec(compile(code, f"docs/your_model.md:{line}", "exec"), namespace)
+    assert namespace["model"].peft_config
