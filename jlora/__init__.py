@@ -20,6 +20,8 @@ from jlora._config import INITS as LORA_INITS
 from jlora._config import LoraConfig
 from jlora._dora import add_magnitudes, init_dora
 from jlora._factorised import lora, value_and_grad
+from jlora._grpo import LOSS_TYPES as GRPO_LOSSES
+from jlora._grpo import GroupAdvantages, group_advantages, grpo_loss, grpo_policy_loss, token_logps
 from jlora._init import init_lora
 from jlora._loftq import init_loftq
 from jlora._loraplus import loraplus_labels, loraplus_partition
@@ -39,11 +41,13 @@ from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
+    "GRPO_LOSSES",
     "LORA_INITS",
     "PREFERENCE_LOSSES",
     "QUANTIZE_KINDS",
     "Adapter",
     "Collective",
+    "GroupAdvantages",
     "LoraConfig",
     "Quantized",
     "Restored",
@@ -59,6 +63,9 @@ __all__ = [
     "dequantize",
     "dpo_loss",
     "export_peft",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_policy_loss",
     "has_quantized",
     "import_peft",
     "init_dora",
@@ -90,6 +97,7 @@ __all__ = [
     "sequence_logps",
     "split",
     "summary",
+    "token_logps",
     "unmerge_params",
     "value_and_grad",
 ]
