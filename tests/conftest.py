@@ -1,5 +1,7 @@
 """Strict settings for the whole suite: highest matmul precision, one tolerance table."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,11 +32,14 @@ def _keep_the_suites_allocator(monkeypatch):
     monkeypatch.setattr(jlora.cli, "keep_freed_memory", lambda: False)
 
 
-def pytest_collection_modifyitems(config, items):
-    """The TRL oracle runs last: after trl, datasets and pyarrow are imported into this process,
-    a later XLA compile segfaulted in two full runs (never in the oracle's own tests, never in
-    a shorter run). Run after it, nothing else compiles in that process.
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drops JAX's compiled programs after each test module.
+
+    Every XLA:CPU executable keeps a few memory mappings for its code; over the whole suite
+    they passed Linux's 65530 per process (``vm.max_map_count``) and a later compile
+    segfaulted. A module's programs are not reused by the next module.
     """
-    del config
-    trl = [item for item in items if item.path.name == "test_peft_trl_preference.py"]
-    items[:] = [item for item in items if item.path.name != "test_peft_trl_preference.py"] + trl
+    yield
+    jax.clear_caches()
+    gc.collect()
