@@ -1,4 +1,4 @@
-"""``jlora merge RUN_DIR --format hf``: refused for built-in models, a HF directory otherwise."""
+"""``jlora merge RUN_DIR --format hf``: refused for encoder runs, a HF directory for decoders."""
 
 import types
 
@@ -21,20 +21,20 @@ def test_format_defaults_to_safetensors():
         build_parser().parse_args(["merge", "runs/x", "--format", "gguf"])
 
 
-def test_hf_format_is_refused_for_a_builtin_model_run(tmp_path, capsys):
-    (tmp_path / "config.yaml").write_text("model: {kind: llama}\n")
+def test_hf_format_is_refused_for_an_encoder_run(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model: {kind: bert}\n")
     assert main(["merge", str(tmp_path), "--format", "hf"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1
     assert (
-        "--format hf needs a run of a Hugging Face / GGUF model (model.path); this run uses "
-        "model.kind=llama"
+        "--format hf writes a decoder as a Hugging Face model directory; this run uses "
+        "model.kind=bert. Use --format safetensors"
     ) in err
     assert not (tmp_path / "merged_hf").exists()
 
 
 def test_hf_format_writes_merged_hf_for_a_pretrained_run(tmp_path, monkeypatch, capsys):
-    # The runner has no model.path runs yet: a run config carrying one stands in for it.
+    # A stand-in run config that carries only the model section, as a hand-made run would.
     config = DecoderConfig.from_hf(
         {
             "architectures": ["LlamaForCausalLM"],
@@ -55,7 +55,7 @@ def test_hf_format_writes_merged_hf_for_a_pretrained_run(tmp_path, monkeypatch, 
     run = tmp_path / "run"
     jlora.save_adapter(run / "adapter", params, lora)
     fake = types.SimpleNamespace(
-        model=types.SimpleNamespace(kind="llama", path=str(tmp_path / "base"))
+        model=types.SimpleNamespace(kind="llama", decoder=str(tmp_path / "base"))
     )
     monkeypatch.setattr(rundir, "load_run_config", lambda run_dir: fake)
     assert main(["merge", str(run), "--format", "hf"]) == 0
