@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from runner_helpers import DEFAULT, write_checkpoint
+from safetensors import safe_open
 
 import jlora
 from jlora.models.formats.tokenizer import load_tokenizer
@@ -20,11 +21,13 @@ from jlora.runner.data import stdlib_preferences
 from jlora.runner.data.chat_batches import resolve_data
 from jlora.runner.data.preferences import (
     PreferenceBatches,
+    pair_rows,
     read_preferences,
     tokenize_pairs,
 )
 from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
+from jlora.runner.rundir.reference import read_reference
 from jlora.runner.tasks import lora_config
 from jlora.runner.tasks.preference import PreferenceTask, loss_options
 
@@ -192,6 +195,50 @@ def test_bad_pairs_name_file_and_line(tmp_path, line, match):
         read_preferences(path)
 
 
+def test_bad_pairs_skip_counts_them_and_names_the_first(tmp_path):
+    path = tmp_path / "p.jsonl"
+    lines = [json.dumps(PAIRS[0]), "{not json", json.dumps({**PAIRS[1], "rejected": " blue"})]
+    path.write_text("\n".join([*lines, json.dumps(PAIRS[4])]) + "\n")
+    records = read_preferences(path, bad_pairs="skip")
+    assert [s.rsplit(":", 1)[1] for s in records.sources] == ["1", "4"]
+    assert len(records.skipped) == 2
+    assert records.skipped[0].endswith(
+        ":2: malformed JSON (Expecting property name enclosed "
+        "in double quotes at column 2); each line must be one "
+        "JSON object"
+    )
+    assert "p.jsonl:3: chosen and rejected are identical" in records.skipped[1]
+    with pytest.raises(ValueError, match=r"p.jsonl:2: malformed JSON"):
+        read_preferences(path)  # "error" is the default
+    with pytest.raises(ValueError, match=r'bad_pairs must be "error" or "skip"; got \'drop\''):
+        read_preferences(path, bad_pairs="drop")
+
+
+def test_a_file_of_bad_pairs_only_is_refused_even_when_skipping(tmp_path):
+    (tmp_path / "p.jsonl").write_text("[1]\n{}\n")
+    with pytest.raises(
+        ValueError,
+        match=r"no preference pair left after skipping 2 bad "
+        r"record\(s\), the first: .*p.jsonl:1: a record must",
+    ):
+        read_preferences(tmp_path / "p.jsonl", bad_pairs="skip")
+
+
+def test_a_run_skips_bad_pairs_where_the_config_says_so(checkpoint, data, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [*PAIRS, {"prompt": "x", "chosen": "y"}])
+    over = overrides(tmp_path / "r", checkpoint, (train, data[1]), steps=1)
+    with pytest.raises(ValueError, match=r"t.jsonl:7: .*missing \['rejected'\]"):
+        finetune(load_config(DEFAULT, over), log=lambda _: 0)
+    assert not (tmp_path / "r").exists()  # refused before the run directory is made
+    logs = []
+    results = finetune(load_config(DEFAULT, [*over, "data.bad_pairs=skip"]), log=logs.append)
+    assert logs[0].startswith("train: 6 examples")
+    assert "skipped 1 bad pair(s), the first " in logs[0] and "t.jsonl:7" in logs[0]
+    assert results["data"]["skipped_bad_pairs"] == 1
+    with pytest.raises(ValueError, match=r"data.bad_pairs: expected one of \('error', 'skip'\)"):
+        load_config(DEFAULT, [*over, "data.bad_pairs=drop"])
+
+
 def test_an_empty_file_is_refused(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n")
     with pytest.raises(ValueError, match=r"p.jsonl holds no records"):
@@ -327,6 +374,54 @@ def test_resume_continues_with_the_same_losses(checkpoint, data, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def test_precomputed_reference_log_probs_train_as_the_in_step_reference(checkpoint, data, tmp_path):
+    def losses(run_dir):
+        return [m["train_loss"] for m in read_metrics(run_dir) if "train_loss" in m]
+
+    finetune(load_config(DEFAULT, overrides(tmp_path / "a", checkpoint, data)), log=lambda _: 0)
+    logs = []
+    precompute = overrides(tmp_path / "b", checkpoint, data)
+    precompute.append("train.precompute_ref_log_probs=true")
+    finetune(load_config(DEFAULT, precompute), log=logs.append)
+    assert any("reference's log-probabilities of 6 training pairs" in line for line in logs)
+    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-5)
+    assert losses(tmp_path / "b")[0] == pytest.approx(LN2, abs=1e-6)
+    saved = tmp_path / "b" / "reference_logps.safetensors"
+    with safe_open(saved, "np") as f:
+        stored, key = f.get_tensor("logps"), f.metadata()["fingerprint"]
+    # The base's summed completion log-probs of each training pair: chosen, then rejected.
+    task = PreferenceTask(load_config(DEFAULT, precompute))
+    rows = pair_rows(task._batches.pairs, 64, task.tokenizer.pad_token_id or 0)
+    kw = {k: rows[k] for k in ("positions", "segment_ids")}
+    sums = jlora.sequence_logps(
+        task.apply_fn(task.base, rows["tokens"], **kw), rows["targets"], rows["loss_mask"]
+    )
+    np.testing.assert_allclose(stored, np.stack([sums[:6], sums[6:]]), rtol=1e-5)
+    # A resumed run reads the file and computes nothing again.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    os.remove(tmp_path / "b" / "results.json")
+    logs.clear()
+    finetune(load_config(DEFAULT, precompute), log=logs.append)
+    assert not any("reference's log-probabilities" in line for line in logs)
+    np.testing.assert_allclose(losses(tmp_path / "b"), losses(tmp_path / "a"), rtol=1e-5)
+    # Read back only for the same pairs and base; a file cut short is computed again.
+    assert read_reference(str(tmp_path / "b"), key, 6) is not None
+    assert read_reference(str(tmp_path / "b"), key, 5) is None
+    assert read_reference(str(tmp_path / "b"), "0" * 64, 6) is None
+    saved.write_bytes(saved.read_bytes()[:40])
+    assert read_reference(str(tmp_path / "b"), key, 6) is None
+
+
+def test_precompute_is_refused_where_there_is_no_reference():
+    with pytest.raises(
+        ValueError,
+        match=r"precompute_ref_log_probs=true is unused by "
+        r"train.objective='simpo'",
+    ):
+        load_config(DEFAULT, ["train.objective=simpo", "train.precompute_ref_log_probs=true"])
+
+
 def test_a_quantised_base_is_its_own_reference(checkpoint, data, tmp_path):
     over = overrides(tmp_path / "r", checkpoint, data, steps=1, **{"lora.quantize": "int8"})
     over.append("lora.quantize_block=16")
@@ -410,6 +505,7 @@ from runner_helpers import DEFAULT, write_checkpoint
 from jlora.runner.config import load_config
 from jlora.runner.finetune import finetune
 from jlora.runner.rundir.directory import read_metrics
+from jlora.runner.rundir.reference import read_reference
 
 root = pathlib.Path(sys.argv[1])
 ck = write_checkpoint(root / "ck", chat_template=t.TEMPLATE)

@@ -99,6 +99,10 @@ class DataSection:
         cut is reported) or ``"error"`` (refused before training, naming its file and line).
       no_assistant: a conversation without an assistant turn: ``"skip"`` it (counted) or
         ``"error"``.
+      bad_pairs: a preference record that cannot be a pair (a line that is not JSON, a
+        missing key, an empty completion, chosen identical to rejected): ``"error"`` (refused
+        before training, naming its file and line) or ``"skip"`` it (counted and reported,
+        with the first few reasons).
     """
 
     source: str = "sonnets"
@@ -111,6 +115,7 @@ class DataSection:
     pack: bool = True
     overflow: str = "truncate"
     no_assistant: str = "skip"
+    bad_pairs: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +210,10 @@ class TrainSection:
       label_smoothing: the probability that a preference label is flipped, in ``[0, 0.5)``:
         conservative DPO (``dpo``), rDPO (``robust``), SimPO's smoothing; 0 for the others.
       simpo_gamma: SimPO's target reward margin ``γ`` (``objective: simpo`` only).
+      precompute_ref_log_probs: compute the reference's log-probabilities of every training
+        pair once, before the first step, and keep them in the run directory
+        (``reference_logps.safetensors``), instead of a reference forward in every step
+        (``dpo``, ``robust``, ``ipo``); TRL's option of that name.
       keep_freed_memory: let ``jlora finetune`` make glibc's malloc keep freed memory
         (:func:`jlora.runner.host_memory.keep_freed_memory`), so that on CPU each step reuses
         the last one's buffers instead of page-faulting them in again; about 1.4x faster on
@@ -235,6 +244,7 @@ class TrainSection:
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 0.5:  # False for nan
@@ -247,6 +257,12 @@ class TrainSection:
                 f"config train.label_smoothing={self.label_smoothing} is unused by "
                 f"train.objective={self.objective!r}; it applies to dpo, robust and simpo: "
                 "set it to 0 or change the objective"
+            )
+        if self.precompute_ref_log_probs and self.objective not in ("dpo", "robust", "ipo"):
+            raise ValueError(
+                "config train.precompute_ref_log_probs=true is unused by "
+                f"train.objective={self.objective!r}, which has no reference model; it applies "
+                "to dpo, robust and ipo: set it to false or change the objective"
             )
         # An optional number: the range tables below hold only plain numbers.
         if self.clip_norm is not None and not (
@@ -404,6 +420,7 @@ CHOICES = {
     "lora.quantize": ("none", *QUANTIZE_KINDS),
     "data.overflow": ("truncate", "error"),
     "data.no_assistant": ("skip", "error"),
+    "data.bad_pairs": ("error", "skip"),
     "log.wandb_mode": ("online", "offline"),
 }
 

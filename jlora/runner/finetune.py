@@ -95,6 +95,7 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             if restored is not None:
                 _log_resume(config, start, changes, sinks, log)
             before = _before(config, task, start_model, state, sinks, start, log)
+            task.prepare_run(run_dir, start_model, log)
             jit_options: dict[str, Any] = {}
             if mesh is not None:  # lay everything out on the mesh, and keep it so each step
                 base, state, state_shardings = shard_state(mesh, mesh_config, base, state, cfg)

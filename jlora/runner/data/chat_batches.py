@@ -415,6 +415,8 @@ def describe(stats: dict[str, Any]) -> str:
       ...     "train_truncated_examples": 1, "train_truncated_tokens": 4,
       ...     "train_no_loss_examples": 0}))
       train: 9 examples, 90 tokens, 1 truncated (4 tokens cut); skipped 2 without an assistant turn
+      >>> print(describe({"skipped_bad_pairs": 1, "first_bad_pair": "p.jsonl:3: not JSON"}))
+      ; skipped 1 bad pair(s), the first p.jsonl:3: not JSON
     """
     parts = []
     for split in ("train", "eval"):
@@ -434,4 +436,9 @@ def describe(stats: dict[str, Any]) -> str:
     line = "; ".join(parts)
     if stats.get("skipped"):
         line += f"; skipped {stats['skipped']:,} without an assistant turn"
+    if stats.get("skipped_bad_pairs"):
+        line += (
+            f"; skipped {stats['skipped_bad_pairs']:,} bad pair(s), the first "
+            f"{stats['first_bad_pair']}"
+        )
     return line

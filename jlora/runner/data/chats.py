@@ -24,9 +24,7 @@ not something the model generates), so both kinds of ChatML template give the sa
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -35,6 +33,7 @@ import numpy as np
 
 from jlora.models.formats.chat_template import render_chat_template, render_chat_template_spans
 from jlora.models.formats.tokenizer import Tokenizer
+from jlora.runner.data.jsonl import read_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -74,20 +73,6 @@ class Packed:
     segment_ids: np.ndarray
     positions: np.ndarray
     truncated: int = 0
-
-
-def _files(path: pathlib.Path) -> list[pathlib.Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
-        if not files:
-            raise ValueError(
-                f"{path} is a directory without *.jsonl files; put the data in files named "
-                "*.jsonl or give the path of one file"
-            )
-        return files
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; give a .jsonl file or a directory of them")
-    return [path]
 
 
 def _kind(record: Any, where: str) -> str:
@@ -167,34 +152,18 @@ def read_records(
     records: list[dict[str, Any]] = []
     sources: list[str] = []
     skipped = 0
-    for file in _files(pathlib.Path(path)):
-        count = 0
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line "
-                        "must be one JSON object"
-                    ) from None
-                count += 1
-                kind = _kind(record, where)
-                if kind == "messages" and all(m["role"] != "assistant" for m in record["messages"]):
-                    if no_assistant == "error":
-                        raise ValueError(
-                            f"{where}: conversation has no assistant turn, so nothing to learn; "
-                            'add one or read with no_assistant="skip"'
-                        )
-                    skipped += 1
-                    continue
-                records.append(record)
-                sources.append(where)
-        if count == 0:
-            raise ValueError(f"{file} holds no records; remove the empty file or fill it")
+    for where, record in read_jsonl(path):
+        kind = _kind(record, where)
+        if kind == "messages" and all(m["role"] != "assistant" for m in record["messages"]):
+            if no_assistant == "error":
+                raise ValueError(
+                    f"{where}: conversation has no assistant turn, so nothing to learn; "
+                    'add one or read with no_assistant="skip"'
+                )
+            skipped += 1
+            continue
+        records.append(record)
+        sources.append(where)
     return Records(records, sources, skipped)
 
 

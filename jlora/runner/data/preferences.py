@@ -25,7 +25,6 @@ Design note (the layout of preference data lives here and only here):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Mapping
 from typing import Any, Literal, cast
@@ -35,7 +34,8 @@ import numpy as np
 from jlora.models.formats.chat_template import render_chat_template
 from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.data.chat_batches import rows
-from jlora.runner.data.chats import ROLES, _files, epoch_order, pack
+from jlora.runner.data.chats import ROLES, epoch_order, pack
+from jlora.runner.data.jsonl import read_jsonl
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -49,12 +49,14 @@ class PreferenceRecords:
       chosen: the chosen completion: a string, or its messages.
       rejected: the rejected completion, likewise.
       sources: ``"file:line"`` of each record.
+      skipped: why each record left out under ``bad_pairs="skip"`` was (``"file:line: ..."``).
     """
 
     prompts: list[Any]
     chosen: list[Any]
     rejected: list[Any]
     sources: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
 
 def _messages(value: Any, key: str, where: str) -> list[dict[str, Any]]:
@@ -121,48 +123,60 @@ def _normalise(record: Any, where: str) -> tuple[Any, Any, Any]:
     return prompt, chosen, rejected
 
 
-def read_preferences(path: str | pathlib.Path) -> PreferenceRecords:
+def read_preferences(
+    path: str | pathlib.Path, bad_pairs: Literal["error", "skip"] = "error"
+) -> PreferenceRecords:
     r"""Reads preference records from a JSONL file or a directory of ``*.jsonl`` files.
 
     Blank lines are ignored; files in a directory are read in sorted name order.
+
+    Args:
+      path: a ``.jsonl`` file or a directory of them.
+      bad_pairs: a line that is not a pair (any of the errors below but the last two):
+        ``"error"`` raises, ``"skip"`` leaves it out and records why in
+        :attr:`PreferenceRecords.skipped`.
 
     Raises:
       ValueError: naming the file and line, for malformed JSON, a record that is not an
         object, a missing or unknown key, a string pair with a non-string field, messages
         with an unknown role or non-string content, an empty completion, a conversation
-        without a prompt, chosen identical to rejected, or an empty file.
+        without a prompt, chosen identical to rejected; an empty file; no pair left.
 
     Example:
       >>> import tempfile, pathlib
       >>> f = pathlib.Path(tempfile.mkdtemp()) / "p.jsonl"
-      >>> _ = f.write_text('{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n')
-      >>> r = read_preferences(f)
+      >>> _ = f.write_text('{"prompt": "2+2=", "chosen": "4", "rejected": "5"}\n'
+      ...                  '{"prompt": "1+1=", "chosen": "2", "rejected": "2"}\n')
+      >>> r = read_preferences(f, bad_pairs="skip")
       >>> r.prompts, r.chosen, r.rejected, r.sources[0].endswith("p.jsonl:1")
       (['2+2='], ['4'], ['5'], True)
+      >>> r.skipped[0].split(": ", 1)[1]
+      'chosen and rejected are identical; a pair must differ'
     """
+    if bad_pairs not in ("error", "skip"):
+        raise ValueError(f'bad_pairs must be "error" or "skip"; got {bad_pairs!r}')
     out = PreferenceRecords([], [], [], [])
-    for file in _files(pathlib.Path(path)):
-        count = 0
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{where}: malformed JSON ({err.msg} at column {err.colno}); each line "
-                        "must be one JSON object"
-                    ) from None
-                prompt, chosen, rejected = _normalise(record, where)
-                out.prompts.append(prompt)
-                out.chosen.append(chosen)
-                out.rejected.append(rejected)
-                out.sources.append(where)
-                count += 1
-        if count == 0:
-            raise ValueError(f"{file} holds no records; remove the empty file or fill it")
+
+    def skip(err: ValueError) -> None:
+        if bad_pairs == "error":
+            raise err
+        out.skipped.append(str(err))
+
+    for where, record in read_jsonl(path, on_error=skip):
+        try:
+            prompt, chosen, rejected = _normalise(record, where)
+        except ValueError as err:
+            skip(err)
+            continue
+        out.prompts.append(prompt)
+        out.chosen.append(chosen)
+        out.rejected.append(rejected)
+        out.sources.append(where)
+    if not out.sources:
+        raise ValueError(
+            f"{path}: no preference pair left after skipping {len(out.skipped)} bad "
+            f"record(s), the first: {out.skipped[0]}"
+        )
     return out
 
 
@@ -308,7 +322,9 @@ class PreferenceBatches:
     """Training batches of ``batch_size`` pairs, a pure function of ``(seed, position)``.
 
     Pair ``i`` of the stream is pair ``epoch_order(n, i // n, seed)[i % n]``: each epoch is a
-    permutation seeded by ``(seed, epoch)``, so a resumed run sees the same pairs.
+    permutation seeded by ``(seed, epoch)``, so a resumed run sees the same pairs. With
+    :attr:`reference` set (``[2, n]``: each pair's reference log-probability of the chosen,
+    then of the rejected completion), a batch also holds ``ref_logps`` ``[2b]``, row by row.
 
     Raises:
       ValueError: for no pairs.
@@ -318,6 +334,9 @@ class PreferenceBatches:
       >>> b = PreferenceBatches(ps, seq_len=4, batch_size=2, seed=0, pad_id=0)
       >>> b.batch(5)["tokens"].shape
       (4, 4)
+      >>> b.reference = np.array([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+      >>> b.batch(0)["ref_logps"].shape
+      (4,)
     """
 
     def __init__(
@@ -328,22 +347,26 @@ class PreferenceBatches:
             raise ValueError("no preference pairs to train on")
         self.pairs, self.seq_len, self.batch_size = pairs, seq_len, batch_size
         self.seed, self.pad_id = seed, pad_id
+        self.reference: np.ndarray | None = None
         self._orders: dict[int, np.ndarray] = {}
 
-    def _pair(self, i: int) -> Pair:
+    def _index(self, i: int) -> int:
         n = len(self.pairs)
         e = i // n
         if e not in self._orders:
             if len(self._orders) >= 2:
                 del self._orders[min(self._orders)]
             self._orders[e] = epoch_order(n, e, self.seed)
-        return self.pairs[int(self._orders[e][i % n])]
+        return int(self._orders[e][i % n])
 
     def batch(self, position: int) -> dict[str, np.ndarray]:
         """The pairs ``position·b .. position·b + b - 1`` of the stream, as ``[2b, seq]``."""
         b = self.batch_size
-        chosen = [self._pair(i) for i in range(position * b, (position + 1) * b)]
-        return pair_rows(chosen, self.seq_len, self.pad_id)
+        index = [self._index(i) for i in range(position * b, (position + 1) * b)]
+        rows = pair_rows([self.pairs[i] for i in index], self.seq_len, self.pad_id)
+        if self.reference is not None:
+            rows["ref_logps"] = np.concatenate([self.reference[0, index], self.reference[1, index]])
+        return rows
 
 
 def eval_pair_batches(

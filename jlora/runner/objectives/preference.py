@@ -40,13 +40,21 @@ class Preference:
     def loss(
         self, trainable: Any, base: Any, batch: Any, rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """:func:`jlora.dpo_loss` of the adapted model on ``batch``, and TRL's metrics."""
+        """:func:`jlora.dpo_loss` of the adapted model on ``batch``, and TRL's metrics.
+
+        A batch with ``ref_logps`` (``train.precompute_ref_log_probs``) brings the
+        reference's log-probabilities, so no reference forward runs.
+        """
         params = jlora.combine(trainable["lora"], base)
+        batch = dict(batch)
+        ref = batch.pop("ref_logps", None)
+        pairs = batch["tokens"].shape[0] // 2
         return jlora.dpo_loss(
             self.task.apply_fn,
             params,
             self.cfg,
             batch,
+            reference_logps=None if ref is None else (ref[:pairs], ref[pairs:]),
             dropout_rng=rng,
             deterministic=False,
             **self.options,

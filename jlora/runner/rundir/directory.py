@@ -32,6 +32,10 @@ RUN_FILES: dict[str, str] = {
     METRICS_FILE: "one JSON object per logged step and per evaluation",
     "loss_curve.png": "training and held-out loss by step",
     "before.json": "the base model's scores and samples, computed once per run",
+    "reference_logps.safetensors": (
+        "the reference's log-probabilities of the training pairs "
+        "(train.precompute_ref_log_probs), computed once per run"
+    ),
     "results.json": "scores and samples before and after, parameter counts, data statistics",
     "adapter/": "the trained adapter, as jlora.save_adapter writes it",
     "head.safetensors": "the trained classification head (bert runs)",
@@ -84,15 +88,17 @@ _FREE = {
 }
 # Keys a resumed run may change, so that the advice after a NaN loss ("lower the learning
 # rate and re-run") can be followed: the optimiser's step sizes (they enter only its schedule
-# functions, not the shapes of its state) and how often checkpoints are saved and kept. Not
-# the model, adapters, data, seed, batch, step count or anything else that shapes the state
-# or the data stream. A change is recorded in config.yaml and metrics.jsonl.
+# functions, not the shapes of its state), how often checkpoints are saved and kept, and
+# whether the reference's log-probabilities are precomputed (the same numbers). Not the
+# model, adapters, data, seed, batch, step count or anything else that shapes the state or
+# the data stream. A change is recorded in config.yaml and metrics.jsonl.
 RESUMABLE = {
     "train.learning_rate",
     "train.warmup_steps",
     "train.head_learning_rate",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.precompute_ref_log_probs",
 }
 
 

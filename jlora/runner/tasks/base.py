@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -38,6 +39,13 @@ class Task(Protocol):
 
     def show(self, params: Any, extra: Any) -> dict[str, Any]:
         """What is reported before and after fine-tuning (scores, samples)."""
+        ...
+
+    def prepare_run(self, run_dir: str, start_model: Any, log: Callable[[str], None]) -> None:
+        """Once the run directory is open, before the first step: what the task keeps there.
+
+        E.g. a preference run's precomputed reference log-probabilities.
+        """
         ...
 
     def initial_extra(self, params: Any) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, cast
 
 import jax
@@ -300,6 +300,10 @@ class CausalLMTask(NoHead):
     def train_batch(self, position: int) -> dict[str, np.ndarray]:
         """The training batch at data position ``position``."""
         return cast(dict[str, np.ndarray], self._train_batch(position))
+
+    def prepare_run(self, run_dir: str, start_model: Any, log: Callable[[str], None]) -> None:
+        """Nothing to prepare: the data and model are read when the task is made."""
+        del run_dir, start_model, log
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         """Held-out loss (nats per learned token) and, if asked for, greedy exact match."""

@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import random
+from collections.abc import Callable
 from typing import Any, cast
 
 import jax
@@ -214,6 +215,10 @@ class ClassificationTask(FixedBatches):
         ids, mask, y = self.data[split]
         bs = self.config.train.batch_size
         return [(ids[i : i + bs], mask[i : i + bs], y[i : i + bs]) for i in range(0, len(y), bs)]
+
+    def prepare_run(self, run_dir: str, start_model: Any, log: Callable[[str], None]) -> None:
+        """Nothing to prepare: the data and model are read when the task is made."""
+        del run_dir, start_model, log
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         """Validation cross-entropy and accuracy over the whole validation split."""

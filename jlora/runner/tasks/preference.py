@@ -11,6 +11,7 @@ held-out prompts against the chosen answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 import jlora
 from jlora.models.decoder import causal_lm_loss
-from jlora.runner.config import RunConfig
+from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.data.chat_batches import Question, exact_match, resolve_data
 from jlora.runner.data.preferences import (
     PreferenceBatches,
@@ -30,6 +31,7 @@ from jlora.runner.data.preferences import (
     read_preferences,
     tokenize_pairs,
 )
+from jlora.runner.rundir.reference import fingerprint, read_reference, write_reference
 from jlora.runner.tasks.causal_lm import CausalLMTask
 
 #: ``train.objective`` -> :func:`jlora.dpo_loss`'s ``loss_type`` (TRL's name).
@@ -72,9 +74,10 @@ class PreferenceTask(CausalLMTask):
         """``data.train`` and ``data.eval`` pairs (``val_fraction`` of train held out if none)."""
         data = self.config.data
         spec = cast(str, data.train)  # check_data refuses a preference run without it
-        train = read_preferences(resolve_data(spec, "data.train", "preferences"))
+        bad = cast(Literal["error", "skip"], data.bad_pairs)
+        train = read_preferences(resolve_data(spec, "data.train", "preferences"), bad)
         if data.eval is not None:
-            return train, read_preferences(resolve_data(data.eval, "data.eval", "preferences"))
+            return train, read_preferences(resolve_data(data.eval, "data.eval", "preferences"), bad)
         n = len(train.sources)
         held = max(round(n * data.val_fraction), 1)
         if n - held < 1:
@@ -94,8 +97,10 @@ class PreferenceTask(CausalLMTask):
         pairs, stats = tokenize_pairs(train, tok, seq, overflow)
         held_pairs, held_stats = tokenize_pairs(held, tok, seq, overflow)
         pad = tok.pad_token_id or 0
+        self._batch, self._pad = batch, pad
         self.units_per_batch = 2 * batch * seq
-        self._train_batch = PreferenceBatches(pairs, seq, batch, config.train.seed, pad).batch
+        self._batches = PreferenceBatches(pairs, seq, batch, config.train.seed, pad)
+        self._train_batch = self._batches.batch
         self.val = eval_pair_batches(held_pairs, seq, batch, pad)
         self._held = len(held_pairs)
         self.questions = [
@@ -106,6 +111,9 @@ class PreferenceTask(CausalLMTask):
             **{f"train_{k}": v for k, v in stats.items()},
             **{f"eval_{k}": v for k, v in held_stats.items()},
         }
+        skipped = train.skipped + [s for s in held.skipped if s not in train.skipped]
+        if skipped:
+            self.data_stats |= {"skipped_bad_pairs": len(skipped), "first_bad_pair": skipped[0]}
         self._options = loss_options(config)
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self._row_logps = jax.jit(self._row_logps_of)
@@ -141,15 +149,21 @@ class PreferenceTask(CausalLMTask):
         sums = jlora.sequence_logps(logits, batch["targets"], batch["loss_mask"])
         return sums, jnp.sum(batch["loss_mask"], axis=-1, dtype=jnp.float32)
 
-    def _pair_logps(self, params: Any) -> tuple[np.ndarray, np.ndarray]:
-        """``(sums, counts)``, each ``[2, N]``: chosen then rejected, for the held-out pairs."""
+    def _pair_logps(
+        self, params: Any, batches: list[dict[str, np.ndarray]] | None = None, n: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(sums, counts)``, each ``[2, n]``: chosen then rejected, per pair.
+
+        Of the first ``n`` pairs of ``batches``; by default of the held-out pairs.
+        """
+        if batches is None:
+            batches, n = self.val, self._held
         sums, counts = [], []
-        for batch in self.val:
+        for batch in batches:
             s, c = self._row_logps(params, batch)
             b = len(s) // 2
             sums.append(np.stack([s[:b], s[b:]]))
             counts.append(np.stack([c[:b], c[b:]]))
-        n = self._held
         return np.concatenate(sums, 1)[:, :n], np.concatenate(counts, 1)[:, :n]
 
     def _reference_model(self) -> Any:
@@ -157,6 +171,30 @@ class PreferenceTask(CausalLMTask):
         from jlora.runner.variants import prepare_base  # variants imports tasks
 
         return jlora.dequantize(prepare_base(self.config, self.base))
+
+    def prepare_run(self, run_dir: str, start_model: Any, log: Callable[[str], None]) -> None:
+        """With ``train.precompute_ref_log_probs``: the training pairs' reference log-probs.
+
+        Read from ``run_dir``, or computed once on ``start_model`` (the base the adapters
+        start from, the step's reference) and saved there; the training batches then carry
+        them (``ref_logps``) and the step runs no reference forward.
+        """
+        if not self.config.train.precompute_ref_log_probs:
+            return
+        pairs, config = self._batches.pairs, self.config
+        key = fingerprint(
+            (x for p in pairs for x in (p.prompt, p.chosen, p.rejected)),
+            model=to_dict(config)["model"],
+            lora=to_dict(config)["lora"],  # a base that PiSSA or QLoRA changed
+            seed=config.train.seed,
+        )
+        logps = read_reference(run_dir, key, len(pairs))
+        if logps is None:
+            log(f"computing the reference's log-probabilities of {len(pairs):,} training pairs")
+            batches = eval_pair_batches(pairs, self.config.data.seq_len, self._batch, self._pad)
+            logps = self._pair_logps(start_model, batches, len(pairs))[0]
+            write_reference(run_dir, logps, key)
+        self._batches.reference = logps
 
     def evaluate(self, params: Any, extra: Any) -> dict[str, float]:
         """The preference loss and TRL's metrics on the held-out pairs, and exact match.
@@ -198,6 +236,7 @@ def _subset(records: PreferenceRecords, index: list[int]) -> PreferenceRecords:
         [records.chosen[i] for i in index],
         [records.rejected[i] for i in index],
         [records.sources[i] for i in index],
+        records.skipped,
     )
 
 
