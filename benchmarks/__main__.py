@@ -100,6 +100,11 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
             *("--min-len", "4", "--max-len", "16", "--rounds", "1"),
         ],
     },
+    "preference_step": {
+        "cpu": ["--quick"],
+        "gpu": ["--pairs", "8", "--seq", "512", "--rounds", "10"],
+        "smoke": ["--quick", "--seq", "16", "--rounds", "1"],
+    },
 }
 SKIP = {"op_profile": "XLA:CPU op names and trace events only"}
 

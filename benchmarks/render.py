@@ -26,6 +26,7 @@ DEVICES = ("cpu", "gpu")
 TITLES = {
     "train_step": "Train step and inference: LoRA approaches on a GPT-style decoder",
     "instruction_step": "SmolLM2-135M instruction fine-tuning step",
+    "preference_step": "SmolLM2-135M preference tuning (DPO) step",
     "real_model": "SmolLM2-135M: load, KV-cache decode, compile",
     "experts_step": "Stacked (per-expert) kernels",
     "dora_step": "DoRA against plain LoRA",
@@ -52,6 +53,16 @@ ABOUT = {
         "in tokens/s and in the loss both compute; and packed rows (several instruction examples "
         "per row, kept apart by `segment_ids`) against padded rows (one example per row), in "
         "tokens/s of real, non-padding tokens. All rows in one set of interleaved rounds."
+    ),
+    "preference_step": (
+        "One DPO step on SmolLM2-135M-Instruct (LoRA rank 8 on all seven projections, Adam on "
+        "the adapters) over `B` pairs, against SFT on the same `2B` rows and the limit (forward "
+        "plus backward to the embedding output, no weight gradient). The reference three ways: "
+        "the base with the adapters off inside the step (jlora's default: no second copy), "
+        "log-probabilities precomputed once (`train.precompute_ref_log_probs`), and a second "
+        "copy of the weights passed to the step, as a frozen reference model is held elsewhere. "
+        "Memory is XLA's accounting of the compiled step: arguments (weights, adapters, "
+        "optimizer state, batch), outputs and temporaries."
     ),
     "real_model": (
         "`jlora.models` on SmolLM2-135M: greedy decoding with the KV cache against recomputing "
