@@ -413,6 +413,28 @@ def test_precomputed_reference_log_probs_train_as_the_in_step_reference(checkpoi
     assert read_reference(str(tmp_path / "b"), key, 6) is None
 
 
+@pytest.mark.peft
+def test_the_exported_dpo_adapter_serves_from_auto_peft_model(checkpoint, data, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from jlora.cli import main
+    from jlora.models.pretrained import load_pretrained
+
+    run = tmp_path / "r"
+    finetune(load_config(DEFAULT, overrides(run, checkpoint, data)), log=lambda _: 0)
+    assert main(["export-peft", str(run)]) == 0
+    pretrained = load_pretrained(checkpoint)
+    params, cfg = jlora.load_adapter(run / "adapter", pretrained.params)
+    tokens = np.asarray(pretrained.tokenizer.encode("the rose is sweet"))[None]
+    expected = pretrained.model.apply({"params": jlora.merge_params(params, cfg)}, tokens)
+    served = peft.AutoPeftModelForCausalLM.from_pretrained(str(run / "peft")).eval()
+    with torch.no_grad():
+        got = served(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
+    base = pretrained.model.apply({"params": pretrained.params}, tokens)
+    assert np.abs(np.asarray(expected) - np.asarray(base)).max() > 1e-3  # DPO moved it
+
+
 def test_precompute_is_refused_where_there_is_no_reference():
     with pytest.raises(
         ValueError,
