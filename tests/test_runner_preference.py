@@ -22,6 +22,7 @@ from jlora.runner.data.chat_batches import resolve_data
 from jlora.runner.data.preferences import (
     PreferenceBatches,
     pair_rows,
+    read_preference_data,
     read_preferences,
     tokenize_pairs,
 )
@@ -135,10 +136,24 @@ def test_a_preference_objective_needs_pairs():
         load_config(DEFAULT, ["train.objective=dpo"])
 
 
-def test_auto_keys_that_measure_instruction_data_must_be_given(checkpoint, data, tmp_path):
+def test_auto_keys_are_measured_on_the_pairs(checkpoint, data, tmp_path):
+    logs = []
     over = [f"model.path={checkpoint}", f"data.train={data[0]}", "train.objective=dpo"]
-    with pytest.raises(ValueError, match=r"auto values of data.seq_len, train.steps, generate"):
-        load_config(DEFAULT, over)
+    config = load_config(DEFAULT, over, log=logs.append)
+    tok = load_tokenizer(checkpoint)
+    train, held = read_preference_data(config.data, config.train.seed)
+    pairs, _ = tokenize_pairs(train, tok, 10_000, "truncate")
+    longest = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    assert config.data.seq_len == 64 >= longest  # every pair fits; a multiple of 64
+    assert config.train.batch_size == 8 and config.train.steps == 100  # 5 pairs: the minimum
+    shown = "\n".join(logs)
+    assert "training pairs (prompt and longer answer)' token lengths" in shown
+    assert "one epoch is 1 step(s) (5 pairs of 64 tokens, 8 a step)" in shown
+    # Sample prompts: the held-out pair's prompt, asked as in training.
+    assert len(held.sources) == 1
+    prompt = held.prompts[0]
+    asked = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+    assert config.generate.prompts == (asked,)
 
 
 def test_merge_train_step_is_refused(checkpoint, data, tmp_path):

@@ -101,8 +101,8 @@ class DataSection:
         ``"error"``.
       bad_pairs: a preference record that cannot be a pair (a line that is not JSON, a
         missing key, an empty completion, chosen identical to rejected): ``"error"`` (refused
-        before training, naming its file and line) or ``"skip"`` it (counted and reported,
-        with the first few reasons).
+        before training, naming its file and line) or ``"skip"`` it (counted, and the first
+        one named, in the log and ``results.json``).
     """
 
     source: str = "sonnets"

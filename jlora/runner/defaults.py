@@ -11,7 +11,8 @@ same command resumes its run.
   the dataclass defaults, the built-in run's values (:data:`BUILTIN_VALUES`): the default run
   is what it always was.
 - A checkpoint gets the usual LoRA settings for a real model: ``data.seq_len`` from the data
-  (the :data:`SEQ_PERCENTILE`-th percentile of the training examples' token lengths, rounded
+  (the :data:`SEQ_PERCENTILE`-th percentile of the training examples' token lengths, or of
+  the preference pairs' prompt plus longer answer, rounded
   up to a multiple of :data:`SEQ_MULTIPLE`, capped by the model's positions), learning rate
   2e-4 (1e-4 from 20B parameters on), batch 8, one epoch of steps (at least
   :data:`MIN_STEPS`) and 3% of them warm-up.
@@ -277,10 +278,14 @@ def measure(config: RunConfig, tokenizer: Any) -> DataProfile:
       86155
     """
     from jlora.runner.data.chat_batches import read_instruction_data
-    from jlora.runner.data.profile import instruction_profile, text_profile
+    from jlora.runner.data.preferences import read_preference_data
+    from jlora.runner.data.profile import instruction_profile, preference_profile, text_profile
     from jlora.runner.data.text import load_text
 
     data = config.data
+    if config.train.objective != "sft":
+        pairs = read_preference_data(data, config.train.seed)
+        return preference_profile(*pairs, tokenizer)
     if data.train is not None:
         train, held = read_instruction_data(data, config.train.seed)
         return instruction_profile(train, held, tokenizer)
@@ -296,15 +301,19 @@ def _seq_len(
         value = min(TEXT_SEQ_LEN, limit)
         why = f"windows of {TEXT_SEQ_LEN} tokens of the text for a checkpoint"
         return value, why + (cap if value < TEXT_SEQ_LEN else "")
-    lengths = cast(Lengths, profile().train).lengths  # instruction data: always measured
+    measured = profile()
+    lengths = cast(Lengths, measured.train).lengths  # instruction data: always measured
     longest, n = int(lengths.max()), len(lengths)
+    examples = "pairs (prompt and longer answer)" if measured.pairs else "examples"
     if config.data.overflow == "error":
         chosen = longest
-        what = f"the longest of {n:,} training examples is {longest:,} tokens (data.overflow=error)"
+        what = (
+            f"the longest of {n:,} training {examples} is {longest:,} tokens (data.overflow=error)"
+        )
     else:
         chosen = int(np.percentile(lengths, SEQ_PERCENTILE, method="inverted_cdf"))
         what = (
-            f"the {SEQ_PERCENTILE}th percentile of {n:,} training examples' token lengths is "
+            f"the {SEQ_PERCENTILE}th percentile of {n:,} training {examples}' token lengths is "
             f"{chosen:,} (longest {longest:,})"
         )
     rounded = max(SEQ_MULTIPLE, -(-chosen // SEQ_MULTIPLE) * SEQ_MULTIPLE)
@@ -319,6 +328,8 @@ def _steps(config: RunConfig, profile: DataProfile) -> tuple[int, str]:
     per_step = batch * accum
     epoch = math.ceil(rows / per_step)
     kind = "windows" if profile.train is None else ("packed rows" if config.data.pack else "rows")
+    if profile.pairs:
+        kind = "pairs"
     shape = f"{batch} x {accum}" if accum > 1 else f"{batch}"
     what = f"one epoch is {epoch:,} step(s) ({rows:,} {kind} of {seq} tokens, {shape} a step)"
     if epoch >= MIN_STEPS:
@@ -353,8 +364,7 @@ def resolve(
 
     Raises:
       FileNotFoundError, ValueError: a checkpoint without config or tokenizer, or missing or
-        bad data, named as the task would name them; a preference ``train.objective`` whose
-        ``data.seq_len``, ``train.steps`` or ``generate.prompts`` is left auto.
+        bad data, named as the task would name them.
 
     Example:
       >>> r = resolve(RunConfig(), given={"train.steps"})
@@ -367,13 +377,6 @@ def resolve(
     profiled: list[DataProfile] = []
 
     def profile() -> DataProfile:
-        if current.train.objective != "sft":
-            needed = [k for k in ("data.seq_len", "train.steps", "generate.prompts") if auto(k)]
-            raise ValueError(
-                f"config train.objective={current.train.objective!r}: the auto values of "
-                f"{', '.join(needed)} are measured on instruction data, not preference pairs; "
-                "give them in the config"
-            )
         if not profiled:
             profiled.append(measure(config, model.tokenizer))
         return profiled[0]

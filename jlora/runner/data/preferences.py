@@ -33,7 +33,8 @@ import numpy as np
 
 from jlora.models.formats.chat_template import render_chat_template
 from jlora.models.formats.tokenizer import Tokenizer
-from jlora.runner.data.chat_batches import rows
+from jlora.runner.config import DataSection
+from jlora.runner.data.chat_batches import resolve_data, rows
 from jlora.runner.data.chats import ROLES, epoch_order, pack
 from jlora.runner.data.jsonl import read_jsonl
 
@@ -178,6 +179,52 @@ def read_preferences(
             f"record(s), the first: {out.skipped[0]}"
         )
     return out
+
+
+def read_preference_data(
+    data: DataSection, seed: int
+) -> tuple[PreferenceRecords, PreferenceRecords]:
+    """A preference run's training and held-out pairs: ``data.train`` and ``data.eval``.
+
+    Without ``data.eval``, ``data.val_fraction`` of the training pairs (at least one) are held
+    out, chosen by ``seed``, so the task and the defaults see the same split.
+
+    Raises:
+      FileNotFoundError: as :func:`~jlora.runner.data.chat_batches.resolve_data`.
+      ValueError: as :func:`read_preferences`; no ``data.train``; too few pairs to split.
+
+    Example:
+      >>> train, held = read_preference_data(
+      ...     DataSection(train="builtin:stdlib_modules/train.jsonl"), seed=0)
+      >>> len(held.sources) > 0, len(train.sources) > len(held.sources)
+      (True, True)
+    """
+    if data.train is None:
+        raise ValueError("data.train is not set: a preference run reads pairs from it")
+    bad = cast(Literal["error", "skip"], data.bad_pairs)
+    train = read_preferences(resolve_data(data.train, "data.train", "preferences"), bad)
+    if data.eval is not None:
+        return train, read_preferences(resolve_data(data.eval, "data.eval", "preferences"), bad)
+    n = len(train.sources)
+    held = max(round(n * data.val_fraction), 1)
+    if n - held < 1:
+        raise ValueError(
+            f"data.train {data.train!r}: {n} pair(s) cannot be split into training and "
+            f"held-out parts (data.val_fraction={data.val_fraction}); add pairs or give "
+            "data.eval"
+        )
+    order = np.random.default_rng([seed, 1 << 20]).permutation(n)
+    return _subset(train, sorted(order[held:])), _subset(train, sorted(order[:held]))
+
+
+def _subset(records: PreferenceRecords, index: list[int]) -> PreferenceRecords:
+    return PreferenceRecords(
+        [records.prompts[i] for i in index],
+        [records.chosen[i] for i in index],
+        [records.rejected[i] for i in index],
+        [records.sources[i] for i in index],
+        records.skipped,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

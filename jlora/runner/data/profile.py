@@ -19,6 +19,7 @@ import numpy as np
 
 from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.data.chats import Records, epoch_order, tokenize_record
+from jlora.runner.data.preferences import PreferenceRecords, tokenize_pairs
 from jlora.runner.data.text import split_tokens
 
 # How many held-out tokens are decoded to find the first words of the held-out text.
@@ -143,6 +144,8 @@ class DataProfile:
       train_tokens: tokens of the training text (text), or 0.
       held_tokens: tokens of the held-out text (text), or 0.
       held_text: the start of the held-out text, decoded (text), or ``""``.
+      pairs: whether the examples are preference pairs (one padded ``[2, seq_len]`` pair of
+        rows each, prompt plus the longer completion; never packed or dropped).
     """
 
     train: Lengths | None = None
@@ -153,6 +156,7 @@ class DataProfile:
     train_tokens: int = 0
     held_tokens: int = 0
     held_text: str = ""
+    pairs: bool = False
 
     @property
     def instructions(self) -> bool:
@@ -188,7 +192,8 @@ class DataProfile:
         """
         if self.train is None:
             return max(self.train_tokens - 1, 0) // seq_len
-        return epoch_rows(self.train.kept(seq_len), seq_len, seed, packed=packed)
+        kept = self.train.kept(seq_len)
+        return epoch_rows(kept, seq_len, seed, packed=packed and not self.pairs)
 
 
 def instruction_profile(train: Records, held: Records, tokenizer: Tokenizer) -> DataProfile:
@@ -206,6 +211,49 @@ def instruction_profile(train: Records, held: Records, tokenizer: Tokenizer) -> 
         train_records=train,
         held_records=held,
         skipped=train.skipped + held.skipped,
+    )
+
+
+def preference_profile(
+    train: PreferenceRecords, held: PreferenceRecords, tokenizer: Tokenizer
+) -> DataProfile:
+    """The :class:`DataProfile` of preference pairs, as the task splits and tokenizes them.
+
+    A pair's length is its prompt's plus its longer completion's, as
+    :func:`~jlora.runner.data.preferences.tokenize_pairs` lays it out.
+
+    The held-out records are the prompts with their chosen answers, so that sample prompts
+    come from them as from instruction data.
+
+    Raises:
+      ValueError: as :func:`~jlora.runner.data.preferences.tokenize_pairs`.
+
+    Example:
+      >>> from jlora.models.formats.tokenizer import byte_level
+      >>> r = PreferenceRecords(["ab"], ["c"], ["de"], ["f:1"])
+      >>> p = preference_profile(r, r, byte_level())
+      >>> p.train.lengths.tolist(), p.held_records.records
+      ([4], [{'prompt': 'ab', 'completion': 'c'}])
+    """
+
+    def lengths(records: PreferenceRecords) -> Lengths:
+        pairs, _ = tokenize_pairs(records, tokenizer, NOTHING_LEARNED, "truncate")
+        n = [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs]
+        return Lengths(np.asarray(n, np.int64), np.ones(len(n), np.int64))
+
+    def as_records(records: PreferenceRecords) -> Records:
+        out = [
+            {"prompt": p, "completion": c} if isinstance(p, str) else {"messages": [*p, *c]}
+            for p, c in zip(records.prompts, records.chosen, strict=True)
+        ]
+        return Records(out, list(records.sources))
+
+    return DataProfile(
+        train=lengths(train),
+        held=lengths(held),
+        train_records=as_records(train),
+        held_records=as_records(held),
+        pairs=True,
     )
 
 

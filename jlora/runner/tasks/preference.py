@@ -21,14 +21,14 @@ import numpy as np
 import jlora
 from jlora.models.decoder import causal_lm_loss
 from jlora.runner.config import RunConfig, to_dict
-from jlora.runner.data.chat_batches import Question, exact_match, resolve_data
+from jlora.runner.data.chat_batches import Question, exact_match
 from jlora.runner.data.preferences import (
     PreferenceBatches,
     PreferenceRecords,
     answer_of,
     eval_pair_batches,
     prompt_ids,
-    read_preferences,
+    read_preference_data,
     tokenize_pairs,
 )
 from jlora.runner.rundir.reference import fingerprint, read_reference, write_reference
@@ -72,22 +72,7 @@ class PreferenceTask(CausalLMTask):
 
     def _read_data(self) -> tuple[PreferenceRecords, PreferenceRecords]:
         """``data.train`` and ``data.eval`` pairs (``val_fraction`` of train held out if none)."""
-        data = self.config.data
-        spec = cast(str, data.train)  # check_data refuses a preference run without it
-        bad = cast(Literal["error", "skip"], data.bad_pairs)
-        train = read_preferences(resolve_data(spec, "data.train", "preferences"), bad)
-        if data.eval is not None:
-            return train, read_preferences(resolve_data(data.eval, "data.eval", "preferences"), bad)
-        n = len(train.sources)
-        held = max(round(n * data.val_fraction), 1)
-        if n - held < 1:
-            raise ValueError(
-                f"data.train {spec!r}: {n} pair(s) cannot be split into training and "
-                f"held-out parts (data.val_fraction={data.val_fraction}); add pairs or give "
-                "data.eval"
-            )
-        order = np.random.default_rng([self.config.train.seed, 1 << 20]).permutation(n)
-        return _subset(train, sorted(order[held:])), _subset(train, sorted(order[:held]))
+        return read_preference_data(self.config.data, self.config.train.seed)
 
     def _use_data(self, raw: Any) -> None:
         train, held = cast(tuple[PreferenceRecords, PreferenceRecords], raw)
@@ -228,16 +213,6 @@ class PreferenceTask(CausalLMTask):
                 self.answers(params), [q.reference for q in self.questions]
             )
         return scores
-
-
-def _subset(records: PreferenceRecords, index: list[int]) -> PreferenceRecords:
-    return PreferenceRecords(
-        [records.prompts[i] for i in index],
-        [records.chosen[i] for i in index],
-        [records.rejected[i] for i in index],
-        [records.sources[i] for i in index],
-        records.skipped,
-    )
 
 
 def _same_leaves(a: Any, b: Any) -> bool:
