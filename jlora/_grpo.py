@@ -376,8 +376,8 @@ def grpo_loss(
         loss = jnp.mean(token_sums / jnp.maximum(jnp.sum(weights, axis=-1), 1.0))
     elif loss_type == "bnpo":
         loss = jnp.sum(token_sums) / jnp.maximum(count, 1.0)
-    elif loss_type == "dr_grpo":
-        loss = jnp.sum(token_sums) / (shape[0] * max_completion_length)  # type: ignore[operator]
+    elif loss_type == "dr_grpo":  # max_completion_length: a positive int, checked on entry
+        loss = jnp.sum(token_sums) / (shape[0] * int(max_completion_length or 1))
     else:
         items = (
             count if num_items_in_batch is None else jnp.asarray(num_items_in_batch, jnp.float32)
