@@ -154,6 +154,7 @@ def generate(
     top_p: float | None = None,
     key: jax.Array | None = None,
     cache_len: int | None = None,
+    pad_to: int | None = None,
 ) -> list[list[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens with a KV cache.
 
@@ -186,6 +187,9 @@ def generate(
       cache_len: slots per row in the cache; by default exactly what the longest prompt and
         ``max_new_tokens`` need (``longest + max_new_tokens - 1``). Pass the model's maximum
         length to keep the cache shape fixed across calls.
+      pad_to: left-pad the prompts to this many tokens instead of the longest one's, so that
+        calls with prompts of different lengths run one compiled program (the tokens drawn
+        are the same either way).
 
     Returns:
       The new tokens of each row, in prompt order, ending at its first EOS (included) or after
@@ -194,7 +198,8 @@ def generate(
     Raises:
       ValueError: for no prompts, an empty prompt, a negative ``max_new_tokens``, a negative or
         non-finite ``temperature``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, sampling
-        without a ``key``, or prompts plus ``max_new_tokens`` that do not fit ``cache_len``.
+        without a ``key``, prompts plus ``max_new_tokens`` that do not fit ``cache_len``, or
+        a prompt longer than ``pad_to``.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -211,6 +216,13 @@ def generate(
             "key=jax.random.key(seed), or temperature=0 for greedy decoding"
         )
     width = max(len(p) for p in prompts)
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(
+                f"generate: a prompt is {width} tokens, longer than pad_to={pad_to}; shorten "
+                "it or raise pad_to"
+            )
+        width = pad_to
     needed = width + max_new_tokens - 1
     if cache_len is not None and needed > cache_len:
         raise ValueError(
