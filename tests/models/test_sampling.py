@@ -450,3 +450,45 @@ def test_decoder_greedy_equals_transformers_generate():
     want = hf_generate(eos=eos)
     assert min(map(len, want)) < 8
     assert generate(step, params, PROMPTS, eos_ids=eos, **kw) == want
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(), dict(top_k=5), dict(top_k=12, top_p=0.8)],
+    ids=["plain", "top_k", "top_k_and_top_p"],
+)
+def test_decoder_sampling_through_live_adapters_equals_merged(decoder, sampling):
+    # Issue 22: rollouts sample through jlora.lora on the adapted tree; with the same key they
+    # must be the merged model's samples, row by row, whatever the prompt lengths.
+    from jlora.models.decoder import DECODER_AXIS_RULES
+
+    step, init_cache, _, params = decoder
+    cfg = jlora.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=r".*(q_proj|k_proj|v_proj|o_proj|up_proj|down_proj)/kernel",
+        axis_rules=DECODER_AXIS_RULES,
+    )
+    p = jlora.init_lora(jax.random.key(1), params, cfg)
+    p = jax.tree.map_with_path(  # B non-zero: the adapter changes the distribution
+        lambda path, x: (
+            jax.random.normal(jax.random.key(x.size), x.shape) * 0.3
+            if jlora.path_str(path).endswith("_lora_b")
+            else x
+        ),
+        p,
+    )
+    merged = jlora.merge_params(p, cfg)
+    prompts = [*PROMPTS, [12, 40, 3, 3, 19, 26, 8, 45, 1, 33, 2, 14]]  # lengths 7, 1, 4, 12
+    kw = dict(init_cache=init_cache, max_new_tokens=10, temperature=1.0, **sampling)
+    live = jlora.lora(step, cfg)
+    draws = []
+    for seed in range(3):
+        want = generate(step, merged, prompts, key=jax.random.key(seed), **kw)
+        assert generate(live, p, prompts, key=jax.random.key(seed), **kw) == want, seed
+        assert [len(r) for r in want] == [10] * len(prompts)
+        draws.append(want)
+    assert len({str(d) for d in draws}) == 3, "each key should draw other tokens"
+    # The adapter changes what is drawn, so the equality says something about it.
+    base = generate(step, jlora.split(p)[1], prompts, key=jax.random.key(0), **kw)
+    assert base != draws[0]
