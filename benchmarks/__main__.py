@@ -105,6 +105,11 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         "gpu": ["--pairs", "8", "--seq", "512", "--rounds", "10"],
         "smoke": ["--quick", "--seq", "16", "--rounds", "1"],
     },
+    "sampling": {
+        "cpu": ["--quick"],
+        "gpu": ["--batches", "1,8,32", "--prompt", "128", "--new", "128", "--rounds", "10"],
+        "smoke": ["--quick", "--batches", "1", "--prompt", "8", "--new", "2", "--rounds", "1"],
+    },
 }
 SKIP = {"op_profile": "XLA:CPU op names and trace events only"}
 

@@ -27,6 +27,7 @@ TITLES = {
     "train_step": "Train step and inference: LoRA approaches on a GPT-style decoder",
     "instruction_step": "SmolLM2-135M instruction fine-tuning step",
     "preference_step": "SmolLM2-135M preference tuning (DPO) step",
+    "sampling": "SmolLM2-135M sampling through the live adapters",
     "real_model": "SmolLM2-135M: load, KV-cache decode, compile",
     "experts_step": "Stacked (per-expert) kernels",
     "dora_step": "DoRA against plain LoRA",
@@ -63,6 +64,15 @@ ABOUT = {
         "copy of the weights passed to the step, as a frozen reference model is held elsewhere. "
         "Memory is XLA's accounting of the compiled step: arguments (weights, adapters, "
         "optimizer state, batch), outputs and temporaries."
+    ),
+    "sampling": (
+        "The KV-cache sampler (`jlora.models.sampling.generate`, greedy) on SmolLM2-135M-Instruct "
+        "with a LoRA adapter of rank 8 on all seven projections (B non-zero), three ways: merged "
+        "once with `jlora.merge_params` and sampled with the plain step; *live*, through "
+        "`jlora.lora(step, config)` on the adapted tree, as GRPO rollouts sample (no merge, no "
+        "weight sync); and *per-row*, through `mixed_step` with the adapter named on every row. "
+        "Decode tokens/s with the prefill subtracted (each batch timed with `--new` tokens and "
+        "with one), and whether each way chose the merged model's tokens."
     ),
     "real_model": (
         "`jlora.models` on SmolLM2-135M: greedy decoding with the KV cache against recomputing "
