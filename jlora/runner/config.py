@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from jlora import LORA_INITS, QUANTIZE_KINDS
+from jlora import GRPO_LOSSES, LORA_INITS, QUANTIZE_KINDS
 from jlora.runner.yamlfile import read_yaml
 
 # The configs shipped inside the package (``jlora/configs/NAME.yaml``), usable from any
@@ -210,6 +210,33 @@ class TrainSection:
       label_smoothing: the probability that a preference label is flipped, in ``[0, 0.5)``:
         conservative DPO (``dpo``), rDPO (``robust``), SimPO's smoothing; 0 for the others.
       simpo_gamma: SimPO's target reward margin ``γ`` (``objective: simpo`` only).
+      rewards: ``objective: grpo``: the reward functions, each ``path/to/file.py:name`` or
+        ``module:name`` (TRL's signature, ``f(prompts, completions, **columns) ->
+        list[float]``), or a built-in: ``exact_match:COLUMN`` (1 where the completion,
+        stripped, equals the record's ``COLUMN``) or ``regex:PATTERN`` (1 where
+        ``re.search(PATTERN, completion)`` finds it: a format check).
+      reward_weights: one weight per reward function (default all 1); a completion's reward
+        is the weighted sum.
+      num_generations: ``objective: grpo``: completions sampled per prompt (a group; >= 2).
+        ``train.batch_size`` counts prompts, so a step samples ``batch_size ·
+        num_generations`` completions.
+      max_new_tokens: ``objective: grpo``: most tokens per completion (TRL's
+        ``max_completion_length``).
+      temperature: ``objective: grpo``: the sampling temperature of the rollouts (> 0).
+      top_k: ``objective: grpo``: sample among the ``top_k`` most likely tokens, or null.
+      top_p: ``objective: grpo``: sample from the nucleus of mass ``top_p``, or null.
+      loss_type: ``objective: grpo``: TRL's loss aggregation: ``"grpo"`` (per-sequence
+        mean), ``"bnpo"``, ``"dr_grpo"`` (Dr. GRPO: a constant normaliser) or ``"dapo"``
+        (token-level, TRL's default).
+      epsilon: ``objective: grpo``: the clip range of the ratio, ``[1 - ε, 1 + ε_high]``.
+      epsilon_high: the upper clip bound's ``ε`` (DAPO's clip-higher, e.g. 0.28), or null for
+        ``epsilon``.
+      scale_rewards: ``objective: grpo``: divide advantages by the ``"group"``'s reward std
+        (GRPO), the ``"batch"``'s, or ``"none"`` (Dr. GRPO).
+      num_iterations: ``objective: grpo``: updates per batch of rollouts (GRPO's μ); a step
+        is one batch of rollouts and its ``num_iterations`` updates.
+      dynamic_sampling: ``objective: grpo``: train only on groups whose rewards differ
+        (DAPO's filter; the other groups' completions are left out of the loss).
       precompute_ref_log_probs: compute the reference's log-probabilities of every training
         pair once, before the first step, and keep them in the run directory
         (``reference_logps.safetensors``), instead of a reference forward in every step
@@ -245,8 +272,22 @@ class TrainSection:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     precompute_ref_log_probs: bool = False
+    rewards: tuple[str, ...] = ()
+    reward_weights: tuple[float, ...] = ()
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    dynamic_sampling: bool = False
 
     def __post_init__(self) -> None:
+        self._check_grpo()
         if not 0.0 <= self.label_smoothing < 0.5:  # False for nan
             raise ValueError(
                 "config train.label_smoothing: the probability that a preference label is "
@@ -264,6 +305,11 @@ class TrainSection:
                 f"train.objective={self.objective!r}, which has no reference model; it applies "
                 "to dpo, robust and ipo: set it to false or change the objective"
             )
+        if self.beta == 0 and self.objective not in ("sft", "grpo"):
+            raise ValueError(
+                f"config train.beta: must be a finite number > 0 for train.objective="
+                f"{self.objective!r}, found {self.beta}"
+            )
         # An optional number: the range tables below hold only plain numbers.
         if self.clip_norm is not None and not (
             math.isfinite(self.clip_norm) and self.clip_norm > 0
@@ -272,6 +318,46 @@ class TrainSection:
                 f"config train.clip_norm: must be a finite number > 0 (or null for no "
                 f"clipping), found {self.clip_norm}"
             )
+
+    def _check_grpo(self) -> None:
+        """The GRPO keys: set together, and consistent with each other."""
+        if self.objective != "grpo":
+            if self.rewards:
+                raise ValueError(
+                    f"config train.rewards is used by train.objective=grpo only; found "
+                    f"train.objective={self.objective!r}: set the objective or drop the rewards"
+                )
+            return
+        if not self.rewards:
+            raise ValueError(
+                "config train.objective=grpo needs train.rewards: a list of reward functions, "
+                "e.g. ['exact_match:answer'] or ['rewards.py:my_reward'] (TRL's signature "
+                "f(prompts, completions, **columns) -> list[float])"
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"config train.reward_weights has {len(self.reward_weights)} weight(s) for "
+                f"{len(self.rewards)} reward function(s); give one per function, or none"
+            )
+        if not all(math.isfinite(w) for w in self.reward_weights):
+            raise ValueError(f"config train.reward_weights must be finite: {self.reward_weights}")
+        if self.grad_accum != 1:
+            raise ValueError(
+                f"config train.grad_accum={self.grad_accum}: train.objective=grpo updates on "
+                "each batch of rollouts whole; set train.grad_accum=1 and size the batch with "
+                "train.batch_size (prompts) and train.num_generations"
+            )
+        if self.epsilon_high is not None and not (
+            math.isfinite(self.epsilon_high) and self.epsilon_high >= self.epsilon
+        ):
+            raise ValueError(
+                f"config train.epsilon_high: must be a finite number >= train.epsilon "
+                f"({self.epsilon}), or null; found {self.epsilon_high}"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"config train.top_k: must be >= 1 or null, found {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"config train.top_p: must be in (0, 1] or null, found {self.top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,7 +500,9 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "train.train_step": ("merge", "factorised"),
     "train.schedule": ("cosine", "linear", "constant"),
-    "train.objective": ("sft", "dpo", "robust", "ipo", "simpo", "orpo"),
+    "train.objective": ("sft", "dpo", "robust", "ipo", "simpo", "orpo", "grpo"),
+    "train.loss_type": GRPO_LOSSES,
+    "train.scale_rewards": ("group", "batch", "none"),
     # From the library, so that a new init or quantisation kind reaches the runner by itself.
     "lora.init": LORA_INITS,
     "lora.quantize": ("none", *QUANTIZE_KINDS),
@@ -522,6 +610,12 @@ def check_data(config: RunConfig) -> None:
       config data.train is instruction data for a de
     """
     data = config.data
+    if config.train.objective == "grpo" and (data.train is None or config.model.kind != "llama"):
+        raise ValueError(
+            "config train.objective='grpo' trains a decoder (model.kind: llama, with "
+            'model.path) on prompts: set data.train to a JSONL file of {"prompt": ...} records '
+            "(any other columns go to the reward functions), or train.objective=sft"
+        )
     if config.train.objective != "sft" and (data.train is None or config.model.kind != "llama"):
         raise ValueError(
             f"config train.objective={config.train.objective!r} trains a decoder (model.kind: "
@@ -638,11 +732,16 @@ _RANGES: dict[str, tuple[float, bool]] = {
             "train.learning_rate",
             "train.head_learning_rate",
             "train.loraplus_lr_ratio",
-            "train.beta",
         ),
         (0.0, True),
     ),
     "generate.temperature": (0.0, False),  # 0 is greedy decoding
+    "train.beta": (0.0, False),  # GRPO's 0 is no KL term; preference losses need > 0
+    "train.max_new_tokens": (1, False),
+    "train.num_iterations": (1, False),
+    "train.num_generations": (2, False),
+    "train.temperature": (0.0, True),
+    "train.epsilon": (0.0, True),
     "train.simpo_gamma": (0.0, False),
 }
 # Open or half-open unit intervals: (low, high, whether low is allowed).

@@ -94,8 +94,8 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
         with MetricSinks(config, start if restored is not None else None) as sinks:
             if restored is not None:
                 _log_resume(config, start, changes, sinks, log)
-            before = _before(config, task, start_model, state, sinks, start, log)
             task.prepare_run(run_dir, start_model, log)
+            before = _before(config, task, start_model, state, sinks, start, log)
             jit_options: dict[str, Any] = {}
             if mesh is not None:  # lay everything out on the mesh, and keep it so each step
                 base, state, state_shardings = shard_state(mesh, mesh_config, base, state, cfg)
@@ -106,11 +106,18 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
             )
             with StopRequest() as stop:
                 hooks = _hooks(config, task, cfg, base, sinks, stop, start, window, log)
+                run_step, batch_for = (
+                    partial(_with_base, step_fn, base),
+                    _batches(task, t.grad_accum, put_batch),
+                )
+                if hasattr(objective, "rollout_step"):  # batches sampled from the adapters
+                    run_step = objective.rollout_step(step_fn, base, put_batch)
+                    batch_for = lambda step: task.train_batch(step - 1)  # noqa: E731
                 try:
                     state = train(
-                        partial(_with_base, step_fn, base),
+                        run_step,
                         state,
-                        _batches(task, t.grad_accum, put_batch),
+                        batch_for,
                         start=start,
                         steps=t.steps,
                         hooks=hooks,

@@ -39,8 +39,8 @@ FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 def builtin_data(kind: str = "instructions") -> list[str]:
     """The data sets shipped with jlora, as ``data.train`` accepts them.
 
-    ``kind`` is ``"instructions"`` (SFT records) or ``"preferences"`` (pairs, for a preference
-    ``train.objective``).
+    ``kind`` is ``"instructions"`` (SFT records), ``"preferences"`` (pairs, for a preference
+    ``train.objective``) or ``"prompts"`` (prompts with answer columns, for ``grpo``).
 
     Example:
       >>> "builtin:stdlib_modules/train.jsonl" in builtin_data()

@@ -1,6 +1,8 @@
 """What a run minimises over a task's batches: the objective protocol, SFT, and its chooser.
 
-The preference losses (DPO and its family) are in :mod:`~jlora.runner.objectives.preference`.
+The preference losses (DPO and its family) are in :mod:`~jlora.runner.objectives.preference`,
+GRPO in :mod:`~jlora.runner.objectives.grpo` (whose ``rollout_step`` samples before it
+updates: its batches depend on the adapters).
 
 An objective is a pure, jit-able ``loss(trainable, base, batch, rng) -> (loss, metrics)``
 with ``batch_weight(batch)``, the count its mean loss averages over (micro-batches of a
@@ -75,7 +77,8 @@ class Supervised:
 def make_objective(config: RunConfig, task: Task, cfg: jlora.LoraConfig) -> Objective:
     """The objective that ``train.objective`` names.
 
-    :class:`Supervised` for ``sft``; else the preference loss
+    :class:`Supervised` for ``sft``; :class:`~jlora.runner.objectives.grpo.GRPO` on an
+    :class:`~jlora.runner.tasks.rl.RLTask` for ``grpo``; else the preference loss
     (:class:`~jlora.runner.objectives.preference.Preference`) on a
     :class:`~jlora.runner.tasks.preference.PreferenceTask`.
 
@@ -84,6 +87,11 @@ def make_objective(config: RunConfig, task: Task, cfg: jlora.LoraConfig) -> Obje
     """
     if config.train.objective == "sft":
         return Supervised(task, cfg, config.train.train_step)
+    if config.train.objective == "grpo":
+        from jlora.runner.objectives.grpo import GRPO
+        from jlora.runner.tasks.rl import RLTask
+
+        return GRPO(cast(RLTask, task), cfg, config)
     from jlora.runner.objectives.preference import Preference
     from jlora.runner.tasks.preference import PreferenceTask
 

@@ -36,6 +36,7 @@ RUN_FILES: dict[str, str] = {
         "the reference's log-probabilities of the training pairs "
         "(train.precompute_ref_log_probs), computed once per run"
     ),
+    "completions.jsonl": "GRPO runs: held-out completions sampled at each evaluation",
     "results.json": "scores and samples before and after, parameter counts, data statistics",
     "adapter/": "the trained adapter, as jlora.save_adapter writes it",
     "head.safetensors": "the trained classification head (bert runs)",

@@ -3,7 +3,8 @@
 - :mod:`~jlora.runner.tasks.base`: the :class:`~jlora.runner.tasks.base.Task` protocol.
 - :mod:`~jlora.runner.tasks.causal_lm`: a decoder on text or instruction data.
 - :mod:`~jlora.runner.tasks.preference`: a decoder on preference pairs (``train.objective``
-  other than ``sft``).
+  ``dpo``, ``robust``, ``ipo``, ``simpo``, ``orpo``).
+- :mod:`~jlora.runner.tasks.rl`: a decoder on prompts and rewards (``train.objective: grpo``).
 - :mod:`~jlora.runner.tasks.classification`: a BERT encoder with a classification head.
 """
 
@@ -19,8 +20,12 @@ __all__ = ["Task", "lora_config", "make_task"]
 def make_task(config: RunConfig) -> Task:
     """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``.
 
-    A preference ``train.objective`` trains the decoder on pairs.
+    A preference ``train.objective`` trains the decoder on pairs, ``grpo`` on prompts.
     """
+    if config.train.objective == "grpo":
+        from jlora.runner.tasks.rl import RLTask
+
+        return RLTask(config)
     if config.train.objective != "sft":
         from jlora.runner.tasks.preference import PreferenceTask
 

@@ -1,0 +1,60 @@
+"""GRPO prompts built from the standard-library module task: the answer is a column.
+
+Each record of :mod:`jlora.runner.data.stdlib_modules`'s shipped data (a system turn asking for
+the module's dotted name only, a question, the answer) becomes ``{"prompt": [system, user],
+"answer": module}``, TRL's conversational prompt format with the answer as a column that the
+reward functions read (``exact_match:answer``, ``contains:answer``).
+
+The data shipped in ``jlora/assets/prompts/stdlib_modules/`` was written by::
+
+    python -m jlora.runner.data.stdlib_prompts jlora/assets/prompts/stdlib_modules
+
+from ``jlora/assets/instructions/stdlib_modules/``; it rebuilds byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def prompts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The prompt record of each SFT record: its turns before the answer, and the answer.
+
+    Example:
+      >>> rec = {"messages": [{"role": "user", "content": "defines `loads(s)`?"},
+      ...                     {"role": "assistant", "content": "json"}]}
+      >>> prompts([rec])
+      [{'prompt': [{'role': 'user', 'content': 'defines `loads(s)`?'}], 'answer': 'json'}]
+    """
+    return [{"prompt": r["messages"][:-1], "answer": r["messages"][-1]["content"]} for r in records]
+
+
+def build() -> dict[str, list[dict[str, Any]]]:
+    """``{"train.jsonl": records, "eval.jsonl": records}`` from the shipped SFT data."""
+    root = importlib.resources.files("jlora") / "assets" / "instructions" / "stdlib_modules"
+    out = {}
+    for name in ("train.jsonl", "eval.jsonl"):
+        lines = (root / name).read_text(encoding="utf-8").splitlines()
+        out[name] = prompts([json.loads(line) for line in lines if line.strip()])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Writes ``train.jsonl`` and ``eval.jsonl`` into the folder given on the command line."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("out", help="folder to write train.jsonl and eval.jsonl into")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, records in build().items():
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"{len(records)} prompts in {os.path.join(args.out, name)}")
+
+
+if __name__ == "__main__":
+    main()

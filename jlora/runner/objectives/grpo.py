@@ -1,0 +1,136 @@
+"""GRPO (and Dr. GRPO, DAPO, BNPO) on an RL task's rollouts, sampled through the live adapters.
+
+A step of the run is one batch of rollouts and ``train.num_iterations`` updates on it: sample
+``num_generations`` completions of each of the step's prompts through ``jlora.lora`` over the
+current adapters (the sampling key is ``fold_in(rng, step)``, so a resumed run samples as an
+uninterrupted one), score them with the reward functions, turn the rewards into group
+advantages (:func:`jlora.group_advantages`), then update with :func:`jlora.grpo_policy_loss`,
+whose reference (``train.beta > 0``) is the base with the adapters off. Logged as TRL logs
+them: ``reward``, ``reward_std``, ``rewards/NAME/mean``, ``kl``, ``clip_ratio/...``,
+``completions/mean_length``, ``frac_reward_zero_std``, and the seconds spent sampling and
+updating (``time/sampling``, ``time/update``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jlora
+from jlora.runner.config import RunConfig
+from jlora.runner.tasks.rl import RLTask, adapted_step
+
+
+class GRPO:
+    """The GRPO family's loss, and the rollout step that feeds it.
+
+    Raises:
+      ValueError: for ``train.train_step=merge`` (the sampler and the reference run on the
+        factorised adapters).
+    """
+
+    def __init__(self, task: RLTask, cfg: jlora.LoraConfig, config: RunConfig) -> None:
+        """Reads the loss settings of ``config.train``."""
+        t = config.train
+        if t.train_step != "factorised":
+            raise ValueError(
+                "train.objective='grpo' runs with train.train_step=factorised (it samples "
+                "through the live adapters; its reference is the base with the adapters off); "
+                f"found train.train_step={t.train_step!r}"
+            )
+        self.task, self.cfg, self.config = task, cfg, config
+        self.options: dict[str, Any] = {
+            "loss_type": t.loss_type,
+            "beta": t.beta,
+            "epsilon_low": t.epsilon,
+            "epsilon_high": t.epsilon_high,
+            "temperature": t.temperature,
+        }
+        if t.loss_type == "dr_grpo":
+            self.options["max_completion_length"] = t.max_new_tokens
+        self._sampler = adapted_step(task, cfg)
+        self._old_logps = jax.jit(self._policy_logps)
+
+    def loss(
+        self, trainable: Any, base: Any, batch: Any, rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """:func:`jlora.grpo_policy_loss` of the adapted model on a scored rollout batch."""
+        params = jlora.combine(trainable["lora"], base)
+        batch = dict(batch)
+        old = batch.pop("old_logps", None)
+        return jlora.grpo_policy_loss(
+            self.task.apply_fn,
+            params,
+            self.cfg,
+            batch,
+            old_logps=old,
+            dropout_rng=rng,
+            deterministic=False,
+            **self.options,
+        )
+
+    def batch_weight(self, batch: Any) -> jax.Array:
+        """Completions in ``batch``."""
+        return jnp.float32(batch["tokens"].shape[0])
+
+    def _policy_logps(self, params: Any, batch: dict[str, Any]) -> jax.Array:
+        kw = {k: batch[k] for k in ("positions", "segment_ids")}
+        logits = jlora.lora(self.task.apply_fn, self.cfg)(params, batch["tokens"], **kw)
+        return jlora.token_logps(
+            logits, batch["targets"], temperature=self.config.train.temperature
+        )
+
+    def rollout_step(self, step_fn: Any, base: Any, put: Any) -> Any:
+        """The loop's ``step_fn(state, prompt_indices, step)``: rollouts, then the updates."""
+        t = self.config.train
+
+        def run(state: Any, indices: np.ndarray, step: int) -> Any:
+            self.task.current_step = step
+            tic = time.perf_counter()
+            params = jlora.combine(state["trainable"]["lora"], base)
+            key = jax.random.fold_in(jax.random.fold_in(state["rng"], step), 1 << 30)
+            rollout = self.task.rollout(self._sampler, params, indices, key)
+            groups = jlora.group_advantages(
+                rollout.rewards, t.num_generations, scale_rewards=t.scale_rewards
+            )
+            batch = dict(rollout.batch)
+            batch["advantages"] = np.asarray(groups.advantages)
+            keep = np.repeat(np.asarray(groups.nonzero_std), t.num_generations)
+            if t.dynamic_sampling:  # DAPO: groups that all scored alike teach nothing
+                batch["loss_mask"] = batch["loss_mask"] & keep[:, None]
+            batch = put(batch)
+            if t.num_iterations > 1:  # the sampling policy's log-probs, for the ratio
+                batch["old_logps"] = self._old_logps(params, batch)
+            sampled = time.perf_counter()
+            finite = True
+            for i in range(t.num_iterations):
+                state, (loss, ok, metrics) = step_fn(
+                    state, base, batch, (step - 1) * t.num_iterations + i + 1
+                )
+                finite = finite and bool(ok)
+            loss = float(loss)
+            updated = time.perf_counter()
+            stats = self._stats(rollout, groups.nonzero_std)
+            stats["time/sampling"] = sampled - tic
+            stats["time/update"] = updated - sampled
+            return state, (loss, finite, {**metrics, **stats})
+
+        return run
+
+    def _stats(self, rollout: Any, nonzero_std: Any) -> dict[str, float]:
+        """TRL's rollout metrics: rewards, their spread, completion lengths."""
+        t = self.config.train
+        grouped = rollout.rewards.reshape(-1, t.num_generations)
+        stats = {
+            "reward": float(np.nanmean(rollout.rewards)),
+            "reward_std": float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))),
+            "completions/mean_length": float(np.mean(rollout.lengths)),
+            "frac_reward_zero_std": float(1.0 - np.mean(np.asarray(nonzero_std))),
+        }
+        for reward, values in zip(self.task.rewards, rollout.per_function, strict=True):
+            stats[f"rewards/{reward.name}/mean"] = float(np.nanmean(values))
+        return stats
