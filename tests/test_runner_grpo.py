@@ -291,3 +291,27 @@ def test_held_out_reward_rises_on_a_learnable_reward(checkpoint, data, tmp_path)
     results = finetune(load_config(DEFAULT, over), log=lambda _: 0)
     before, after = results["before"]["eval_reward"], results["after"]["eval_reward"]
     assert after > before + 0.3, (before, after)
+
+
+def test_smollm2_grpo_config_runs_one_step(tmp_path):
+    from jlora.runner.data.chat_batches import resolve_data
+
+    held = resolve_data("builtin:stdlib_modules/eval.jsonl", "data.eval", "prompts")
+    with open(held, encoding="utf-8") as f:
+        small = write_jsonl(tmp_path / "eval.jsonl", [json.loads(next(f)) for _ in range(2)])
+    over = [
+        f"run_dir={tmp_path / 'smol'}",
+        f"data.eval={small}",
+        "train.steps=1",
+        "train.batch_size=1",
+        "train.num_generations=2",
+        "train.max_new_tokens=3",
+        "train.checkpoint_every=1",
+        "train.progress=false",
+        "generate.max_new_tokens=2",
+    ]
+    results = finetune(load_config("smollm2_stdlib_grpo", over), log=lambda _: 0)
+    names = {"eval_reward", "eval_rewards/exact_match:answer", "eval_rewards/contains:answer"}
+    assert names <= set(results["before"]) & set(results["after"])
+    (step,) = [m for m in read_metrics(tmp_path / "smol") if "train_loss" in m]
+    assert step["train_completions/mean_length"] <= 3
