@@ -315,3 +315,21 @@ def test_smollm2_grpo_config_runs_one_step(tmp_path):
     assert names <= set(results["before"]) & set(results["after"])
     (step,) = [m for m in read_metrics(tmp_path / "smol") if "train_loss" in m]
     assert step["train_completions/mean_length"] <= 3
+
+
+def test_auto_keys_are_measured_on_the_prompts(checkpoint, data):
+    logs = []
+    over = [
+        f"model.path={checkpoint}",
+        f"data.train={data[0]}",
+        "train.objective=grpo",
+        "train.rewards=['exact_match:answer']",
+        "train.max_new_tokens=40",
+    ]
+    config = load_config(DEFAULT, over, log=logs.append)
+    assert config.data.seq_len == 64  # the longest prompt plus 40 new tokens, rounded up
+    assert config.train.steps == 100  # 5 prompts, 8 a step: one epoch, raised to the minimum
+    shown = "\n".join(logs)
+    assert "training prompts (plus train.max_new_tokens)' token lengths" in shown
+    assert "one epoch is 1 step(s) (5 prompts of 64 tokens, 8 a step)" in shown
+    assert len(config.generate.prompts) == 1  # the held-out prompt, asked as in training

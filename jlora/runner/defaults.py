@@ -279,10 +279,19 @@ def measure(config: RunConfig, tokenizer: Any) -> DataProfile:
     """
     from jlora.runner.data.chat_batches import read_instruction_data
     from jlora.runner.data.preferences import read_preference_data
-    from jlora.runner.data.profile import instruction_profile, preference_profile, text_profile
+    from jlora.runner.data.profile import (
+        instruction_profile,
+        preference_profile,
+        prompt_profile,
+        text_profile,
+    )
+    from jlora.runner.data.prompts import read_prompt_data
     from jlora.runner.data.text import load_text
 
     data = config.data
+    if config.train.objective == "grpo":
+        prompts = read_prompt_data(data, config.train.seed)
+        return prompt_profile(*prompts, tokenizer, config.train.max_new_tokens)
     if config.train.objective != "sft":
         pairs = read_preference_data(data, config.train.seed)
         return preference_profile(*pairs, tokenizer)
@@ -304,7 +313,10 @@ def _seq_len(
     measured = profile()
     lengths = cast(Lengths, measured.train).lengths  # instruction data: always measured
     longest, n = int(lengths.max()), len(lengths)
-    examples = "pairs (prompt and longer answer)" if measured.pairs else "examples"
+    examples = {
+        "pairs": "pairs (prompt and longer answer)",
+        "prompts": "prompts (plus train.max_new_tokens)",
+    }.get(measured.unit, "examples")
     if config.data.overflow == "error":
         chosen = longest
         what = (
@@ -328,8 +340,8 @@ def _steps(config: RunConfig, profile: DataProfile) -> tuple[int, str]:
     per_step = batch * accum
     epoch = math.ceil(rows / per_step)
     kind = "windows" if profile.train is None else ("packed rows" if config.data.pack else "rows")
-    if profile.pairs:
-        kind = "pairs"
+    if profile.unit:
+        kind = profile.unit
     shape = f"{batch} x {accum}" if accum > 1 else f"{batch}"
     what = f"one epoch is {epoch:,} step(s) ({rows:,} {kind} of {seq} tokens, {shape} a step)"
     if epoch >= MIN_STEPS:

@@ -19,7 +19,8 @@ import numpy as np
 
 from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.data.chats import Records, epoch_order, tokenize_record
-from jlora.runner.data.preferences import PreferenceRecords, tokenize_pairs
+from jlora.runner.data.preferences import PreferenceRecords, prompt_ids, tokenize_pairs
+from jlora.runner.data.prompts import PromptRecords
 from jlora.runner.data.text import split_tokens
 
 # How many held-out tokens are decoded to find the first words of the held-out text.
@@ -144,8 +145,10 @@ class DataProfile:
       train_tokens: tokens of the training text (text), or 0.
       held_tokens: tokens of the held-out text (text), or 0.
       held_text: the start of the held-out text, decoded (text), or ``""``.
-      pairs: whether the examples are preference pairs (one padded ``[2, seq_len]`` pair of
-        rows each, prompt plus the longer completion; never packed or dropped).
+      unit: ``""`` for instruction examples or a text; ``"pairs"`` for preference pairs (one
+        padded ``[2, seq_len]`` pair of rows each, prompt plus the longer completion) and
+        ``"prompts"`` for GRPO prompts (one row per completion, prompt plus
+        ``max_new_tokens``): never packed or dropped.
     """
 
     train: Lengths | None = None
@@ -156,7 +159,7 @@ class DataProfile:
     train_tokens: int = 0
     held_tokens: int = 0
     held_text: str = ""
-    pairs: bool = False
+    unit: str = ""
 
     @property
     def instructions(self) -> bool:
@@ -193,7 +196,7 @@ class DataProfile:
         if self.train is None:
             return max(self.train_tokens - 1, 0) // seq_len
         kept = self.train.kept(seq_len)
-        return epoch_rows(kept, seq_len, seed, packed=packed and not self.pairs)
+        return epoch_rows(kept, seq_len, seed, packed=packed and not self.unit)
 
 
 def instruction_profile(train: Records, held: Records, tokenizer: Tokenizer) -> DataProfile:
@@ -253,7 +256,46 @@ def preference_profile(
         held=lengths(held),
         train_records=as_records(train),
         held_records=as_records(held),
-        pairs=True,
+        unit="pairs",
+    )
+
+
+def prompt_profile(
+    train: PromptRecords, held: PromptRecords, tokenizer: Tokenizer, new_tokens: int
+) -> DataProfile:
+    """The :class:`DataProfile` of GRPO prompts: each prompt's tokens plus ``new_tokens``.
+
+    The held-out records are the prompts, so that sample prompts come from them.
+
+    Example:
+      >>> from jlora.models.formats.tokenizer import byte_level
+      >>> r = PromptRecords(["ab"], [{}], ["f:1"])
+      >>> prompt_profile(r, r, byte_level(), 8).train.lengths.tolist()
+      [10]
+    """
+
+    def lengths(records: PromptRecords) -> Lengths:
+        n = [
+            len(prompt_ids(p, tokenizer, w)) + new_tokens
+            for p, w in zip(records.prompts, records.sources, strict=True)
+        ]
+        return Lengths(np.asarray(n, np.int64), np.ones(len(n), np.int64))
+
+    def as_records(records: PromptRecords) -> Records:
+        out = [
+            {"prompt": p, "completion": ""}
+            if isinstance(p, str)
+            else {"messages": [*p, {"role": "assistant", "content": ""}]}
+            for p in records.prompts
+        ]
+        return Records(out, list(records.sources))
+
+    return DataProfile(
+        train=lengths(train),
+        held=lengths(held),
+        train_records=as_records(train),
+        held_records=as_records(held),
+        unit="prompts",
     )
 
 
