@@ -43,3 +43,26 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# The application's end-to-end tests (runs of the command, benchmarks, docs): CI's newest-JAX
+# job leaves them to the first job, keeping one runner file, so both jobs fit CI's time.
+_APPLICATION = (
+    "runner/",
+    "test_runner_",
+    "test_benchmarks_",
+    "test_docs",
+    "test_examples",
+    "test_cli",
+)
+_KEPT_IN_BOTH = ("runner/test_finetune.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the application's end-to-end tests ``application`` (see ``_APPLICATION``)."""
+    del config
+    for item in items:
+        path = item.path.as_posix()
+        where = path.split("/tests/", 1)[-1]
+        if where.startswith(_APPLICATION) and not where.startswith(_KEPT_IN_BOTH):
+            item.add_marker(pytest.mark.application)
