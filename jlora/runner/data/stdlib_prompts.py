@@ -3,7 +3,9 @@
 Each record of :mod:`jlora.runner.data.stdlib_modules`'s shipped data (a system turn asking for
 the module's dotted name only, a question, the answer) becomes ``{"prompt": [system, user],
 "answer": module}``, TRL's conversational prompt format with the answer as a column that the
-reward functions read (``exact_match:answer``, ``contains:answer``).
+reward functions read (``exact_match:answer``, ``contains:answer``), and
+:func:`stdlib_module`, a reward for answering with a real standard-library module (named in a
+config as ``jlora.runner.data.stdlib_prompts:stdlib_module``).
 
 The data shipped in ``jlora/assets/prompts/stdlib_modules/`` was written by::
 
@@ -18,6 +20,7 @@ import argparse
 import importlib.resources
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +35,25 @@ def prompts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       [{'prompt': [{'role': 'user', 'content': 'defines `loads(s)`?'}], 'answer': 'json'}]
     """
     return [{"prompt": r["messages"][:-1], "answer": r["messages"][-1]["content"]} for r in records]
+
+
+def stdlib_module(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+    r"""1.0 where the completion is a standard-library module's dotted name, else 0.0.
+
+    A reward with TRL's signature: the form of the answer, and a real module (not any word).
+
+    Example:
+      >>> stdlib_module(["q"] * 3, ["os.path", " json\n", "False"])
+      [1.0, 1.0, 0.0]
+    """
+    del prompts, columns
+    out = []
+    for c in completions:
+        text = (c if isinstance(c, str) else c[-1]["content"]).strip()
+        parts = text.split(".")
+        real = parts[0] in sys.stdlib_module_names and all(p.isidentifier() for p in parts)
+        out.append(float(real))
+    return out
 
 
 def build() -> dict[str, list[dict[str, Any]]]:
