@@ -110,6 +110,17 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         "gpu": ["--batches", "1,8,32", "--prompt", "128", "--new", "128", "--rounds", "10"],
         "smoke": ["--quick", "--batches", "1", "--prompt", "8", "--new", "2", "--rounds", "1"],
     },
+    "grpo_step": {
+        "cpu": ["--quick"],
+        "gpu": [
+            *("--prompts", "8", "--generations", "8", "--prompt-len", "128", "--new", "128"),
+            *("--rounds", "10"),
+        ],
+        "smoke": [
+            *("--quick", "--prompts", "1", "--generations", "2", "--prompt-len", "8"),
+            *("--new", "2", "--rounds", "1"),
+        ],
+    },
 }
 SKIP = {"op_profile": "XLA:CPU op names and trace events only"}
 

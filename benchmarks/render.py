@@ -28,6 +28,7 @@ TITLES = {
     "instruction_step": "SmolLM2-135M instruction fine-tuning step",
     "preference_step": "SmolLM2-135M preference tuning (DPO) step",
     "sampling": "SmolLM2-135M sampling through the live adapters",
+    "grpo_step": "SmolLM2-135M GRPO step: time split and memory",
     "real_model": "SmolLM2-135M: load, KV-cache decode, compile",
     "experts_step": "Stacked (per-expert) kernels",
     "dora_step": "DoRA against plain LoRA",
@@ -73,6 +74,19 @@ ABOUT = {
         "weight sync); and *per-row*, through `mixed_step` with the adapter named on every row. "
         "Decode tokens/s with the prefill subtracted (each batch timed with `--new` tokens and "
         "with one), and whether each way chose the merged model's tokens."
+    ),
+    "grpo_step": (
+        "One GRPO step on SmolLM2-135M-Instruct (LoRA rank 8 on all seven projections, B "
+        "non-zero; Adam on the adapters) as the runner's `train.objective=grpo` runs it: `G` "
+        "completions of each of `P` prompts sampled through the live adapters "
+        "(`jlora.lora(step, config)` over the adapted tree, temperature 1, no EOS), then one "
+        "update with `jax.value_and_grad` of `jlora.grpo_policy_loss`. The time split: "
+        "sampling, the reference forward (the base with the adapters off, timed alone), the "
+        "update with `beta > 0` (reference inside) and with `beta = 0`, each as a share of the "
+        "step. Then what peers do instead: `jlora.merge_params` every step and sampling the "
+        "merged copy (same key, same tokens). Memory is XLA's accounting of the compiled update "
+        "(arguments, outputs, temporaries) against the same plus the merged copy a separate "
+        "sampler would hold."
     ),
     "real_model": (
         "`jlora.models` on SmolLM2-135M: greedy decoding with the KV cache against recomputing "
