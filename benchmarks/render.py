@@ -131,6 +131,12 @@ ABOUT = {
 INTRO = """\
 # Performance
 
+<!-- generated: needs -->
+
+**Needs:** a clone with `pip install -e ".[test]"` (the benchmarks are scripts in `benchmarks/`).
+
+<!-- end generated -->
+
 Every table below is generated: `python -m benchmarks` runs each benchmark in `benchmarks/`
 in its own process and writes `benchmarks/results/cpu.json` (`--device gpu`:
 `benchmarks/results/gpu.json`), and `python -m benchmarks.render` writes this page from
