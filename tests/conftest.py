@@ -1,7 +1,5 @@
 """Strict settings for the whole suite: highest matmul precision, one tolerance table."""
 
-import gc
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -30,19 +28,6 @@ def _keep_the_suites_allocator(monkeypatch):
     import jlora.cli
 
     monkeypatch.setattr(jlora.cli, "keep_freed_memory", lambda: False)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _free_compiled_programs():
-    """Drops JAX's compiled programs after each test module.
-
-    Every XLA:CPU executable keeps a few memory mappings for its code; over the whole suite
-    they passed Linux's 65530 per process (``vm.max_map_count``) and a later compile
-    segfaulted. A module's programs are not reused by the next module.
-    """
-    yield
-    jax.clear_caches()
-    gc.collect()
 
 
 # The application's end-to-end tests (runs of the command, benchmarks, docs): CI's newest-JAX
