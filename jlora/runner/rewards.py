@@ -44,7 +44,7 @@ def exact_match(column: str) -> RewardFn:
     r"""1.0 where the completion, stripped, equals the row's ``column`` (stripped), else 0.0.
 
     Example:
-      >>> exact_match("answer")(["q", "q"], [" json\\n", "os"], answer=["json", "json"])
+      >>> exact_match("answer")(["q", "q"], [" json\n", "os"], answer=["json", "json"])
       [1.0, 0.0]
     """
 
@@ -248,3 +248,18 @@ def score(
     scored = ~np.isnan(out)
     total = np.where(scored, out * weights, 0.0).sum(axis=0)
     return out, np.where(scored.any(axis=0), total, np.nan).astype(np.float32)
+
+
+def mean_scored(values: np.ndarray, axis: int | None = None) -> Any:
+    """The mean of the scored (non-NaN) rewards; NaN where none was scored, and no warning.
+
+    Example:
+      >>> mean_scored(np.array([1.0, np.nan, 0.0])), mean_scored(np.array([np.nan]))
+      (0.5, nan)
+    """
+    scored = ~np.isnan(values)
+    total = np.where(scored, values, 0.0).sum(axis=axis)
+    count = scored.sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return float(out) if np.ndim(out) == 0 else out

@@ -22,6 +22,7 @@ import numpy as np
 
 import jlora
 from jlora.runner.config import RunConfig
+from jlora.runner.rewards import mean_scored
 from jlora.runner.tasks.rl import RLTask, adapted_step
 
 
@@ -125,12 +126,17 @@ class GRPO:
         """TRL's rollout metrics: rewards, their spread, completion lengths."""
         t = self.config.train
         grouped = rollout.rewards.reshape(-1, t.num_generations)
+        # Each group's std over its scored rewards (Bessel-corrected, as TRL's), then the mean.
+        centred = grouped - mean_scored(grouped, axis=1)[:, None]
+        count = (~np.isnan(grouped)).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stds = np.sqrt(np.nansum(centred**2, axis=1) / (count - 1))
         stats = {
-            "reward": float(np.nanmean(rollout.rewards)),
-            "reward_std": float(np.nanmean(np.nanstd(grouped, axis=1, ddof=1))),
+            "reward": mean_scored(rollout.rewards),
+            "reward_std": mean_scored(np.where(count > 1, stds, np.nan)),
             "completions/mean_length": float(np.mean(rollout.lengths)),
             "frac_reward_zero_std": float(1.0 - np.mean(np.asarray(nonzero_std))),
         }
         for reward, values in zip(self.task.rewards, rollout.per_function, strict=True):
-            stats[f"rewards/{reward.name}/mean"] = float(np.nanmean(values))
+            stats[f"rewards/{reward.name}/mean"] = mean_scored(values)
         return stats

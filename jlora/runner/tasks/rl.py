@@ -30,7 +30,7 @@ from jlora.models.decoder import causal_lm_loss
 from jlora.models.sampling import generate
 from jlora.runner.data.chats import epoch_order
 from jlora.runner.data.prompts import PromptRecords, read_prompt_data
-from jlora.runner.rewards import Reward, load_rewards, score
+from jlora.runner.rewards import Reward, load_rewards, mean_scored, score
 from jlora.runner.tasks.causal_lm import CausalLMTask, _eos_ids
 
 #: The run directory's file of sampled completions, one JSON object per line.
@@ -259,9 +259,9 @@ class RLTask(CausalLMTask):
         ]
         rewards = np.concatenate([r.rewards for r in rollouts])
         per = np.concatenate([r.per_function for r in rollouts], axis=1)
-        scores = {"eval_reward": float(np.nanmean(rewards))}
+        scores = {"eval_reward": mean_scored(rewards)}
         for reward, values in zip(self.rewards, per, strict=True):
-            scores[f"eval_rewards/{reward.name}"] = float(np.nanmean(values))
+            scores[f"eval_rewards/{reward.name}"] = mean_scored(values)
         if self.run_dir is not None:
             texts = [t for r in rollouts for t in r.texts][:SAMPLES_PER_EVAL]
             with open(os.path.join(self.run_dir, COMPLETIONS_FILE), "a", encoding="utf-8") as f:
