@@ -43,11 +43,33 @@ _APPLICATION = (
 _KEPT_IN_BOTH = ("runner/test_finetune.py",)
 
 
+# The slowest end-to-end tests (half a minute to a minute and a half each on 2 CPU cores):
+# `python -m pytest -m slow` runs them; the default run and CI leave them out to keep CI
+# within its time. Each covers a path that faster tests also reach.
+_SLOW = (
+    "runner/test_mesh.py::test_sharded_run_matches_single_device",
+    "test_docs.py::test_your_model_page_runs_as_written",
+    "test_runner_preference.py::test_smollm2_dpo_config_runs_one_step",
+    "runner/test_causal_lm.py::test_smollm2_instruction_config_runs_one_step",
+    "models/test_pretrained.py::test_smollm2_reads_english_and_answers_in_words",
+    "test_runner_preference.py::test_a_preference_run_on_a_mesh_matches_one_device",
+    "test_distributed.py::test_2x2x2_mesh_losses_equal_single_device",
+    "test_dora.py::test_unchanged_at_init_and_merge_equals_factorised_with_grads",
+    "test_runner_preference.py::test_accumulated_micro_batches_weigh_pairs",
+    "runner/test_variants.py::test_dora_on_a_quantised_base_trains_resumes_and_serves",
+    "test_benchmarks_instruction.py::test_every_table_on_a_tiny_checkpoint",
+    "test_runner_grpo.py::test_held_out_reward_rises_on_a_learnable_reward",
+    "test_runner_grpo.py::test_smollm2_grpo_config_runs_one_step",
+    "runner/test_instruction_runs.py::test_a_memorised_answer_scores_exact_match_one",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Marks the application's end-to-end tests ``application`` (see ``_APPLICATION``)."""
+    """Marks ``application`` (see ``_APPLICATION``) and ``slow`` (see ``_SLOW``) tests."""
     del config
     for item in items:
-        path = item.path.as_posix()
-        where = path.split("/tests/", 1)[-1]
+        where = item.nodeid.split("tests/", 1)[-1]
         if where.startswith(_APPLICATION) and not where.startswith(_KEPT_IN_BOTH):
             item.add_marker(pytest.mark.application)
+        if where.startswith(_SLOW):
+            item.add_marker(pytest.mark.slow)
