@@ -123,7 +123,7 @@ def overrides(run_dir, checkpoint, data, steps=4, objective="dpo", **extra):
 )
 def test_preference_keys_are_validated(override, error, match, data):
     with pytest.raises(error, match=match):
-        load_config(DEFAULT, [f"data.train={data[0]}", override])
+        load_config(DEFAULT, [f"data.train={data[0]}", "train.objective=dpo", override])
 
 
 def test_label_smoothing_is_refused_where_unused():
