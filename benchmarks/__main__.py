@@ -121,6 +121,7 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
             *("--new", "2", "--rounds", "1"),
         ],
     },
+    "import_time": {"cpu": ["--quick"], "gpu": ["--quick"], "smoke": ["--rounds", "1"]},
 }
 SKIP = {"op_profile": "XLA:CPU op names and trace events only"}
 

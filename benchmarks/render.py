@@ -36,9 +36,16 @@ TITLES = {
     "mixed_batch": "Many adapters in one batch",
     "collectives": "Collectives on a mesh: full fine-tuning against LoRA",
     "op_profile": "Where the step's time goes, op by op (XLA:CPU)",
+    "import_time": "What `import jlora` costs",
 }
 
 ABOUT = {
+    "import_time": (
+        "`import jlora` is the library only (the transform, the optimizer partition, merging): "
+        "it loads jax, optax and numpy, none of the models, the runner or the `cli` extra's "
+        "packages. Each round times `import jax, optax` in a fresh interpreter and then "
+        "`import jlora` on top of them."
+    ),
     "train_step": (
         "The same Flax Linen decoder trained with Adam, every approach jitted with the frozen "
         "weights as arguments: full fine-tuning, merging `W + s·A·B` inside the step, "
