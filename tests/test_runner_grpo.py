@@ -17,7 +17,7 @@ from jlora.runner.objectives.grpo import GRPO
 from jlora.runner.rewards import load_reward, load_rewards, score
 from jlora.runner.rundir.directory import read_metrics
 from jlora.runner.tasks import lora_config
-from jlora.runner.tasks.rl import RLTask, adapted_step
+from jlora.runner.tasks.rl import RLTask, Rollout, adapted_step
 
 TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}<|endoftext|>{% endfor %}"
@@ -273,15 +273,22 @@ def test_resume_samples_and_trains_as_an_uninterrupted_run(checkpoint, data, tmp
         keys = ("step", "train_loss", "train_reward", "train_completions/mean_length")
         return [[m[k] for k in keys] for m in read_metrics(run_dir) if "train_loss" in m]
 
+    # Dynamic sampling's extra rounds must draw the same prompts after a resume, too.
+    extra = {"train.dynamic_sampling": "true"}
     whole = tmp_path / "whole"
-    finetune(load_config(DEFAULT, overrides(whole, checkpoint, data)), log=lambda _: 0)
+    finetune(load_config(DEFAULT, overrides(whole, checkpoint, data, **extra)), log=lambda _: 0)
     part = tmp_path / "part"
     shutil.copytree(whole, part)  # then stopped after step 2: resumed from its checkpoint
     shutil.rmtree(part / "checkpoints" / "4")
     shutil.rmtree(part / "adapter")
     os.remove(part / "results.json")
-    finetune(load_config(DEFAULT, overrides(part, checkpoint, data)), log=lambda _: 0)
+    finetune(load_config(DEFAULT, overrides(part, checkpoint, data, **extra)), log=lambda _: 0)
     assert records(part) == records(whole)
+    logged = [m for m in read_metrics(whole) if "train_loss" in m]
+    assert all(0 <= m["train_sampling_rounds"] <= 3 for m in logged), logged
+    # completions.jsonl is cut back to step 2 too: step 4's samples appear once, as whole's.
+    completions = [read_metrics(d, "completions.jsonl") for d in (part, whole)]
+    assert completions[0] == completions[1]
 
 
 def test_held_out_reward_rises_on_a_learnable_reward(checkpoint, data, tmp_path):
@@ -333,3 +340,63 @@ def test_auto_keys_are_measured_on_the_prompts(checkpoint, data):
     assert "training prompts (plus train.max_new_tokens)' token lengths" in shown
     assert "one epoch is 1 step(s) (5 prompts of 64 tokens, 8 a step)" in shown
     assert len(config.generate.prompts) == 1  # the held-out prompt, asked as in training
+
+
+class _PromptTask:
+    """Stands in for RLTask in dynamic sampling: prompt i's group differs iff i is odd."""
+
+    def __init__(self, n):
+        self.train_prompts = type("Prompts", (), {"prompts": list(range(n))})()
+        self.calls = []
+
+    def rollout(self, sampler, params, indices, key):
+        del sampler, params, key
+        self.calls.append([int(i) for i in indices])
+        rows = [int(i) for i in indices for _ in range(2)]
+        rewards = np.asarray([i % 2 * k for i in indices for k in (0.0, 1.0)])
+        tokens = np.asarray([[i, i] for i in rows], np.int32)
+        texts = [str(i) for i in rows]
+        return Rollout({"tokens": tokens}, rewards, rewards[None], texts, np.ones(len(rows)))
+
+
+def dynamic(task, rounds, batch_size=3):
+    grpo = GRPO.__new__(GRPO)
+    train = {
+        "num_generations": 2,
+        "batch_size": batch_size,
+        "seed": 0,
+        "dynamic_sampling_rounds": rounds,
+    }
+    grpo.task, grpo._sampler = task, None
+    grpo.config = type("Config", (), {"train": type("Train", (), train)()})()
+    return grpo
+
+
+def test_dynamic_sampling_replaces_uniform_groups_with_new_prompts_of_the_same_step():
+    task = _PromptTask(40)
+    first = task.rollout(None, None, np.asarray([0, 1, 2]), None)  # one useful group of three
+    filled, rounds = dynamic(task, rounds=5)._fill(first, None, jax.random.key(0), step=7)
+    prompts = filled.batch["tokens"][::2, 0]
+    assert prompts[0] == 1 and np.all(prompts % 2 == 1), prompts  # the step's own useful group
+    assert filled.batch["tokens"].shape == (6, 2) and filled.rewards.shape == (6,)
+    assert filled.per_function.shape == (1, 6) and len(filled.texts) == 6
+    np.testing.assert_array_equal(filled.rewards, np.tile([0.0, 1.0], 3))
+    assert 1 <= rounds <= 5 and len(task.calls) == 1 + rounds
+    # A resumed run draws the same prompts at the same step; another step draws others.
+    again = dynamic(_PromptTask(40), rounds=5)._fill(first, None, jax.random.key(0), step=7)
+    np.testing.assert_array_equal(again[0].batch["tokens"], filled.batch["tokens"])
+    other = _PromptTask(40)
+    dynamic(other, rounds=5)._fill(first, None, jax.random.key(0), step=8)
+    assert other.calls != task.calls[1:]
+
+
+def test_dynamic_sampling_keeps_the_batch_size_when_its_rounds_run_out():
+    task = _PromptTask(40)
+    first = task.rollout(None, None, np.asarray([0, 2, 4]), None)  # nothing to learn from
+    filled, rounds = dynamic(task, rounds=0)._fill(first, None, jax.random.key(0), step=1)
+    assert rounds == 0 and len(task.calls) == 1
+    np.testing.assert_array_equal(filled.batch["tokens"], first.batch["tokens"])
+    only_even = _PromptTask(40)
+    only_even.rollout = lambda s, p, i, k: first  # every round scores alike
+    filled, rounds = dynamic(only_even, rounds=2)._fill(first, None, jax.random.key(0), step=1)
+    assert rounds == 2 and filled.batch["tokens"].shape == (6, 2)

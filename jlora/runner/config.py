@@ -236,7 +236,12 @@ class TrainSection:
       num_iterations: ``objective: grpo``: updates per batch of rollouts (GRPO's μ); a step
         is one batch of rollouts and its ``num_iterations`` updates.
       dynamic_sampling: ``objective: grpo``: train only on groups whose rewards differ
-        (DAPO's filter; the other groups' completions are left out of the loss).
+        (DAPO's dynamic sampling): groups that all scored alike are replaced by groups of
+        further prompts, sampled in up to ``dynamic_sampling_rounds`` extra rounds; what is
+        still missing after them is left out of the loss.
+      dynamic_sampling_rounds: ``objective: grpo`` with ``dynamic_sampling``: the most extra
+        rounds of ``batch_size`` prompts a step samples to fill its batch (verl's
+        ``max_num_gen_batches``); 0 only filters.
       precompute_ref_log_probs: compute the reference's log-probabilities of every training
         pair once, before the first step, and keep them in the run directory
         (``reference_logps.safetensors``), instead of a reference forward in every step
@@ -285,6 +290,7 @@ class TrainSection:
     scale_rewards: str = "group"
     num_iterations: int = 1
     dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
 
     def __post_init__(self) -> None:
         self._check_grpo()
@@ -739,6 +745,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "train.beta": (0.0, False),  # GRPO's 0 is no KL term; preference losses need > 0
     "train.max_new_tokens": (1, False),
     "train.num_iterations": (1, False),
+    "train.dynamic_sampling_rounds": (0, False),
     "train.num_generations": (2, False),
     "train.temperature": (0.0, True),
     "train.epsilon": (0.0, True),

@@ -87,9 +87,9 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
                 for r in restored.metadata.get("window", [])
             ]
             resume.prune(ckpt_dir, t.keep_checkpoints)
-            rundir.rewind_metrics(run_dir, start)
+            rundir.rewind_logs(run_dir, start)
         else:
-            rundir.rewind_metrics(run_dir, -1)  # a fresh start keeps no records
+            rundir.rewind_logs(run_dir, -1)  # a fresh start keeps no records
             state = _initial_state(lora, task.initial_extra(start_model), tx, key)
         with MetricSinks(config, start if restored is not None else None) as sinks:
             if restored is not None:

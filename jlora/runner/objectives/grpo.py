@@ -23,7 +23,7 @@ import numpy as np
 import jlora
 from jlora.runner.config import RunConfig
 from jlora.runner.rewards import mean_scored
-from jlora.runner.tasks.rl import RLTask, adapted_step
+from jlora.runner.tasks.rl import RLTask, Rollout, adapted_step, take_groups
 
 
 class GRPO:
@@ -95,6 +95,9 @@ class GRPO:
             params = jlora.combine(state["trainable"]["lora"], base)
             key = jax.random.fold_in(jax.random.fold_in(state["rng"], step), 1 << 30)
             rollout = self.task.rollout(self._sampler, params, indices, key)
+            stats = self._stats(rollout)  # of the step's own prompts, before any filling
+            if t.dynamic_sampling:
+                rollout, stats["sampling_rounds"] = self._fill(rollout, params, key, step)
             groups = jlora.group_advantages(
                 rollout.rewards, t.num_generations, scale_rewards=t.scale_rewards
             )
@@ -115,14 +118,42 @@ class GRPO:
                 finite = finite and bool(ok)
             loss = float(loss)
             updated = time.perf_counter()
-            stats = self._stats(rollout, groups.nonzero_std)
             stats["time/sampling"] = sampled - tic
             stats["time/update"] = updated - sampled
             return state, (loss, finite, {**metrics, **stats})
 
         return run
 
-    def _stats(self, rollout: Any, nonzero_std: Any) -> dict[str, float]:
+    def _fill(self, rollout: Rollout, params: Any, key: jax.Array, step: int) -> Any:
+        """DAPO's dynamic sampling: the batch's groups whose rewards differ, topped up.
+
+        Groups that all scored alike are replaced by such groups of further prompts, drawn
+        in rounds of ``batch_size`` (at most ``dynamic_sampling_rounds``) from a generator
+        seeded by the step, so a resumed run draws the same. The batch keeps its size (no
+        recompiles): if the rounds run out, uniform groups fill the rest, and the loss
+        leaves them out. Returns the batch and the extra rounds it took.
+        """
+        t = self.config.train
+        g, b = t.num_generations, t.batch_size
+        found = [rollout]
+        useful = [(0, int(j)) for j in np.flatnonzero(_differs(rollout.rewards, g))]
+        rounds = 0
+        while len(useful) < b and rounds < t.dynamic_sampling_rounds:
+            rounds += 1
+            draw = np.random.default_rng([t.seed, step, rounds])
+            n = len(self.task.train_prompts.prompts)
+            indices = draw.choice(n, size=b, replace=n < b)
+            more = self.task.rollout(
+                self._sampler, params, indices, jax.random.fold_in(key, rounds)
+            )
+            useful += [(rounds, int(j)) for j in np.flatnonzero(_differs(more.rewards, g))]
+            found.append(more)
+        picked = useful[:b]
+        taken = set(picked)
+        picked += [(0, j) for j in range(b) if (0, j) not in taken][: b - len(picked)]
+        return take_groups(found, picked, g), float(rounds)
+
+    def _stats(self, rollout: Rollout) -> dict[str, float]:
         """TRL's rollout metrics: rewards, their spread, completion lengths."""
         t = self.config.train
         grouped = rollout.rewards.reshape(-1, t.num_generations)
@@ -135,8 +166,15 @@ class GRPO:
             "reward": mean_scored(rollout.rewards),
             "reward_std": mean_scored(np.where(count > 1, stds, np.nan)),
             "completions/mean_length": float(np.mean(rollout.lengths)),
-            "frac_reward_zero_std": float(1.0 - np.mean(np.asarray(nonzero_std))),
+            "frac_reward_zero_std": float(
+                1.0 - np.mean(_differs(rollout.rewards, t.num_generations))
+            ),
         }
         for reward, values in zip(self.task.rewards, rollout.per_function, strict=True):
             stats[f"rewards/{reward.name}/mean"] = mean_scored(values)
         return stats
+
+
+def _differs(rewards: np.ndarray, num_generations: int) -> np.ndarray:
+    """``[groups]``: whether a group's rewards are not all alike (GRPO's non-zero std)."""
+    return np.asarray(jlora.group_advantages(rewards, num_generations).nonzero_std)

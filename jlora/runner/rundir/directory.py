@@ -23,6 +23,9 @@ from jlora.runner.yamlfile import read_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
+# Logs of records keyed by "step": a resumed run cuts them back to the step it resumes from.
+_STEP_LOGS = (METRICS_FILE, COMPLETIONS_FILE)
 #: Everything jlora writes into a run directory -> what it is (a folder ends in ``/``), in the
 #: order a listing shows them. ``jlora finetune`` writes the entries up to ``wandb/`` (a head
 #: only for a ``bert`` run, ``tensorboard/`` and ``wandb/`` when ``log`` asks for them); the
@@ -36,7 +39,7 @@ RUN_FILES: dict[str, str] = {
         "the reference's log-probabilities of the training pairs "
         "(train.precompute_ref_log_probs), computed once per run"
     ),
-    "completions.jsonl": "GRPO runs: held-out completions sampled at each evaluation",
+    COMPLETIONS_FILE: "GRPO runs: held-out completions sampled at each evaluation",
     "results.json": "scores and samples before and after, parameter counts, data statistics",
     "adapter/": "the trained adapter, as jlora.save_adapter writes it",
     "head.safetensors": "the trained classification head (bert runs)",
@@ -278,9 +281,12 @@ def open_run_dir(config: RunConfig) -> Iterator[bool]:
         yield prepare_run_dir(config)
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` (a torn last line, from a killed run, is skipped)."""
-    path = os.path.join(run_dir, METRICS_FILE)
+def read_metrics(run_dir: str, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (or another log of the run, by file name).
+
+    A torn last line, from a killed run, is skipped.
+    """
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return []
     records = []
@@ -293,13 +299,19 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     return records
 
 
-def rewind_metrics(run_dir: str, step: int) -> None:
-    """Keeps only the records up to ``step``, so a resumed run does not repeat lines."""
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    path = os.path.join(run_dir, METRICS_FILE)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(f"{path}.tmp", path)
+def rewind_logs(run_dir: str, step: int) -> None:
+    """Keeps only the log records up to ``step``, so a resumed run does not repeat lines.
+
+    Cuts ``metrics.jsonl`` and ``completions.jsonl`` alike; ``step=-1`` empties them.
+    """
+    for name in _STEP_LOGS:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        kept = [r for r in read_metrics(run_dir, name) if r.get("step", 0) <= step]
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(f"{path}.tmp", path)
 
 
 def append_metrics(run_dir: str, record: dict[str, Any]) -> None:

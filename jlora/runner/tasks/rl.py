@@ -31,10 +31,9 @@ from jlora.models.sampling import generate
 from jlora.runner.data.chats import epoch_order
 from jlora.runner.data.prompts import PromptRecords, read_prompt_data
 from jlora.runner.rewards import Reward, load_rewards, mean_scored, score
+from jlora.runner.rundir.directory import COMPLETIONS_FILE
 from jlora.runner.tasks.causal_lm import CausalLMTask, _eos_ids
 
-#: The run directory's file of sampled completions, one JSON object per line.
-COMPLETIONS_FILE = "completions.jsonl"
 #: Held-out completions written to :data:`COMPLETIONS_FILE` per evaluation.
 SAMPLES_PER_EVAL = 4
 
@@ -62,6 +61,28 @@ class Rollout:
         """Holds what :meth:`RLTask.rollout` made."""
         self.batch, self.rewards, self.per_function = batch, rewards, per_function
         self.texts, self.lengths = texts, lengths
+
+
+def take_groups(rollouts: list[Rollout], groups: list[tuple[int, int]], size: int) -> Rollout:
+    """The completion groups ``(rollout, group)`` of ``rollouts``, in order, as one rollout.
+
+    ``size`` is the completions per group (``num_generations``): group ``j`` of a rollout is
+    its rows ``j * size`` to ``(j + 1) * size``.
+    """
+    rows = [(r, j * size + k) for r, j in groups for k in range(size)]
+
+    def gather(get: Any) -> np.ndarray:
+        return np.stack([get(rollouts[r])[i] for r, i in rows])
+
+    return Rollout(
+        {key: gather(lambda r, key=key: r.batch[key]) for key in rollouts[0].batch},
+        gather(lambda r: r.rewards),
+        np.stack(
+            [gather(lambda r, f=f: r.per_function[f]) for f in range(len(rollouts[0].per_function))]
+        ),
+        [rollouts[r].texts[i] for r, i in rows],
+        gather(lambda r: r.lengths),
+    )
 
 
 class RLTask(CausalLMTask):
