@@ -38,7 +38,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jlora.models.rope import apply_rope, check_rope_scaling, rope_cos_sin, rope_inv_freq
+from jlora.models.rope import (
+    apply_rope,
+    rope_cos_sin,
+    rope_inv_freq,
+    rope_scaling_from_hf,
+    rope_scaling_to_hf,
+)
 from jlora.peft import ModuleRule, PeftMapping
 
 __all__ = [
@@ -120,8 +126,11 @@ class DecoderConfig:
       head_dim: width of a head; ``None`` for ``hidden_size // num_attention_heads``.
       rms_norm_eps: the RMSNorm epsilon.
       rope_theta: the rotary embedding's base.
-      rope_scaling: transformers' ``rope_scaling`` dict (``llama3`` or ``linear``), or ``None``.
+      rope_scaling: transformers' ``rope_scaling`` dict (any type of
+        :data:`jlora.models.rope.SUPPORTED_ROPE_TYPES`), or ``None``.
       max_position_embeddings: longest sequence the model is configured for.
+      rope_freq_factors: llama.cpp's per-pair rotary divisors (a GGUF's ``rope_freqs.weight``,
+        Llama 3.1/3.2: their ``llama3`` scaling), ``head_dim / 2`` of them, or ``None``.
       tie_word_embeddings: the output head is the embedding's transpose.
       bos_token_id: beginning-of-sequence token id, or ``None``.
       eos_token_id: end-of-sequence token id(s), or ``None``.
@@ -154,6 +163,7 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
+    rope_freq_factors: tuple[float, ...] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
@@ -190,7 +200,15 @@ class DecoderConfig:
                 f"DecoderConfig: sliding_window must be a positive int or None; got "
                 f"{self.sliding_window}"
             )
-        check_rope_scaling(self.rope_scaling)
+        if self.rope_freq_factors is not None:
+            object.__setattr__(self, "rope_freq_factors", tuple(self.rope_freq_factors))
+        rope_inv_freq(  # validates rope_scaling and rope_freq_factors
+            self.head_dim,
+            self.rope_theta,
+            self.rope_scaling,
+            max_position_embeddings=self.max_position_embeddings,
+            freq_factors=self.rope_freq_factors,
+        )
 
     def __hash__(self) -> int:
         """Hashes the fields with ``rope_scaling`` and lists made hashable."""
@@ -247,11 +265,11 @@ class DecoderConfig:
             )
         sliding = _sliding_window(arch, hf, d["num_hidden_layers"])
         d.pop("sliding_window", None)
-        scaling = hf.get("rope_scaling")
         return cls(
             **d,
             rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rope_scaling=None if scaling is None else dict(scaling),
+            rope_scaling=rope_scaling_from_hf(hf),
+            rope_freq_factors=hf.get("rope_freq_factors"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             qk_norm=arch == "Qwen3ForCausalLM",
@@ -280,7 +298,7 @@ class DecoderConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
+            **rope_scaling_to_hf(self.rope_scaling, self.rope_freq_factors),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
@@ -612,11 +630,21 @@ class Decoder(nn.Module):
         c = self.config
         cache_len = _check_inputs(c, tokens, positions, segment_ids, cache, cache_index, kv_mask)
         b, t = tokens.shape
+        positions_given = positions
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             if cache is not None:
                 positions = positions + jnp.asarray(cache_index, jnp.int32)
-        inv_freq, factor = rope_inv_freq(_heads(c)[2], c.rope_theta, c.rope_scaling)
+        # dynamic/longrope rope: transformers' length max(position_ids) + 1, static when known
+        seq_len = t if positions_given is None and cache is None else jnp.max(positions) + 1
+        inv_freq, factor = rope_inv_freq(
+            _heads(c)[2],
+            c.rope_theta,
+            c.rope_scaling,
+            max_position_embeddings=c.max_position_embeddings,
+            seq_len=seq_len,
+            freq_factors=c.rope_freq_factors,
+        )
         cos, sin = rope_cos_sin(positions, inv_freq, factor, c.dtype)
         index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
         mask = _attention_mask(c, b, t, segment_ids, cache_len, index, kv_mask)

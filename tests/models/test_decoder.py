@@ -306,8 +306,8 @@ def test_from_hf_defaults_and_options():
             r"some layers only \(2 of 4",
         ),
         (
-            {"model_type": "llama", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-            "type 'dynamic' is not supported",
+            {"model_type": "llama", "rope_scaling": {"rope_type": "su", "factor": 2.0}},
+            r"type 'su' \(key 'rope_type'\) is not supported \(supported: \('default'",
         ),
         (
             {"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
