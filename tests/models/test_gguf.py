@@ -311,9 +311,11 @@ def test_refusals_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match=r"s\.gguf.*'blk\.0\.ffn_gate\.weight'.*\(96, 64\).*95"):
         read_gguf(path)
     path = write_gguf(
-        tmp_path / "r.gguf", weights, extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)}
+        tmp_path / "r.gguf", weights, extra_tensors={"rope_freqs.weight": np.ones(3, np.float32)}
     )
-    with pytest.raises(ValueError, match=r"r\.gguf.*'rope_freqs\.weight' \(Llama 3\.1"):
+    with pytest.raises(
+        ValueError, match=r"r\.gguf.*'rope_freqs\.weight' \(F32, 3 values\) .* 8 pos"
+    ):
         read_gguf(path)
     path = write_gguf(tmp_path / "v.gguf", weights, meta={"attention.head_count_kv": [2, 1]})
     with pytest.raises(ValueError, match=r"v\.gguf.*head_count_kv varies per layer \(\[2, 1\]"):
@@ -392,3 +394,72 @@ def test_tensors_equal_transformers_gguf_loader(tmp_path):
     assert sorted(ours) == sorted(theirs)
     for name, x in ours.items():
         np.testing.assert_array_equal(x, theirs[name], err_msg=name)
+
+
+def llama_cpp_rope_freqs(theta, dim, factor, low_freq_factor, high_freq_factor, old_context_len):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors for a llama3 rope_scaling."""
+    import math
+
+    freqs = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            rope_factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(rope_factors, np.float32)
+
+
+def test_rope_freqs_compute_the_llama3_scaling(tmp_path):
+    """A Llama 3.1-style file (rope_freqs.weight) runs as its HF llama3 rope_scaling does."""
+    import jax
+    import jax.numpy as jnp
+
+    from jlora.models.decoder import Decoder, DecoderConfig
+    from jlora.models.decoder_weights import hf_to_params
+    from jlora.models.pretrained import load_pretrained
+
+    weights = hf_weights(layers=1, tie=False)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    factors = llama_cpp_rope_freqs(10000.0, 16, 8.0, 1.0, 4.0, 64)
+    assert set(factors[:1]) == {1.0} and 1 < factors[1] < 8 and set(factors[3:]) == {8.0}
+    path = write_gguf(tmp_path / "l.gguf", weights, extra_tensors={"rope_freqs.weight": factors})
+    ckpt = read_gguf(path)
+    assert ckpt.config["rope_freq_factors"] == factors.tolist()
+    assert "rope_freqs.weight" not in str(list(ckpt.shapes))
+    loaded = load_pretrained(path)
+    assert loaded.config.rope_freq_factors == tuple(factors.tolist())
+    tokens = np.random.default_rng(0).integers(0, 40, (2, 24)).astype(np.int32)
+    got = np.asarray(jax.jit(loaded.model.apply)({"params": loaded.params}, tokens))
+    hf = {k: v for k, v in loaded.hf_config.items() if k != "rope_freq_factors"}
+    config = DecoderConfig.from_hf(hf | {"rope_scaling": scaling})
+    params = hf_to_params(config, weights.items())
+    want = np.asarray(jax.jit(Decoder(config).apply)({"params": params}, tokens))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    plain = DecoderConfig.from_hf(hf)  # the file without its factors computes something else
+    assert np.abs(np.asarray(Decoder(plain).apply({"params": params}, tokens)) - want).max() > 1e-3
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**config.to_hf(), attn_implementation="eager")
+    ).eval()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens)).logits.numpy()
+    err = np.abs(got - theirs).max() / np.abs(theirs).max()
+    assert err < 1e-4, err
+    assert jnp.asarray(got).dtype == jnp.float32

@@ -70,7 +70,9 @@ class GGUFCheckpoint:
 
     Attributes:
       path: the file.
-      config: what the equivalent Hugging Face model's ``config.json`` holds.
+      config: what the equivalent Hugging Face model's ``config.json`` holds, plus
+        ``rope_freq_factors`` (Llama 3.1/3.2's ``rope_freqs.weight``, which llama.cpp's
+        converter writes instead of their ``llama3`` ``rope_scaling``) when the file has them.
       metadata: every GGUF key -> its value (str, int, float, bool or a list of them).
       shapes: HF tensor name -> HF shape, in file order.
     """
@@ -89,6 +91,24 @@ def _value(field: Any) -> Any:
         # float32 1e-5 is 9.99999974e-06 as a double; HF configs hold the decimal the user wrote
         value = float(str(np.float32(value)))
     return value
+
+
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def _rope_freqs(path: str, tensor: ReaderTensor, config: dict[str, Any]) -> list[float]:
+    """llama.cpp's per-pair rotary divisors: its converter's ``llama3`` factors (Llama 3.1+)."""
+    d = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factors = np.zeros(0, np.float32)
+    if tensor.tensor_type in SUPPORTED_TYPES:
+        factors = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).ravel()
+    if factors.shape != (d // 2,) or not np.all(np.isfinite(factors) & (factors > 0)):
+        raise ValueError(
+            f"GGUF file {path!r}: tensor {_ROPE_FREQS!r} ({tensor.tensor_type.name}, "
+            f"{int(np.prod(tensor.shape))} values) should hold {d // 2} positive float rotary "
+            f"divisors, one per pair of head_dim {d}; re-convert the model with llama.cpp"
+        )
+    return [float(f) for f in factors]
 
 
 def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +182,8 @@ def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
             f"GGUF file {path!r}: {arch}.rope.scaling.type={scaling!r}; jlora maps "
             "'none', 'linear' and 'yarn'"
         )
+    if _ROPE_FREQS in tensors:  # divides inv_freq pair by pair, as llama.cpp's rope does
+        config["rope_freq_factors"] = _rope_freqs(path, tensors[_ROPE_FREQS], config)
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = meta[f"tokenizer.ggml.{key}"]
@@ -174,13 +196,8 @@ def _hf_name(path: str, name: str, layers: int) -> str:
     match = _LAYER_RE.fullmatch(name)
     if match and match[2] in _LAYER_NAMES and int(match[1]) < layers:
         return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
-    hint = (
-        " (Llama 3.1-style rope scaling factors, not expressible in the config yet)"
-        if name == "rope_freqs.weight"
-        else ""
-    )
     raise ValueError(
-        f"GGUF file {path!r} holds tensor {name!r}{hint}, which has no Hugging Face counterpart "
+        f"GGUF file {path!r} holds tensor {name!r}, which has no Hugging Face counterpart "
         f"jlora knows for a {layers}-layer decoder; known: {sorted(_GLOBAL_NAMES)} and "
         f"blk.<i>.{{{','.join(_LAYER_NAMES)}}}.weight|bias"
     )
@@ -279,6 +296,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
     by_hf: dict[str, ReaderTensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, tensor in tensors.items():
+        if name == _ROPE_FREQS:  # read into config['rope_freq_factors']
+            continue
         hf = _hf_name(path, name, config["num_hidden_layers"])
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(
