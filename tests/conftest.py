@@ -52,6 +52,7 @@ _SLOW = (
     "test_runner_preference.py::test_smollm2_dpo_config_runs_one_step",
     "runner/test_causal_lm.py::test_smollm2_instruction_config_runs_one_step",
     "models/test_pretrained.py::test_smollm2_reads_english_and_answers_in_words",
+    "models/test_gemma.py::test_gemma3_270m_gguf_matches_transformers_gguf_loader",
     "test_runner_preference.py::test_a_preference_run_on_a_mesh_matches_one_device",
     "test_distributed.py::test_2x2x2_mesh_losses_equal_single_device",
     "test_dora.py::test_unchanged_at_init_and_merge_equals_factorised_with_grads",
@@ -60,6 +61,7 @@ _SLOW = (
     "test_benchmarks_instruction.py::test_every_table_on_a_tiny_checkpoint",
     "test_runner_grpo.py::test_held_out_reward_rises_on_a_learnable_reward",
     "test_runner_grpo.py::test_smollm2_grpo_config_runs_one_step",
+    "test_runner_grpo.py::test_a_grpo_run_on_a_mesh_samples_and_trains_as_on_one_device",
     "runner/test_instruction_runs.py::test_a_memorised_answer_scores_exact_match_one",
 )
 
