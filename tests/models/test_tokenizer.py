@@ -336,3 +336,55 @@ def test_gguf_metadata_refusals():
 def test_read_gguf_metadata_on_any_architecture(hf_dir, tmp_path):
     meta = read_gguf_metadata(gguf_from_hf_dir(hf_dir, tmp_path / "t.gguf"))
     assert meta["tokenizer.ggml.model"] == "gpt2" and len(meta["tokenizer.ggml.tokens"]) == 600
+
+
+def _with_config(hf_dir, path, **changes):
+    """A copy of the tiny tokenizer directory whose tokenizer_config.json has ``changes``."""
+    path.mkdir()
+    (path / "tokenizer.json").write_bytes((hf_dir / "tokenizer.json").read_bytes())
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    config |= {k: v for k, v in changes.items() if v is not None}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize(
+    ("klass", "add_bos", "add_eos", "first", "last"),
+    [
+        ("LlamaTokenizerFast", True, None, "<|im_start|>", None),
+        ("LlamaTokenizerFast", False, None, None, None),
+        ("LlamaTokenizer", None, True, "<|im_start|>", "<|im_end|>"),  # default: add bos
+        ("GemmaTokenizerFast", False, True, None, "<|im_end|>"),
+        ("GPTNeoXTokenizerFast", None, None, None, None),  # default: no bos
+        ("PreTrainedTokenizerFast", True, True, None, None),  # transformers ignores both
+    ],
+)
+def test_add_bos_token_as_transformers_applies_it(
+    hf_dir, tmp_path, klass, add_bos, add_eos, first, last
+):
+    transformers = pytest.importorskip("transformers")
+    directory = _with_config(
+        hf_dir, tmp_path / "t", tokenizer_class=klass, add_bos_token=add_bos, add_eos_token=add_eos
+    )
+    theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+    ours = from_hf_dir(directory)
+    for text in MIXED[:4]:
+        for add in (True, False):
+            assert ours.encode(text, add) == theirs.encode(text, add_special_tokens=add), text
+    ids, plain = ours.encode("hi there"), ours.encode("hi there", add_special_tokens=False)
+    expected = [ours.backend.token_to_id(t) for t in (first,) if t] + plain
+    assert ids == expected + [ours.backend.token_to_id(t) for t in (last,) if t]
+
+
+def test_add_bos_token_needs_a_bos_token(hf_dir, tmp_path):
+    directory = _with_config(hf_dir, tmp_path / "t", tokenizer_class="LlamaTokenizerFast")
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json.*add_bos_token is true for "):
+        from_hf_dir(directory)
+    config |= {"add_eos_token": True, "add_bos_token": False, "eos_token": "<nope>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"add_eos_token is true .* eos_token '<nope>' is not a"):
+        from_hf_dir(directory)

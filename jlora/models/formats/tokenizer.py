@@ -47,6 +47,16 @@ PRE_TOKENIZERS = {
     "qwen2": _split_then_bytes(_SPLIT % ""),
 }
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+#: ``tokenizer_class`` (less ``Fast``) -> its default ``add_bos_token``: the transformers
+#: classes that rebuild the post-processor from ``add_bos_token``/``add_eos_token``; every
+#: other class (``PreTrainedTokenizerFast``, Qwen2's, GPT-2's) keeps ``tokenizer.json``'s.
+ADD_BOS_CLASSES = {
+    "LlamaTokenizer": True,
+    "CodeLlamaTokenizer": True,
+    "GemmaTokenizer": True,
+    "CohereTokenizer": True,
+    "GPTNeoXTokenizer": False,
+}
 
 
 class Tokenizer:
@@ -184,10 +194,17 @@ def from_hf_dir(directory: str | os.PathLike[str]) -> Tokenizer:
     Reads ``tokenizer_config.json`` (special tokens, ``chat_template``,
     ``clean_up_tokenization_spaces``), then ``special_tokens_map.json`` and
     ``chat_template.jinja`` when present (they take precedence, as in transformers).
+    ``add_bos_token``/``add_eos_token`` apply as transformers applies them: for a
+    ``tokenizer_class`` of :data:`ADD_BOS_CLASSES` (Llama's, Gemma's, ...) encoding puts
+    ``bos_token`` first when ``add_bos_token`` is true (that class's default when absent) and
+    ``eos_token`` last when ``add_eos_token`` is; other classes keep what ``tokenizer.json``'s
+    post-processor adds, as transformers ignores the keys there.
 
     Raises:
       FileNotFoundError: if ``directory`` has no ``tokenizer.json``.
-      ValueError: if a file there does not parse; the message names it.
+      ValueError: if a file there does not parse (the message names it), or
+        ``add_bos_token``/``add_eos_token`` is true without a ``bos_token``/``eos_token`` in
+        the vocabulary.
 
     Example:
       >>> import tempfile, os, json
@@ -226,6 +243,21 @@ def from_hf_dir(directory: str | os.PathLike[str]) -> Tokenizer:
     if os.path.isfile(jinja := os.path.join(directory, "chat_template.jinja")):
         with open(jinja, encoding="utf-8") as f:
             template, source = f.read(), jinja
+    klass = str(config.get("tokenizer_class") or "").removesuffix("Fast")
+    if klass in ADD_BOS_CLASSES:
+        add_bos = bool(config.get("add_bos_token", ADD_BOS_CLASSES[klass]))
+        add_eos = bool(config.get("add_eos_token", False))
+        for key, wanted in (("bos_token", add_bos), ("eos_token", add_eos)):
+            token = special.get(key)
+            if wanted and (token is None or backend.token_to_id(token) is None):
+                raise ValueError(
+                    f"{cfg!r}: add_{key} is true for {klass}, but {key} {token!r} is not a "
+                    f"token of tokenizer.json; set {key} to one, or add_{key} to false"
+                )
+        bos, eos = special.get("bos_token"), special.get("eos_token")
+        backend.post_processor = _post_processor(
+            bos if add_bos else None, eos if add_eos else None, backend
+        )
     return Tokenizer(
         backend,
         special | {"additional_special_tokens": extra},
