@@ -101,11 +101,11 @@ def check_rope_scaling(
     if kind == "longrope" and head_dim is not None:
         for key in ("short_factor", "long_factor"):
             value = scaling[key]  # type: ignore[index]
-            found = len(value) if isinstance(value, Sequence) else value
-            if found != head_dim // 2:
+            found = f"{len(value)} entries" if isinstance(value, Sequence) else repr(value)
+            if found != f"{head_dim // 2} entries":
                 raise ValueError(
-                    f"rope_scaling[{key!r}] has {found} entries; longrope needs one per rotary "
-                    f"pair, head_dim / 2 = {head_dim // 2}. Fix the config.json"
+                    f"rope_scaling[{key!r}] has {found}; longrope needs a list with one number "
+                    f"per rotary pair, head_dim / 2 = {head_dim // 2}. Fix the config.json"
                 )
     needs_length = kind == "dynamic" or (
         kind in ("yarn", "longrope") and not (scaling or {}).get("original_max_position_embeddings")

@@ -223,6 +223,11 @@ def test_longrope_original_length_lives_at_the_top_level():
             r"rope_scaling\['short_factor'\] has 3 entries; .* head_dim / 2 = 8",
         ),
         (
+            {"rope_type": "longrope", "factor": 2.0, "short_factor": SHORT, "long_factor": 2.0},
+            {"head_dim": 16},
+            r"rope_scaling\['long_factor'\] has 2\.0; longrope needs a list",
+        ),
+        (
             {"rope_type": "dynamic", "factor": 2.0},
             {},
             r"type 'dynamic' needs max_position_embeddings",
@@ -244,3 +249,35 @@ def test_bad_freq_factors_are_refused():
     assert c.rope_freq_factors == (1.0, 8.0) and hash(c)
     with pytest.raises(ValueError, match=r"freq_factors .* have no transformers config\.json"):
         c.to_hf()
+
+
+@pytest.mark.peft
+@pytest.mark.parametrize("name", ["dynamic"])
+def test_generate_matches_transformers_generate(name):
+    """Left-padded prompts decoded past the switching length: the sampler's positions are HF's."""
+    torch = pytest.importorskip("torch")
+    from jlora.models.sampling import generate
+
+    model = hf_model(name)
+    model.generation_config.eos_token_id = None
+    config, params = jlora_of(model)
+    prompts = [TOKENS[0, :4].tolist(), TOKENS[1, :7].tolist()]
+
+    def step(p, tokens, positions, cache, index, kv_mask):
+        return Decoder(config).apply(
+            {"params": p}, tokens, positions, cache=cache, cache_index=index, kv_mask=kv_mask
+        )
+
+    ours = generate(
+        step, params, prompts, init_cache=lambda b, n: init_cache(config, b, n), max_new_tokens=14
+    )
+    ids = torch.zeros((2, 7), dtype=torch.long)
+    mask = torch.zeros((2, 7), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 7 - len(prompt) :] = torch.as_tensor(prompt)
+        mask[row, 7 - len(prompt) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=14, do_sample=False, pad_token_id=0
+        )
+    assert ours == out[:, 7:].tolist()
