@@ -1,4 +1,4 @@
-r"""The Llama-family decoder every real checkpoint runs on (Llama, Mistral, Qwen2, Qwen3).
+r"""The Llama-family decoder every real checkpoint runs on (Llama, Mistral, Qwen2/3, MoE).
 
 Design note (the layout lives here and in :mod:`jlora.models.decoder_weights` only): the
 ``"params"`` collection uses Hugging Face's module names, kernels ``(in, out)`` = HF
@@ -14,10 +14,12 @@ LoRA targets read like PEFT's (``r".*(q_proj|v_proj)/kernel"``) and one layer is
     model/layers/mlp/{gate,up}_proj/kernel       [L, D, F]
     model/layers/mlp/down_proj/kernel            [L, F, D]
     model/norm/scale                             [D]
+    model/layers/{mlp,block_sparse_moe}/...      (Qwen3-MoE, Mixtral: jlora.models.moe)
     lm_head/kernel                               [D, V]   (absent with tied embeddings)
 
-The 3-D stacked kernels need one axis rule, :data:`DECODER_AXIS_RULES`
-(``("stack", "in", "out")``), also given by ``PEFT_MAPPING.axis_rules``: :data:`PEFT_MAPPING`
+The stacked kernels need axis rules, :data:`DECODER_AXIS_RULES` (``("stack", "in", "out")``;
+a mixture's experts ``("stack", "stack", "in", "out")``), also given by
+``PEFT_MAPPING.axis_rules``: :data:`PEFT_MAPPING`
 names each adapted kernel's PyTorch module for PEFT files (at the end of this module).
 
 Attention follows transformers' eager path: scores ``q·kᵀ/sqrt(hd)`` masked with the dtype's
@@ -38,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.moe import MOE_ARCHITECTURES, MoeConfig, SparseMoe, moe_from_hf
 from jlora.models.rope import (
     apply_rope,
     rope_cos_sin,
@@ -60,12 +63,17 @@ __all__ = [
 
 #: ``LoraConfig.axis_rules`` for the stacked layer kernels ``[L, in, out]``.
 DECODER_AXIS_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"(?:.*/)?model/layers/(.*)/experts/(.*)/kernel", ("stack", "stack", "in", "out")),
     (r"(?:.*/)?model/layers/(.*)/kernel", ("stack", "in", "out")),
 )
 
 #: ``LoraConfig.targets`` for every attention and MLP projection of a :class:`Decoder` (what
-#: PEFT's ``target_modules="all-linear"`` picks on these models, less ``lm_head``).
-DECODER_TARGETS = r"(?:.*/)?model/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel"
+#: PEFT's ``target_modules="all-linear"`` picks on these models, less ``lm_head``); on a
+#: mixture of experts, every expert's projections and not the router (``gate``).
+DECODER_TARGETS = (
+    r"(?:.*/)?model/layers/(self_attn/[qkvo]_proj|mlp/(experts/)?(gate|up|down)_proj"
+    r"|block_sparse_moe/experts/w[123])/kernel"
+)
 
 # transformers' defaults per architecture for keys a config.json may leave out
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,6 +97,16 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-6,
         max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
     ),
+    "Qwen3MoeForCausalLM": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=None, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, bos_token_id=None, eos_token_id=None,
+    ),
+    "MixtralForCausalLM": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=None, rms_norm_eps=1e-5,
+        max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
+    ),
 }  # fmt: skip
 #: The ``architectures`` values :meth:`DecoderConfig.from_hf` accepts.
 SUPPORTED_ARCHITECTURES = tuple(_DEFAULTS)
@@ -97,6 +115,8 @@ _MODEL_TYPES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 _OPTIONS = ("dtype", "param_dtype", "remat", "scan_layers")
 
@@ -139,6 +159,8 @@ class DecoderConfig:
       sliding_window: every layer attends only to the last ``sliding_window`` slots, or
         ``None`` (Mistral; Qwen2/3 with ``use_sliding_window`` on all layers).
       architecture: the HF class name, e.g. ``"LlamaForCausalLM"``.
+      moe: the sparse MLP of a mixture-of-experts architecture (Qwen3-MoE, Mixtral), else
+        ``None``; :class:`jlora.models.moe.MoeConfig`.
       dtype: compute dtype (activations); logits are returned in float32 anyway.
       param_dtype: dtype the parameters are created and loaded in.
       remat: rematerialise each layer in the backward pass (``nn.remat``).
@@ -171,6 +193,7 @@ class DecoderConfig:
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    moe: MoeConfig | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
@@ -184,6 +207,15 @@ class DecoderConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.architecture not in _DEFAULTS:
             raise ValueError(_unsupported(self.architecture))
+        is_moe = self.architecture in MOE_ARCHITECTURES
+        if is_moe != (self.moe is not None) or (
+            self.moe is not None and self.moe.architecture != self.architecture
+        ):
+            raise ValueError(
+                f"DecoderConfig: architecture {self.architecture} needs "
+                f"{'a MoeConfig of the same architecture' if is_moe else 'moe=None'} as moe; "
+                f"got {self.moe!r}. Read the config with DecoderConfig.from_hf"
+            )
         heads, kv = self.num_attention_heads, self.num_key_value_heads
         if kv is None or kv < 1 or heads % kv:
             raise ValueError(
@@ -265,16 +297,21 @@ class DecoderConfig:
             )
         sliding = _sliding_window(arch, hf, d["num_hidden_layers"])
         d.pop("sliding_window", None)
+        moe = None
+        if arch in MOE_ARCHITECTURES:
+            moe = moe_from_hf(arch, hf, d["intermediate_size"])
+        theta = 1e6 if arch == "MixtralForCausalLM" else 10000.0
         return cls(
             **d,
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(hf.get("rope_theta", theta)),
             rope_scaling=rope_scaling_from_hf(hf),
             rope_freq_factors=hf.get("rope_freq_factors"),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=sliding,
             architecture=arch,
+            moe=moe,
             **options,
         )
 
@@ -305,10 +342,15 @@ class DecoderConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": jnp.dtype(self.param_dtype).name,
         }
-        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
             out["attention_bias"] = False
-        if self.architecture == "MistralForCausalLM":
+        if self.architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
             out["sliding_window"] = self.sliding_window
+        if self.architecture == "Qwen3MoeForCausalLM":
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+        if self.moe is not None:
+            out.update(self.moe.to_hf())
         if self.architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
             out["use_sliding_window"] = self.sliding_window is not None
             out["sliding_window"] = self.sliding_window
@@ -341,6 +383,10 @@ def _architecture(hf: Mapping[str, Any]) -> str:
 def _sliding_window(arch: str, hf: Mapping[str, Any], layers: int) -> int | None:
     if arch == "MistralForCausalLM":
         return hf.get("sliding_window", 4096)
+    if arch == "MixtralForCausalLM":
+        return hf.get("sliding_window")
+    if arch == "Qwen3MoeForCausalLM":  # one window for every layer when on
+        return int(hf.get("sliding_window", 4096)) if hf.get("use_sliding_window") else None
     if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") or not hf.get("use_sliding_window"):
         return None
     window = hf.get("sliding_window", 4096)
@@ -499,8 +545,10 @@ class _Layer(nn.Module):
             norm(name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
         )
         x = x + attn
-        x = x + _MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, new_cache
+        h = norm(name="post_attention_layernorm")(x)
+        if c.moe is None:
+            return x + _MLP(c, name="mlp")(h), new_cache
+        return x + SparseMoe(c.moe, c.dtype, c.param_dtype, name=c.moe.block)(h), new_cache
 
 
 class _Model(nn.Module):
@@ -520,7 +568,7 @@ class _Model(nn.Module):
         layer: Any = nn.remat(_Layer, prevent_cse=False) if c.remat else _Layer
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},  # MoE router logits per layer
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
@@ -743,6 +791,11 @@ def causal_lm_loss(
 PEFT_MAPPING = PeftMapping(
     "hf-decoder",
     (
+        ModuleRule(  # a mixture's experts: model.layers.{i}.mlp.experts.{e}.gate_proj
+            r"(?:.*/)?model/layers/(.*)/experts/(.*)/kernel",
+            r"model.layers.{layer}.\1.experts.{expert}.\2",
+            axes=("stack", "stack", "in", "out"),
+        ),
         ModuleRule(
             r"(?:.*/)?model/layers/(.*)/kernel",
             r"model.layers.{layer}.\1",

@@ -3,7 +3,8 @@
 Design note: :func:`param_layout` is the one table of the correspondence. HF ``X.weight`` of a
 ``Linear`` ``(out, in)`` becomes ``X/kernel`` ``(in, out)``; norms' ``weight`` become ``scale``;
 ``model.embed_tokens.weight`` is ``model/embed_tokens/embedding`` as it is; the tensors of
-``model.layers.{i}`` fill index ``i`` of one stacked ``model/layers/...`` leaf. Conversion is
+``model.layers.{i}`` fill index ``i`` of one stacked ``model/layers/...`` leaf, and a mixture's
+``model.layers.{i}.mlp.experts.{e}`` index ``(i, e)`` of an ``[L, E, ...]`` leaf. Conversion is
 numpy only and streams: each finished leaf is handed to ``place`` (e.g. ``jax.device_put``
 with a sharding) and its host buffer dropped, so the host holds about one copy of the weights.
 """
@@ -26,6 +27,7 @@ from jlora.models.decoder import DecoderConfig
 __all__ = ["LayoutEntry", "hf_to_params", "param_layout", "params_to_hf"]
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
 _BUFFERS = re.compile(r"(.*\.)?rotary_emb\.inv_freq")
 
 
@@ -39,6 +41,8 @@ class LayoutEntry:
       shape: the leaf's shape (layer tensors: ``[L, ...]``).
       transpose: the HF tensor is the transpose of one layer's slice (``Linear`` weights).
       stacked: a layer tensor, one per decoder layer.
+      experts: for a mixture's expert tensor, the number of experts (``hf`` then holds
+        ``{expert}``, and ``shape`` is ``[L, E, ...]``); 0 otherwise.
     """
 
     hf: str
@@ -46,15 +50,25 @@ class LayoutEntry:
     shape: tuple[int, ...]
     transpose: bool
     stacked: bool
+    experts: int = 0
 
     def hf_shape(self) -> tuple[int, ...]:
         """The shape of the HF tensor (one layer's, transposed back for ``Linear``)."""
-        shape = self.shape[1:] if self.stacked else self.shape
+        shape = self.shape[int(self.stacked) + int(self.experts > 0) :]
         return shape[::-1] if self.transpose else shape
 
-    def hf_name(self, layer: int | None) -> str:
-        """The full HF name, for ``layer`` when stacked."""
-        return f"model.layers.{layer}.{self.hf}" if self.stacked else self.hf
+    def hf_name(self, layer: int | None, expert: int | None = None) -> str:
+        """The full HF name, for ``layer`` when stacked (and ``expert`` for an expert's)."""
+        hf = self.hf if expert is None else self.hf.replace("{expert}", str(expert))
+        return f"model.layers.{layer}.{hf}" if self.stacked else hf
+
+    def names(self, layers: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Every HF tensor of this entry, with its index into the leaf (``()`` if unstacked)."""
+        if not self.stacked:
+            return [(self.hf, ())]
+        if not self.experts:
+            return [(self.hf_name(i), (i,)) for i in range(layers)]
+        return [(self.hf_name(i, e), (i, e)) for i in range(layers) for e in range(self.experts)]
 
 
 def param_layout(config: DecoderConfig) -> list[LayoutEntry]:
@@ -103,9 +117,18 @@ def param_layout(config: DecoderConfig) -> list[LayoutEntry]:
     if c.qk_norm:
         layer("self_attn.q_norm.weight", (hd,))
         layer("self_attn.k_norm.weight", (hd,))
-    layer("mlp.gate_proj.weight", (d, f))
-    layer("mlp.up_proj.weight", (d, f))
-    layer("mlp.down_proj.weight", (f, d))
+    if c.moe is None:
+        layer("mlp.gate_proj.weight", (d, f))
+        layer("mlp.up_proj.weight", (d, f))
+        layer("mlp.down_proj.weight", (f, d))
+    else:  # the router, then every expert's projections stacked on an expert axis
+        m = c.moe
+        router = ("model", "layers", m.block, "gate", "kernel")
+        out.append(LayoutEntry(f"{m.block}.gate.weight", router, (n, d, m.num_experts), True, True))
+        for proj, shape in m.expert_shapes(d).items():
+            path = ("model", "layers", m.block, "experts", proj, "kernel")
+            hf = f"{m.block}.experts.{{expert}}.{proj}.weight"
+            out.append(LayoutEntry(hf, path, (n, m.num_experts, *shape), True, True, m.num_experts))
     layer("input_layernorm.weight", (d,))
     layer("post_attention_layernorm.weight", (d,))
     out.append(LayoutEntry("model.norm.weight", ("model", "norm", "scale"), (d,), False, False))
@@ -170,7 +193,7 @@ def hf_to_params(
     by_layer = {e.hf: e for e in entries if e.stacked}
     by_name = {e.hf: e for e in entries if not e.stacked}
     buffers: dict[tuple[str, ...], np.ndarray] = {}
-    seen: dict[tuple[str, ...], set[int]] = {e.path: set() for e in entries}
+    seen: dict[tuple[str, ...], set[tuple[int, ...]]] = {e.path: set() for e in entries}
     params: dict[str, Any] = {}
     tied_head: str | None = None  # digest of a tied lm_head.weight, checked against the embedding
     embed_digest: str | None = None
@@ -180,9 +203,22 @@ def hf_to_params(
 
     for name, tensor in tensors:
         layer: int | None = None
+        index: tuple[int, ...] = ()
         match = _LAYER.fullmatch(name)
-        if match is not None and match.group(2) in by_layer:
-            entry, layer = by_layer[match.group(2)], int(match.group(1))
+        expert = None if match is None else _EXPERT.fullmatch(match.group(2))
+        key = None if match is None else match.group(2)
+        if expert is not None:  # mlp.experts.3.gate_proj.weight -> mlp.experts.{expert}...
+            key = f"{expert.group(1)}.{{expert}}.{expert.group(3)}"
+        if match is not None and key in by_layer:
+            entry, layer = by_layer[key], int(match.group(1))
+            index = (layer,)
+            if expert is not None:
+                index = (layer, int(expert.group(2)))
+                if index[1] >= entry.experts:
+                    raise ValueError(
+                        f"tensor {name!r} is for expert {index[1]}, but the config has "
+                        f"{entry.experts} experts; the checkpoint and config.json disagree"
+                    )
             if layer >= layers:
                 raise ValueError(
                     f"tensor {name!r} is for layer {layer}, but the config has "
@@ -211,7 +247,6 @@ def hf_to_params(
                 f"from the config ({'/'.join(entry.path)} {entry.shape}); the checkpoint and its "
                 "config.json disagree"
             )
-        index = 0 if layer is None else layer
         if index in seen[entry.path]:
             raise ValueError(f"tensor {name!r} is given twice; each tensor must appear once")
         seen[entry.path].add(index)
@@ -227,14 +262,11 @@ def hf_to_params(
             buffers[entry.path] = np.empty(entry.shape, dtype)
         buffers[entry.path][index] = value
         del value, array
-        if len(seen[entry.path]) == layers:
+        if len(seen[entry.path]) == layers * max(entry.experts, 1):
             finish(entry, buffers.pop(entry.path))
 
     missing = [
-        e.hf_name(None if not e.stacked else i)
-        for e in entries
-        for i in (range(layers) if e.stacked else [0])
-        if i not in seen[e.path]
+        name for e in entries for name, index in e.names(layers) if index not in seen[e.path]
     ]
     if missing:
         shown = ", ".join(missing[:8]) + (
@@ -310,9 +342,15 @@ def params_to_hf(config: DecoderConfig, params: Any) -> Iterator[tuple[str, np.n
 
     head = [e for e in entries if not e.stacked]
     yield host(head[0], None)
+    experts = [e for e in entries if e.experts]
     for i in range(config.num_hidden_layers):
         for e in entries:
-            if e.stacked:
+            if e.stacked and not e.experts:
                 yield host(e, i)
+            if experts and e is experts[-1]:  # HF's order: expert by expert, then projection
+                on_host = [np.asarray(jax.device_get(leaves["/".join(x.path)][i])) for x in experts]
+                for x in range(experts[0].experts):
+                    for entry, layer in zip(experts, on_host, strict=True):
+                        yield entry.hf_name(i, x), np.ascontiguousarray(layer[x].T)
     for e in head[1:]:
         yield host(e, None)

@@ -189,9 +189,9 @@ def _has_tokenizer(directory: str) -> bool:
 
 def _expected_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     return {
-        e.hf_name(i): e.hf_shape()
+        name: e.hf_shape()
         for e in param_layout(config)
-        for i in (range(config.num_hidden_layers) if e.stacked else [None])
+        for name, _ in e.names(config.num_hidden_layers)
     }
 
 

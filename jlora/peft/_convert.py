@@ -83,9 +83,13 @@ def module_names(
 ) -> list[tuple[tuple[int, ...], str]]:
     """``(stack index, module name)`` for every PyTorch module a kernel maps to.
 
+    ``{layer}`` in ``template`` is the index along the first stack axis and ``{expert}`` the
+    index along the second (a mixture's experts stacked inside each layer).
+
     Raises:
       ValueError: if ``{layer}`` is in the module name but the kernel has no stack axis (or the
-        reverse), or the kernel has more than one stack axis.
+        reverse), the kernel has two stack axes but no ``{expert}`` placeholder (or the
+        reverse), or more than two stack axes.
     """
     indices = stack_indices(shape, roles)
     stacked = indices != [()]
@@ -96,9 +100,17 @@ def module_names(
             f"{'lacks' if stacked else 'has'} a '{{layer}}' placeholder; a stacked kernel maps to "
             "one PyTorch module per layer, e.g. 'encoder.layer.{layer}.attention.self.query'"
         )
-    if len(indices[0]) > 1:
+    axes = len(indices[0])
+    if axes > 2 or (axes == 2) != ("{expert}" in template):
         raise ValueError(
-            f"kernel {name!r} has {len(indices[0])} stack axes (roles {roles}); PEFT files "
-            "support one"
+            f"kernel {name!r} has {axes} stack axes (roles {roles}) and module name "
+            f"{template!r}; PEFT files support one stack axis ('{{layer}}'), or two with "
+            "'{layer}' and '{expert}' placeholders, e.g. 'model.layers.{layer}.mlp.experts."
+            "{expert}.gate_proj'"
         )
-    return [(idx, template.replace("{layer}", str(idx[0])) if idx else template) for idx in indices]
+
+    def fill(idx: tuple[int, ...]) -> str:
+        out = template.replace("{layer}", str(idx[0])) if idx else template
+        return out.replace("{expert}", str(idx[1])) if len(idx) == 2 else out
+
+    return [(idx, fill(idx)) for idx in indices]
