@@ -143,6 +143,14 @@ def test_builtin_rewards():
     assert load_reward(r"regex:^\s*[a-z.]+\s*$")(rows, completions) == [1, 0, 1, 1]
     chat = [[{"role": "assistant", "content": "json"}]]
     assert load_reward("exact_match:answer")(["q"], chat, answer=["json"]) == [1.0]
+    numbers = ["7 + 5 = 12.", "12 + 1", "It is 1,200.", "-3", "none"]
+    want = {"answer": ["12", "12", "1200", -3, "0"]}
+    assert load_reward("last_number:answer")(["q"] * 5, numbers, **want) == [1, 0, 1, 1, 0]
+
+
+def test_last_number_needs_a_number_to_compare_with():
+    with pytest.raises(ValueError, match=r"last_number:answer: row 1's answer 'json' holds no"):
+        load_reward("last_number:answer")(["q", "q"], ["1", "2"], answer=["1", "json"])
 
 
 @pytest.mark.parametrize(
@@ -198,6 +206,22 @@ def test_none_leaves_a_row_out_of_the_sum_as_trl_does():
 
 
 # --- data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["stdlib_modules", "arithmetic"])
+def test_shipped_prompts_rebuild_identically_from_their_script(name, tmp_path):
+    from jlora.runner.data import arithmetic_prompts, stdlib_prompts
+    from jlora.runner.data.chat_batches import resolve_data
+
+    script = {"stdlib_modules": stdlib_prompts, "arithmetic": arithmetic_prompts}[name]
+    script.main([str(tmp_path)])
+    for file in ("train.jsonl", "eval.jsonl"):
+        shipped = resolve_data(f"builtin:{name}/{file}", "data.train", "prompts")
+        with open(shipped, encoding="utf-8") as f:
+            assert (tmp_path / file).read_text(encoding="utf-8") == f.read()
+    train, held = (read_prompts(tmp_path / f) for f in ("train.jsonl", "eval.jsonl"))
+    seen = {json.dumps(p) for p in train.prompts}
+    assert not any(json.dumps(p) in seen for p in held.prompts)  # held out means held out
 
 
 @pytest.mark.parametrize(

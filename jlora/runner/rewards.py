@@ -7,7 +7,7 @@ records by name, one value per row. ``None`` marks a row the function does not s
 left out of that row's sum, as in TRL); anything else must be a finite number.
 
 ``train.rewards`` names each one as ``path/to/file.py:name``, ``module:name``, or a built-in:
-``exact_match:COLUMN``, ``contains:COLUMN`` or ``regex:PATTERN``.
+``exact_match:COLUMN``, ``contains:COLUMN``, ``last_number:COLUMN`` or ``regex:PATTERN``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,43 @@ def contains(column: str) -> RewardFn:
     return reward
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    """The last number written in ``text`` (``1,000`` and ``-2.5`` read whole), or ``None``."""
+    found = _NUMBER.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def last_number(column: str) -> RewardFn:
+    """1.0 where the completion's last number equals the row's ``column``, else 0.0.
+
+    The check of math answers (GSM8K's): ``"7 + 5 = 12."`` answers 12, whatever reasoning
+    comes first; numbers compare as numbers (``"12.0"`` is 12).
+
+    Example:
+      >>> last_number("answer")(["q"] * 3, ["7 + 5 = 12.", "12 + 1", "none"], answer=[12] * 3)
+      [1.0, 0.0, 0.0]
+    """
+
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
+        del prompts
+        out = []
+        for i, (c, w) in enumerate(zip(completions, _column(columns, column), strict=True)):
+            want = _number(str(w))
+            if want is None:
+                raise ValueError(
+                    f"last_number:{column}: row {i}'s {column} {w!r} holds no number; give "
+                    "the answer as a number"
+                )
+            out.append(float(_number(_text(c)) == want))
+        return out
+
+    reward.__name__ = f"last_number:{column}"
+    return reward
+
+
 def regex(pattern: str) -> RewardFn:
     """1.0 where ``re.search(pattern, completion)`` finds a match, else 0.0: a format check.
 
@@ -107,6 +144,7 @@ def regex(pattern: str) -> RewardFn:
 BUILTIN: dict[str, Callable[[str], RewardFn]] = {
     "exact_match": exact_match,
     "contains": contains,
+    "last_number": last_number,
     "regex": regex,
 }
 

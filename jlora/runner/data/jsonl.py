@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 
@@ -82,3 +83,32 @@ def read_jsonl(
                 yield where, record
         if lines == 0:
             raise ValueError(f"{file} holds no records; remove the empty file or fill it")
+
+
+def write_data_main(
+    build: Callable[[], Mapping[str, list[dict[str, Any]]]],
+    description: str,
+    unit: str,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """A data builder's command line: ``build()``'s files written into the folder given.
+
+    Each shipped data set's module ends in ``main = functools.partial(write_data_main, ...)``
+    style: ``python -m MODULE OUT`` writes ``{name: records}`` as JSONL files in ``OUT``.
+
+    Example:
+      >>> import tempfile
+      >>> out = tempfile.mkdtemp()
+      >>> write_data_main(lambda: {"a.jsonl": [{"x": 1}]}, "demo", "records", [out])
+      ... # doctest: +ELLIPSIS
+      1 records in .../a.jsonl
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out", help="folder to write the data files into")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for name, records in build().items():
+        path = os.path.join(args.out, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        print(f"{len(records)} {unit} in {path}")

@@ -18,14 +18,14 @@ files, so it rebuilds byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from jlora.runner.data.jsonl import write_data_main
 
 SEED = 2024
 VERBOSE = "The function `{name}` is defined in the `{module}` module of the standard library."
@@ -76,14 +76,7 @@ def build() -> dict[str, list[dict[str, Any]]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Writes ``train.jsonl`` and ``eval.jsonl`` into the folder given on the command line."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("out", help="folder to write train.jsonl and eval.jsonl into")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    for name, records in build().items():
-        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        print(f"{len(records)} pairs in {os.path.join(args.out, name)}")
+    write_data_main(build, (__doc__ or "").splitlines()[0], "pairs", argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from ``jlora/assets/instructions/stdlib_modules/``; it rebuilds byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from jlora.runner.data.jsonl import write_data_main
 
 
 def prompts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,14 +68,7 @@ def build() -> dict[str, list[dict[str, Any]]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Writes ``train.jsonl`` and ``eval.jsonl`` into the folder given on the command line."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("out", help="folder to write train.jsonl and eval.jsonl into")
-    args = parser.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    for name, records in build().items():
-        with open(os.path.join(args.out, name), "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        print(f"{len(records)} prompts in {os.path.join(args.out, name)}")
+    write_data_main(build, (__doc__ or "").splitlines()[0], "prompts", argv)
 
 
 if __name__ == "__main__":
