@@ -335,7 +335,12 @@ class DecoderConfig:
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
-            **rope_scaling_to_hf(self.rope_scaling, self.rope_freq_factors),
+            **rope_scaling_to_hf(
+                self.rope_scaling,
+                self.rope_freq_factors,
+                head_dim=self.head_dim,
+                theta=self.rope_theta,
+            ),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,

@@ -143,32 +143,76 @@ def rope_scaling_from_hf(hf: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def rope_scaling_to_hf(
-    scaling: Mapping[str, Any] | None, freq_factors: Sequence[float] | None = None
+    scaling: Mapping[str, Any] | None,
+    freq_factors: Sequence[float] | None = None,
+    *,
+    head_dim: int | None = None,
+    theta: float | None = None,
 ) -> dict[str, Any]:
     """The config.json keys that make transformers compute what ``scaling`` means here.
 
     ``{"rope_scaling": ...}``, plus ``original_max_position_embeddings`` at the top level for
-    ``longrope`` (see :func:`rope_scaling_from_hf`).
+    ``longrope`` (see :func:`rope_scaling_from_hf`). ``freq_factors`` (a GGUF's
+    ``rope_freqs``, no ``scaling``) become the ``llama3`` scaling llama.cpp's converter made
+    them from: ``factor`` is the largest, the smoothed band between gives
+    ``low_freq_factor``/``high_freq_factor`` with ``low_freq_factor = 1`` (the three lengths
+    are only known up to one common scale, and every choice computes the same frequencies).
+
+    Args:
+      scaling: ``rope_scaling``, or ``None``.
+      freq_factors: per-pair divisors, or ``None``.
+      head_dim: width of one head; needed with ``freq_factors``.
+      theta: ``rope_theta``; needed with ``freq_factors``.
 
     Raises:
-      ValueError: if ``freq_factors`` are given: transformers has no config key for
-        llama.cpp's per-pair factors.
+      ValueError: for ``freq_factors`` that no ``llama3`` scaling reproduces to 1e-5 (or
+        given with a ``scaling`` too): transformers has no key for arbitrary ones.
 
     Example:
       >>> rope_scaling_to_hf({"rope_type": "linear", "factor": 2.0})
       {'rope_scaling': {'rope_type': 'linear', 'factor': 2.0}}
     """
     if freq_factors is not None:
-        raise ValueError(
-            "rope freq_factors (a GGUF's rope_freqs.weight) have no transformers config.json "
-            "equivalent; to write a Hugging Face directory, load the original Hugging Face "
-            "checkpoint (its rope_scaling 'llama3') instead of the GGUF file"
-        )
+        found = None
+        if scaling is None and head_dim is not None and theta is not None:
+            found = _llama3_from_factors(head_dim, theta, np.asarray(freq_factors, np.float64))
+        if found is None:
+            raise ValueError(
+                "rope freq_factors (a GGUF's rope_freqs.weight) that are not a llama3 rope "
+                "scaling have no transformers config.json equivalent; to write a Hugging Face "
+                "directory, load the original Hugging Face checkpoint instead of the GGUF file"
+            )
+        return {"rope_scaling": found}
     out: dict[str, Any] = {"rope_scaling": None if scaling is None else dict(scaling)}
     if _rope_type(scaling) == "longrope" and scaling is not None:
         if scaling.get("original_max_position_embeddings") is not None:
             out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     return out
+
+
+def _llama3_from_factors(head_dim: int, theta: float, f: np.ndarray) -> dict[str, Any] | None:
+    inv_freq = _default(head_dim, theta)
+    factor = float(f.max())
+    # smoothed band: 1/f = (1 - s)/factor + s, with s = (old/wavelen - low)/(high - low)
+    medium = (f > 1 + 1e-6) & (f < factor * (1 - 1e-6))
+    if factor <= 1 or medium.sum() < 2 or not np.all((f == 1) | (f == factor) | medium):
+        return None
+    smooth = (1 / f[medium] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(inv_freq[medium].astype(np.float64) / (2 * math.pi), smooth, 1)
+    if intercept >= 0:
+        return None
+    high = 1 - 1 / intercept  # with low_freq_factor 1: intercept = -1 / (high - 1)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(factor, 6),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": round(float(high), 4),
+        "original_max_position_embeddings": round(float(-slope / intercept)),
+    }
+    ours = inv_freq / f.astype(_F32)
+    if not np.allclose(_llama3(inv_freq, scaling), ours, rtol=1e-5, atol=0):
+        return None
+    return scaling
 
 
 def _default(head_dim: int, theta: float) -> np.ndarray:

@@ -302,7 +302,7 @@ def test_not_gguf_truncated_missing(tmp_path):
 def test_refusals_name_file_and_key(tmp_path):
     weights = hf_weights(layers=1)
     path = write_gguf(tmp_path / "g.gguf", weights, arch="gemma2")
-    with pytest.raises(ValueError, match=r"g\.gguf.*architecture='gemma2'.*\['llama', 'qwen2"):
+    with pytest.raises(ValueError, match=r"g\.gguf.*architecture='gemma2'.*\['gemma3', 'llama'"):
         read_gguf(path)
     path = write_gguf(tmp_path / "k.gguf", weights, drop=("embedding_length",))
     with pytest.raises(ValueError, match=r"k\.gguf.*lacks metadata key llama\.'embedding_length"):
@@ -454,8 +454,10 @@ def test_rope_freqs_compute_the_llama3_scaling(tmp_path):
     assert np.abs(np.asarray(Decoder(plain).apply({"params": params}, tokens)) - want).max() > 1e-3
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    exported = loaded.config.to_hf()  # what save_pretrained writes: the scaling it came from
+    assert exported["rope_scaling"] == scaling
     model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**config.to_hf(), attn_implementation="eager")
+        transformers.LlamaConfig(**exported, attn_implementation="eager")
     ).eval()
     model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     with torch.no_grad():

@@ -247,8 +247,35 @@ def test_bad_freq_factors_are_refused():
         DecoderConfig(hidden_size=8, num_attention_heads=2, rope_freq_factors=[1.0, 0.0])
     c = DecoderConfig(hidden_size=8, num_attention_heads=2, rope_freq_factors=[1.0, 8.0])
     assert c.rope_freq_factors == (1.0, 8.0) and hash(c)
-    with pytest.raises(ValueError, match=r"freq_factors .* have no transformers config\.json"):
-        c.to_hf()
+    with pytest.raises(ValueError, match=r"freq_factors .* not a llama3 rope scaling have no"):
+        c.to_hf()  # one pair each side of the band: the llama3 lengths are not determined
+
+
+def test_llama3_freq_factors_export_as_their_rope_scaling():
+    """llama.cpp's factors for Llama 3.1 8B's and 3.2 1B's heads give back their rope_scaling."""
+    for head_dim, factor in ((128, 8.0), (64, 32.0)):
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+        base, _ = rope_inv_freq(head_dim, 500000.0)
+        llama3, _ = rope_inv_freq(head_dim, 500000.0, scaling)
+        factors = (base / llama3).tolist()  # what the converter stores, to float32 rounding
+        exported = rope_scaling_to_hf(None, factors, head_dim=head_dim, theta=500000.0)
+        assert exported == {"rope_scaling": scaling}
+        c = DecoderConfig(
+            hidden_size=head_dim * 2,
+            num_attention_heads=2,
+            rope_theta=500000.0,
+            rope_freq_factors=factors,
+            max_position_embeddings=131072,
+        )
+        assert c.to_hf()["rope_scaling"] == scaling
+    with pytest.raises(ValueError, match=r"not a llama3 rope scaling"):
+        rope_scaling_to_hf(None, np.linspace(1, 8, 64).tolist(), head_dim=128, theta=500000.0)
 
 
 @pytest.mark.peft
