@@ -25,6 +25,7 @@ from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_ca
 from jlora.models.formats import hf_dir
 from jlora.models.formats.gguf import read_gguf, read_gguf_metadata
 from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
+from jlora.models.moe import load_balancing_loss, router_logits
 from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.sampling import generate
 from jlora.runner.config import ModelSection, RunConfig
@@ -191,7 +192,8 @@ class CausalLMTask(NoHead):
         self.units_per_batch = config.train.batch_size * seq
         self.questions: list[Question] = []
         self._use_data(raw)
-        self._eval_loss = jax.jit(self.loss)
+        # held-out loss is the next-token loss alone, without a mixture's router aux term
+        self._eval_loss = jax.jit(functools.partial(self._lm_loss, aux=False))
         self._eval_weight = jax.jit(self.batch_weight)
         model = self.model
 
@@ -283,15 +285,28 @@ class CausalLMTask(NoHead):
         }
 
     def loss(self, params: Any, extra: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        """Mean next-token cross-entropy (float32) over the tokens ``batch`` marks to learn."""
+        """Mean next-token cross-entropy (float32) over the tokens ``batch`` marks to learn.
+
+        On a mixture of experts, plus ``router_aux_loss_coef`` times the router's
+        load-balancing loss over every token of the batch, as transformers' training loss
+        (:func:`jlora.models.moe.load_balancing_loss`).
+        """
+        return self._lm_loss(params, extra, batch, aux=True)
+
+    def _lm_loss(
+        self, params: Any, extra: Any, batch: dict[str, jax.Array], *, aux: bool
+    ) -> jax.Array:
         del extra
-        logits = self.model.apply(
-            {"params": params},
-            batch["tokens"],
-            batch.get("positions"),
-            segment_ids=batch.get("segment_ids"),
-        )
-        return causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
+        moe = self.model.config.moe
+        args = ({"params": params}, batch["tokens"], batch.get("positions"))
+        segments = batch.get("segment_ids")
+        if moe is None or not aux:
+            logits = self.model.apply(*args, segment_ids=segments)
+            return causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
+        logits, state = self.model.apply(*args, segment_ids=segments, mutable=["intermediates"])
+        loss = causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
+        balance = load_balancing_loss(router_logits(state), moe.num_experts_per_tok)
+        return loss + moe.router_aux_loss_coef * balance
 
     def batch_weight(self, batch: dict[str, jax.Array]) -> jax.Array:
         """How many tokens :meth:`loss` averages over: micro-batches are weighted by it."""
