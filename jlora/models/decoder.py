@@ -40,6 +40,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.gemma import DEFAULTS as _GEMMA_DEFAULTS
+from jlora.models.gemma import (
+    GEMMA_ARCHITECTURES,
+    HIDDEN_ACTIVATIONS,
+    LAYER_TYPES,
+    gemma_fields,
+    gemma_to_hf,
+    layer_kinds,
+)
 from jlora.models.moe import MOE_ARCHITECTURES, MoeConfig, SparseMoe, moe_from_hf
 from jlora.models.rope import (
     apply_rope,
@@ -108,6 +117,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096 * 32, bos_token_id=1, eos_token_id=2,
     ),
 }  # fmt: skip
+_DEFAULTS.update(_GEMMA_DEFAULTS)
 #: The ``architectures`` values :meth:`DecoderConfig.from_hf` accepts.
 SUPPORTED_ARCHITECTURES = tuple(_DEFAULTS)
 _MODEL_TYPES = {
@@ -118,6 +128,7 @@ _MODEL_TYPES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
 }
+_MODEL_TYPES.update(GEMMA_ARCHITECTURES)
 _OPTIONS = ("dtype", "param_dtype", "remat", "scan_layers")
 
 
@@ -157,7 +168,17 @@ class DecoderConfig:
       attention_bias: q/k/v projections have biases (Qwen2).
       qk_norm: RMSNorm over each head of q and k before the rotation (Qwen3).
       sliding_window: every layer attends only to the last ``sliding_window`` slots, or
-        ``None`` (Mistral; Qwen2/3 with ``use_sliding_window`` on all layers).
+        ``None`` (Mistral; Qwen2/3 with ``use_sliding_window`` on all layers); with
+        ``layer_types``, the window of the sliding layers only.
+      layer_types: per layer ``"sliding_attention"`` or ``"full_attention"`` (Gemma), or
+        ``None`` for every layer alike.
+      hidden_activation: the MLP's activation: ``"silu"`` (SwiGLU) or, on Gemma,
+        ``"gelu_pytorch_tanh"`` / ``"gelu"`` (GeGLU).
+      query_pre_attn_scalar: queries are scaled by its ``**-0.5``; ``None`` for ``head_dim``.
+      attn_logit_softcapping: attention scores become ``cap · tanh(s / cap)``, or ``None``.
+      final_logit_softcapping: the logits become ``cap · tanh(l / cap)``, or ``None``.
+      rope_local_base_freq: the rotary base of sliding layers (Gemma 3), or ``None`` for
+        ``rope_theta`` on every layer.
       architecture: the HF class name, e.g. ``"LlamaForCausalLM"``.
       moe: the sparse MLP of a mixture-of-experts architecture (Qwen3-MoE, Mixtral), else
         ``None``; :class:`jlora.models.moe.MoeConfig`.
@@ -190,6 +211,12 @@ class DecoderConfig:
     attention_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    hidden_activation: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    rope_local_base_freq: float | None = None
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -241,6 +268,35 @@ class DecoderConfig:
             max_position_embeddings=self.max_position_embeddings,
             freq_factors=self.rope_freq_factors,
         )
+        self._check_gemma()
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma's (1 + w) float32 norms, four norms per layer and scaled embedding."""
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    def _check_gemma(self) -> None:
+        allowed = tuple(HIDDEN_ACTIVATIONS) if self.gemma else ("silu",)
+        if self.hidden_activation not in allowed:
+            raise ValueError(
+                f"DecoderConfig: hidden_activation {self.hidden_activation!r} is not supported "
+                f"for {self.architecture}; supported: {allowed}"
+            )
+        if self.layer_types is None:
+            return
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(
+            LAYER_TYPES
+        ):
+            raise ValueError(
+                f"DecoderConfig: layer_types {self.layer_types} must give one of {LAYER_TYPES} "
+                f"for each of the {self.num_hidden_layers} layers"
+            )
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError(
+                "DecoderConfig: layer_types has sliding_attention layers but sliding_window is "
+                "None; give the window"
+            )
 
     def __hash__(self) -> int:
         """Hashes the fields with ``rope_scaling`` and lists made hashable."""
@@ -264,7 +320,8 @@ class DecoderConfig:
           ValueError: for an architecture other than :data:`SUPPORTED_ARCHITECTURES`, a
             feature this decoder does not implement (``hidden_act`` other than silu, MLP or
             output-projection biases, sliding windows on only some layers, an unsupported
-            ``rope_scaling``), or inconsistent head counts.
+            ``rope_scaling``; for Gemma, see :func:`jlora.models.gemma.gemma_fields`), or
+            inconsistent head counts.
           TypeError: for an unknown option.
 
         Example:
@@ -282,6 +339,10 @@ class DecoderConfig:
         arch = _architecture(hf)
         d = dict(_DEFAULTS[arch])
         d.update({k: hf[k] for k in d if k in hf})
+        if arch in GEMMA_ARCHITECTURES:
+            d.update(gemma_fields(arch, hf, d["num_hidden_layers"]))
+            d["rope_scaling"] = rope_scaling_from_hf(hf)
+            return cls(**d, architecture=arch, **options)
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(
                 f"config.json: hidden_act {hf['hidden_act']!r} is not supported ({arch}); this "
@@ -360,6 +421,9 @@ class DecoderConfig:
             out["use_sliding_window"] = self.sliding_window is not None
             out["sliding_window"] = self.sliding_window
             out["max_window_layers"] = 0  # every layer slides, as this config says
+        if self.gemma:
+            del out["hidden_act"]
+            out.update(gemma_to_hf(self))
         return out
 
 
@@ -446,18 +510,25 @@ def init_cache(
 
 
 class RMSNorm(nn.Module):
-    """``scale · x / sqrt(mean(x²) + eps)``, normalised in float32 as transformers does."""
+    """``scale · x / sqrt(mean(x²) + eps)``, normalised in float32 as transformers does.
+
+    With ``offset`` (Gemma): ``(1 + scale) · ...``, all in float32, ``scale`` initialised to 0.
+    """
 
     eps: float
     dtype: Any
     param_dtype: Any
+    offset: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalises over the last axis."""
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
         # transformers casts back to the input dtype before multiplying by the weight
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
@@ -493,8 +564,8 @@ class _Attention(nn.Module):
         k = _dense(c, kv * hd, "k_proj", c.attention_bias)(x).reshape(b, t, kv, hd)
         v = _dense(c, kv * hd, "v_proj", c.attention_bias)(x).reshape(b, t, kv, hd)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="k_norm")(k)
+            q = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
@@ -509,7 +580,11 @@ class _Attention(nn.Module):
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(c.dtype), cv.astype(c.dtype)
         q = q.reshape(b, t, kv, h // kv, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(hd**-0.5, q.dtype)
+        scalar = hd if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scalar**-0.5, q.dtype)
+        if c.attn_logit_softcapping is not None:
+            cap = jnp.asarray(c.attn_logit_softcapping, q.dtype)
+            scores = jnp.tanh(scores / cap) * cap
         scores = jnp.where(
             mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
         )
@@ -526,11 +601,19 @@ class _MLP(nn.Module):
         c = self.config
         gate = _dense(c, c.intermediate_size, "gate_proj")(x)
         up = _dense(c, c.intermediate_size, "up_proj")(x)
-        return _dense(c, c.hidden_size, "down_proj")(nn.silu(gate) * up)
+        if c.hidden_activation == "silu":
+            act = nn.silu(gate)
+        else:
+            act = nn.gelu(gate, approximate=HIDDEN_ACTIVATIONS[c.hidden_activation])
+        return _dense(c, c.hidden_size, "down_proj")(act * up)
 
 
 class _Layer(nn.Module):
-    """One pre-norm decoder layer; the scan body (carry ``x``, per-layer cache slice)."""
+    """One pre-norm decoder layer; the scan body (carry ``x``, per-layer cache slice and kind).
+
+    ``kind`` indexes the first axis of ``cos``/``sin``/``mask``: this layer's rotary table
+    and window (:func:`jlora.models.gemma.layer_kinds`).
+    """
 
     config: DecoderConfig
 
@@ -539,16 +622,22 @@ class _Layer(nn.Module):
         self,
         x: jax.Array,
         layer_cache: dict[str, jax.Array] | None,
+        kind: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
         mask: jax.Array,
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         c = self.config
-        norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma)
+        cos, sin, mask = cos[kind], sin[kind], mask[kind]
         attn, new_cache = _Attention(c, name="self_attn")(
             norm(name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
         )
+        if c.gemma:
+            x = x + norm(name="post_attention_layernorm")(attn)
+            h = _MLP(c, name="mlp")(norm(name="pre_feedforward_layernorm")(x))
+            return x + norm(name="post_feedforward_layernorm")(h), new_cache
         x = x + attn
         h = norm(name="post_attention_layernorm")(x)
         if c.moe is None:
@@ -575,12 +664,12 @@ class _Model(nn.Module):
             layer,
             variable_axes={"params": 0, "intermediates": 0},  # MoE router logits per layer
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             # a fully unrolled scan lowers to straight-line code, with the same stacked params
             unroll=1 if c.scan_layers else c.num_hidden_layers,
         )(c)
-        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype)
+        self.norm = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma)
 
     def __call__(
         self,
@@ -592,12 +681,15 @@ class _Model(nn.Module):
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         x = self.embed_tokens(tokens)
-        x, new_cache = self.layers(x, cache, cos, sin, mask, cache_index)
+        if self.config.gemma:  # transformers scales in the activations' dtype
+            x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+        kind = jnp.asarray(layer_kinds(self.config)[1])
+        x, new_cache = self.layers(x, cache, kind, cos, sin, mask, cache_index)
         return self.norm(x), new_cache
 
 
 def _attention_mask(
-    c: DecoderConfig,
+    window: int | None,
     batch: int,
     t: int,
     segment_ids: jax.Array | None,
@@ -605,7 +697,7 @@ def _attention_mask(
     cache_index: jax.Array | None,
     kv_mask: jax.Array | None,
 ) -> jax.Array:
-    """``[batch or 1, T, S]`` bool: may query slot ``q`` see key slot ``s``."""
+    """``[batch, T, S]`` bool: may query slot ``q`` see key slot ``s``."""
     if cache_len is None:
         q_slot = jnp.arange(t)
         k_slot = jnp.arange(t)
@@ -613,8 +705,8 @@ def _attention_mask(
         q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         k_slot = jnp.arange(cache_len, dtype=jnp.int32)
     allowed = k_slot[None, :] <= q_slot[:, None]
-    if c.sliding_window is not None:
-        allowed &= k_slot[None, :] > q_slot[:, None] - c.sliding_window
+    if window is not None:
+        allowed &= k_slot[None, :] > q_slot[:, None] - window
     allowed = allowed[None]
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
@@ -690,23 +782,29 @@ class Decoder(nn.Module):
                 positions = positions + jnp.asarray(cache_index, jnp.int32)
         # dynamic/longrope rope: transformers' length max(position_ids) + 1, static when known
         seq_len = t if positions_given is None and cache is None else jnp.max(positions) + 1
-        inv_freq, factor = rope_inv_freq(
-            _heads(c)[2],
-            c.rope_theta,
-            c.rope_scaling,
-            max_position_embeddings=c.max_position_embeddings,
-            seq_len=seq_len,
-            freq_factors=c.rope_freq_factors,
-        )
-        cos, sin = rope_cos_sin(positions, inv_freq, factor, c.dtype)
         index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
-        mask = _attention_mask(c, b, t, segment_ids, cache_len, index, kv_mask)
-        x, new_cache = self.model(tokens, cos, sin, mask, cache, index)
+        # one rotary table and one mask per layer kind, stacked; each layer picks its own
+        tables, masks = [], []
+        for window, theta, scaling in layer_kinds(c)[0]:
+            inv_freq, factor = rope_inv_freq(
+                _heads(c)[2],
+                theta,
+                scaling,
+                max_position_embeddings=c.max_position_embeddings,
+                seq_len=seq_len,
+                freq_factors=c.rope_freq_factors,
+            )
+            tables.append(rope_cos_sin(positions, inv_freq, factor, c.dtype))
+            masks.append(_attention_mask(window, b, t, segment_ids, cache_len, index, kv_mask))
+        cos, sin = jnp.stack([a for a, _ in tables]), jnp.stack([z for _, z in tables])
+        x, new_cache = self.model(tokens, cos, sin, jnp.stack(masks), cache, index)
         if c.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)
+        if c.final_logit_softcapping is not None:
+            logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
         if cache is None:
             return logits
         return logits, cast(dict[str, jax.Array], new_cache)

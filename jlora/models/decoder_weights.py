@@ -131,6 +131,9 @@ def param_layout(config: DecoderConfig) -> list[LayoutEntry]:
             out.append(LayoutEntry(hf, path, (n, m.num_experts, *shape), True, True, m.num_experts))
     layer("input_layernorm.weight", (d,))
     layer("post_attention_layernorm.weight", (d,))
+    if c.gemma:
+        layer("pre_feedforward_layernorm.weight", (d,))
+        layer("post_feedforward_layernorm.weight", (d,))
     out.append(LayoutEntry("model.norm.weight", ("model", "norm", "scale"), (d,), False, False))
     if not c.tie_word_embeddings:
         out.append(LayoutEntry("lm_head.weight", ("lm_head", "kernel"), (d, v), True, False))

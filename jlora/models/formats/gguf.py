@@ -4,7 +4,8 @@ Design note: this module owns the whole GGUF -> Hugging Face mapping, in one pla
 keys (``llama.embedding_length`` -> ``hidden_size``), tensor names (``blk.3.attn_q.weight`` ->
 ``model.layers.3.self_attn.q_proj.weight``), layout (GGUF lists dimensions innermost first;
 once ``gguf`` reads them as numpy they are HF's ``(out, in)``) and llama.cpp's reordering of
-the q/k rows, which is undone here so that every tensor equals the Hugging Face weight.
+the q/k rows and Gemma's norm weights stored as ``1 + w``, both undone here so that every
+tensor equals the Hugging Face weight.
 Tensors are dequantised one at a time with ``gguf.quants.dequantize``.
 """
 
@@ -26,6 +27,7 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 #: Tensor types that ``gguf.quants.dequantize`` turns into float32.
 SUPPORTED_TYPES = tuple(
@@ -50,6 +52,18 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms per layer; "ffn_norm" is the norm before the MLP there too
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA_REQUIRED_LAYER = (
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _REQUIRED_LAYER = (
     "input_layernorm",
@@ -182,6 +196,8 @@ def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
             f"GGUF file {path!r}: {arch}.rope.scaling.type={scaling!r}; jlora maps "
             "'none', 'linear' and 'yarn'"
         )
+    if arch == "gemma3":
+        _gemma3_config(config, meta, need)
     if _ROPE_FREQS in tensors:  # divides inv_freq pair by pair, as llama.cpp's rope does
         config["rope_freq_factors"] = _rope_freqs(path, tensors[_ROPE_FREQS], config)
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
@@ -190,16 +206,35 @@ def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
     return config
 
 
-def _hf_name(path: str, name: str, layers: int) -> str:
+def _gemma3_config(config: dict[str, Any], meta: dict[str, Any], need: Any) -> None:
+    """Gemma 3's keys, as llama.cpp runs the file (and transformers' GGUF loader reads it).
+
+    llama.cpp fixes what the file does not say: every 6th layer global, the others sliding
+    with rotary base 10000, GeLU-tanh, and queries scaled by ``key_length**-0.5``.
+    """
+    config.pop("hidden_act")
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["sliding_window"] = need("attention.sliding_window")
+    config["sliding_window_pattern"] = 6
+    config["rope_local_base_freq"] = 10000.0
+    config["query_pre_attn_scalar"] = config.get("head_dim", 256)
+
+
+def _layer_names(arch: str) -> dict[str, str]:
+    return _GEMMA_LAYER_NAMES if arch.startswith("gemma") else _LAYER_NAMES
+
+
+def _hf_name(path: str, name: str, layers: int, arch: str = "llama") -> str:
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
+    names = _layer_names(arch)
     match = _LAYER_RE.fullmatch(name)
-    if match and match[2] in _LAYER_NAMES and int(match[1]) < layers:
-        return f"model.layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
+    if match and match[2] in names and int(match[1]) < layers:
+        return f"model.layers.{match[1]}.{names[match[2]]}.{match[3]}"
     raise ValueError(
         f"GGUF file {path!r} holds tensor {name!r}, which has no Hugging Face counterpart "
         f"jlora knows for a {layers}-layer decoder; known: {sorted(_GLOBAL_NAMES)} and "
-        f"blk.<i>.{{{','.join(_LAYER_NAMES)}}}.weight|bias"
+        f"blk.<i>.{{{','.join(names)}}}.weight|bias"
     )
 
 
@@ -298,7 +333,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
     for name, tensor in tensors.items():
         if name == _ROPE_FREQS:  # read into config['rope_freq_factors']
             continue
-        hf = _hf_name(path, name, config["num_hidden_layers"])
+        hf = _hf_name(path, name, config["num_hidden_layers"], meta["general.architecture"])
         if tensor.tensor_type not in SUPPORTED_TYPES:
             raise ValueError(
                 f"GGUF file {path!r}: tensor {name!r} has type {tensor.tensor_type.name}; jlora "
@@ -318,6 +353,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
             module = "self_attn" if part.endswith("_proj") and part[0] in "qkvo" else "mlp"
             module = "" if "layernorm" in part else f"{module}."
             required.append(f"model.layers.{i}.{module}{part}.weight")
+        if meta["general.architecture"] == "gemma3":
+            required += [f"model.layers.{i}.{part}.weight" for part in _GEMMA_REQUIRED_LAYER]
     if missing := [hf for hf in required if hf not in by_hf]:
         raise ValueError(
             f"GGUF file {path!r} lacks {len(missing)} tensor(s) a {meta['general.architecture']} "
@@ -376,6 +413,10 @@ def gguf_tensor(ckpt: GGUFCheckpoint, name: str, dtype: npt.DTypeLike = np.float
     if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
         kv = "k_proj" in name
         w = _unpermute(w, config["num_key_value_heads" if kv else "num_attention_heads"])
+    if arch.startswith("gemma") and name.endswith("norm.weight"):
+        # llama.cpp's converter stores Gemma's norm weights as 1 + w (its norm multiplies by
+        # the weight); transformers' GGUF loader subtracts the 1 again, and so does this
+        w = w - np.float32(1.0)
     # np.array copies (never aliases the memory map) into a plain contiguous ndarray
     return np.array(w, dtype=dtype).reshape(ckpt.shapes[name])
 
