@@ -19,15 +19,21 @@ goes through every expert as one batched product ``[E, N, D]·[E, D, F]`` (the k
 axis is the product's batch axis, which is what the factorised engine's ``stack`` role
 expects), and the outputs are summed with the sparse top-k weights (zero for the experts a
 token was not routed to). That is exact, gradients included, but costs ``E/k`` times the
-expert FLOPs of a sparse dispatch. Each layer sows its router logits (``"intermediates"``
+expert FLOPs of a sparse dispatch. :attr:`MoeConfig.capacity_factor` opts into a *grouped*
+dispatch instead: each expert gets a buffer of ``C = ceil(factor · N·k / E)`` token slots,
+filled in token order (scatter), run as one batched product ``[E, C, D]·[E, D, F]`` and
+gathered back; a token routed to an expert whose buffer is full skips that expert (Switch
+Transformer's token dropping), so it equals the dense dispatch only while no buffer overflows
+(always with ``factor >= E/k``). Each layer sows its router logits (``"intermediates"``
 collection), from which :func:`load_balancing_loss` computes transformers' auxiliary loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -63,6 +69,9 @@ class MoeConfig:
       expert_size: width of one expert's gate and up projections (``F``).
       norm_topk_prob: the top-k weights are renormalised to sum to one.
       router_aux_loss_coef: weight of :func:`load_balancing_loss` in the training loss.
+      capacity_factor: ``None`` for the exact dense dispatch; else the grouped dispatch with
+        ``ceil(capacity_factor · tokens · k / E)`` slots per expert (overflowing tokens skip
+        the expert). Not part of config.json: set it with ``dataclasses.replace``.
 
     Example:
       >>> m = MoeConfig("MixtralForCausalLM", num_experts=4, num_experts_per_tok=2,
@@ -77,9 +86,10 @@ class MoeConfig:
     expert_size: int
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.001
+    capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
-        """Checks the architecture and that ``0 < k <= E``."""
+        """Checks the architecture, that ``0 < k <= E`` and a positive capacity factor."""
         if self.architecture not in _NAMES:
             raise ValueError(
                 f"MoeConfig: architecture {self.architecture!r} has no sparse MLP here; "
@@ -89,6 +99,12 @@ class MoeConfig:
             raise ValueError(
                 f"MoeConfig: num_experts_per_tok {self.num_experts_per_tok} must be in 1.."
                 f"num_experts ({self.num_experts}); fix the config"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"MoeConfig: capacity_factor must be positive (slots per expert relative to an "
+                f"even share of the tokens) or None for the dense dispatch; got "
+                f"{self.capacity_factor}"
             )
 
     @property
@@ -155,10 +171,9 @@ def moe_from_hf(architecture: str, hf: Mapping[str, Any], intermediate_size: int
         ``router_jitter_noise`` > 0, a training-time noise this model does not apply).
 
     Example:
-      >>> moe_from_hf("Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, 64)
-      ... # doctest: +NORMALIZE_WHITESPACE
-      MoeConfig(architecture='Qwen3MoeForCausalLM', num_experts=4, num_experts_per_tok=2,
-                expert_size=768, norm_topk_prob=False, router_aux_loss_coef=0.001)
+      >>> m = moe_from_hf("Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, 64)
+      >>> m.num_experts, m.num_experts_per_tok, m.expert_size, m.norm_topk_prob
+      (4, 2, 768, False)
     """
     coef = float(hf.get("router_aux_loss_coef", 0.001))
     if architecture == "MixtralForCausalLM":
@@ -209,12 +224,18 @@ def routing_weights(logits: jax.Array, k: int, normalize: bool) -> jax.Array:
       >>> [round(float(v), 3) for v in w[0]]
       [0.0, 0.667, 0.333]
     """
+    top, chosen = _top_k(logits, k, normalize)
+    one_hot = jax.nn.one_hot(chosen, logits.shape[-1], dtype=jnp.float32)  # [..., k, E]
+    return jnp.einsum("...k,...ke->...e", top, one_hot)
+
+
+def _top_k(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest softmax probabilities (float32, renormalised if asked) and experts."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, chosen = jax.lax.top_k(probs, k)
     if normalize:
         top = top / jnp.sum(top, axis=-1, keepdims=True)
-    one_hot = jax.nn.one_hot(chosen, logits.shape[-1], dtype=jnp.float32)  # [..., k, E]
-    return jnp.einsum("...k,...ke->...e", top, one_hot)
+    return top, chosen
 
 
 class _Linears(nn.Module):
@@ -290,14 +311,36 @@ class SparseMoe(nn.Module):
             name="gate",
         )(x)
         self.sow("intermediates", "router_logits", logits)
+        experts = _Experts(m, self.dtype, self.param_dtype, name="experts")
+        n, e = b * t, m.num_experts
+        if m.capacity_factor is not None:
+            out = _grouped(experts, m, x.reshape(n, d), logits.reshape(n, e))
+            return out.reshape(b, t, d)
         weights = routing_weights(logits, m.num_experts_per_tok, m.norm_topk_prob)
-        tokens = x.reshape(1, b * t, d)
         # dense dispatch: every token through every expert (exact; E/k times the expert FLOPs)
-        out = _Experts(m, self.dtype, self.param_dtype, name="experts")(
-            jnp.broadcast_to(tokens, (m.num_experts, b * t, d))
-        )
-        w = weights.reshape(b * t, m.num_experts).astype(self.dtype)
+        out = experts(jnp.broadcast_to(x.reshape(1, n, d), (e, n, d)))
+        w = weights.reshape(n, e).astype(self.dtype)
         return jnp.einsum("end,ne->nd", out, w).reshape(b, t, d)
+
+
+def _grouped(experts: _Experts, m: MoeConfig, x: jax.Array, logits: jax.Array) -> jax.Array:
+    """Capacity-bounded dispatch of tokens ``x [N, D]`` (see the module's design note)."""
+    n, d = x.shape
+    e, k = m.num_experts, m.num_experts_per_tok
+    capacity = min(n, math.ceil(cast(float, m.capacity_factor) * n * k / e))
+    top, chosen = _top_k(logits, k, m.norm_topk_prob)  # [N, k]
+    one_hot = jax.nn.one_hot(chosen, e, dtype=jnp.int32)  # [N, k, E]
+    # each (token, choice)'s slot in its expert's buffer, in token order
+    before = jnp.cumsum(one_hot.reshape(n * k, e), axis=0).reshape(n, k, e) - 1
+    slot = jnp.sum(before * one_hot, axis=-1)
+    kept = slot < capacity
+    slot = jnp.where(kept, slot, capacity)  # a spare last slot takes the overflow, unused
+    buffer = jnp.zeros((e, capacity + 1, d), x.dtype)
+    buffer = buffer.at[chosen, slot].set(jnp.broadcast_to(x[:, None], (n, k, d)))
+    out = experts(buffer[:, :capacity])  # [E, C, D]
+    out = jnp.pad(out, ((0, 0), (0, 1), (0, 0)))[chosen, slot]  # [N, k, D]
+    w = jnp.where(kept, top, 0.0).astype(out.dtype)
+    return jnp.einsum("nkd,nk->nd", out, w)
 
 
 def router_logits(intermediates: Mapping[str, Any]) -> jax.Array:

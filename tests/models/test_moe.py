@@ -1,5 +1,7 @@
 """Mixture-of-experts decoders without transformers: routing, LoRA per expert, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from jlora.models.decoder import (
 from jlora.models.decoder_weights import hf_to_params, param_layout, params_to_hf
 from jlora.models.moe import (
     MoeConfig,
+    SparseMoe,
     load_balancing_loss,
     moe_from_hf,
     router_logits,
@@ -195,3 +198,56 @@ def test_aux_loss_input_errors():
         load_balancing_loss(jnp.zeros((1, 1, 3, 4)), 2, jnp.ones(3))
     with pytest.raises(ValueError, match=r"expected one sown 'router_logits' entry, found 0"):
         router_logits({"intermediates": {}})
+
+
+def _reference_with_drops(params, m, x, capacity):
+    """Token by token, choice by choice: an expert whose ``capacity`` slots are taken is skipped."""
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    logits = x @ np.asarray(params["gate"]["kernel"], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    ex = {k: np.asarray(v["kernel"], np.float64) for k, v in params["experts"].items()}
+    gate, up, down = m.projections
+    used = np.zeros(m.num_experts, int)
+    out = np.zeros_like(x)
+    for n, row in enumerate(probs):
+        chosen = np.argsort(-row)[: m.num_experts_per_tok]
+        weights = row[chosen] / (row[chosen].sum() if m.norm_topk_prob else 1.0)
+        for e, w in zip(chosen, weights, strict=True):
+            if used[e] < capacity:
+                used[e] += 1
+                g, u = x[n] @ ex[gate][e], x[n] @ ex[up][e]
+                out[n] += w * ((g / (1 + np.exp(-g)) * u) @ ex[down][e])
+    return out
+
+
+@pytest.mark.parametrize(("factor", "capacity"), [(2.0, 10), (1.0, 5), (0.5, 3)])
+def test_grouped_dispatch_drops_only_overflowing_tokens(factor, capacity):
+    m = MoeConfig("Qwen3MoeForCausalLM", 4, 2, 8, norm_topk_prob=True)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    params = SparseMoe(m, jnp.float32, jnp.float32).init(jax.random.key(1), x)["params"]
+    grouped = SparseMoe(dataclasses.replace(m, capacity_factor=factor), jnp.float32, jnp.float32)
+    got = jax.jit(grouped.apply)({"params": params}, x)
+    want = _reference_with_drops(params, m, x, capacity)  # ceil(factor * 10 * 2 / 4) slots
+    np.testing.assert_allclose(np.asarray(got).reshape(10, 16), want, rtol=1e-5, atol=1e-6)
+    if factor >= 2.0:  # E/k: no buffer can overflow, so it is the dense dispatch
+        dense = SparseMoe(m, jnp.float32, jnp.float32).apply({"params": params}, x)
+        np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_dispatch_adapts_each_expert_factorised():
+    config = tiny("MixtralForCausalLM")
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=1.0))
+    cfg = jlora.LoraConfig(rank=2, targets=DECODER_TARGETS, axis_rules=DECODER_AXIS_RULES)
+    p = jlora.init_lora(jax.random.key(1), {"params": init(config)}, cfg)
+    p = jax.tree.map_with_path(
+        lambda k, x: x + 0.1 if jlora.path_str(k).endswith("_lora_b") else x, p
+    )
+    got = jax.jit(jlora.lora(Decoder(config).apply, cfg, on_unsupported="raise"))(p, TOKENS)
+    want = jax.jit(Decoder(config).apply)(jlora.merge_params(p, cfg), TOKENS)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_factor_must_be_positive():
+    with pytest.raises(ValueError, match=r"capacity_factor must be positive .* got 0"):
+        MoeConfig("MixtralForCausalLM", 4, 2, 8, capacity_factor=0)
