@@ -142,3 +142,26 @@ def test_expert_adapters_export_to_peft_and_back(tmp_path, kind):
     again, cfg2 = jlora.import_peft(tmp_path, {"params": params}, jlora.models.decoder.PEFT_MAPPING)
     jax.tree.map(np.testing.assert_array_equal, jlora.split(again)[0], jlora.split(p)[0])
     assert cfg2.scale_for("x", 2) == cfg.scale_for("x", 2)
+
+
+def test_import_peft_from_a_torch_expert_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = hf_model("mixtral")
+    config, params = jlora_model(model)
+    torch.manual_seed(3)
+    peft_cfg = LoraConfig(  # PEFT matches every expert's w1 and w2 by module name
+        r=2, lora_alpha=8, target_modules=["w1", "w2", "q_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, peft_cfg).eval()
+    with torch.no_grad():
+        expected = peft_model(torch.as_tensor(TOKENS)).logits.numpy()
+    peft_model.save_pretrained(tmp_path)
+    p, cfg = jlora.import_peft(tmp_path, {"params": params}, jlora.models.decoder.PEFT_MAPPING)
+    experts = p["params"]["model"]["layers"]["block_sparse_moe"]["experts"]
+    assert (
+        experts["w2"]["kernel_lora_a"].shape == (2, 4, 24, 2)
+        and "kernel_lora_a" not in experts["w3"]
+    )
+    got = jax.jit(jlora.lora(Decoder(config).apply, cfg))(p, TOKENS)
+    close(got, expected, 1e-4)
