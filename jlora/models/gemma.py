@@ -32,13 +32,77 @@ import numpy as np
 if TYPE_CHECKING:
     from jlora.models.decoder import DecoderConfig
 
-__all__ = ["GEMMA_ARCHITECTURES", "HIDDEN_ACTIVATIONS", "gemma_fields", "layer_kinds"]
+__all__ = [
+    "CHAT_TEMPLATES",
+    "GEMMA_ARCHITECTURES",
+    "HIDDEN_ACTIVATIONS",
+    "gemma_fields",
+    "layer_kinds",
+]
 
 #: The Gemma ``architectures`` the decoder reads, with their ``model_type``.
 GEMMA_ARCHITECTURES = {"Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text"}
 #: ``hidden_activation`` values -> whether GeLU uses the tanh approximation.
 HIDDEN_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu": False}
 LAYER_TYPES = ("sliding_attention", "full_attention")
+
+# The families' chat templates as Google ships them with the instruction-tuned checkpoints
+# (Gemma 2's: no system role; Gemma 3's: a system turn prefixed to the first user turn), for
+# GGUF files that carry none (llama.cpp does not copy it for the base models).
+_GEMMA2_TEMPLATE = """{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '
+' + message['content'] | trim + '<end_of_turn>
+' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model
+'}}{% endif %}"""  # noqa: E501 (Google's one-line template)
+_GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"""
+#: ``architecture`` -> the family's chat template.
+CHAT_TEMPLATES = {"Gemma2ForCausalLM": _GEMMA2_TEMPLATE, "Gemma3ForCausalLM": _GEMMA3_TEMPLATE}
 
 # transformers' defaults (Gemma2Config, Gemma3TextConfig) for keys a config.json may leave out
 DEFAULTS: dict[str, dict[str, Any]] = {

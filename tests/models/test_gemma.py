@@ -210,12 +210,18 @@ _GGUF_NAMES = {
 }
 
 
-def write_gemma3_gguf(model, path):
-    """``model`` as llama.cpp's converter writes a Gemma 3 (every tensor F32)."""
+def write_gemma3_gguf(model, path, tokens=None):
+    """``model`` as llama.cpp's converter writes a Gemma 3 (every tensor F32), ``tokens`` its
+    vocabulary (byte-level BPE without merges) when given."""
     import gguf
 
     c = model.config
     w = gguf.GGUFWriter(str(path), "gemma3")
+    if tokens is not None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(tokens)
+        w.add_token_merges([])
+        w.add_bos_token_id(tokens.index("<bos>"))
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -266,6 +272,27 @@ def test_a_gemma3_gguf_loads_as_transformers_runs_it(tmp_path):
     assert loaded.config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
     got = jax.jit(loaded.model.apply)({"params": loaded.params}, TOKENS)
     close(got, torch_logits(model, TOKENS), 1e-4)
+
+
+def test_a_gemma_gguf_without_a_chat_template_gets_the_family_s(tmp_path):
+    import pathlib
+
+    import trl
+
+    from jlora.models.gemma import CHAT_TEMPLATES
+    from jlora.models.pretrained import load_pretrained
+
+    shipped = pathlib.Path(trl.__file__).parent / "chat_templates"  # Google's, as TRL keeps them
+    assert CHAT_TEMPLATES["Gemma3ForCausalLM"] == (shipped / "gemma3.jinja").read_text()
+    assert CHAT_TEMPLATES["Gemma2ForCausalLM"] == (shipped / "gemma.jinja").read_text()
+    config = transformers.Gemma3TextConfig(**(SMALL | dict(num_hidden_layers=1)))
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    tokens = ["<pad>", "<eos>", "<bos>"] + [f"t{i}" for i in range(config.vocab_size - 3)]
+    write_gemma3_gguf(model, tmp_path / "base.gguf", tokens=tokens)
+    tok = load_pretrained(tmp_path / "base.gguf").tokenizer
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi "}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
 # The real Gemma 3 270M (Q4_K_M) GGUF against transformers' own GGUF loader
