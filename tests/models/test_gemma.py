@@ -210,13 +210,16 @@ _GGUF_NAMES = {
 }
 
 
-def write_gemma3_gguf(model, path, tokens=None):
-    """``model`` as llama.cpp's converter writes a Gemma 3 (every tensor F32), ``tokens`` its
-    vocabulary (byte-level BPE without merges) when given."""
+def write_gemma3_gguf(model, path, tokens=None, arch="gemma3"):
+    """``model`` as llama.cpp's converter writes a Gemma 3 (or 2; every tensor F32),
+    ``tokens`` its vocabulary (byte-level BPE without merges) when given."""
     import gguf
 
     c = model.config
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    w = gguf.GGUFWriter(str(path), arch)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     if tokens is not None:
         w.add_tokenizer_model("gpt2")
         w.add_token_list(tokens)
@@ -270,6 +273,26 @@ def test_a_gemma3_gguf_loads_as_transformers_runs_it(tmp_path):
     write_gemma3_gguf(model, tmp_path / "tiny.gguf")
     loaded = load_pretrained(tmp_path / "tiny.gguf")
     assert loaded.config.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    got = jax.jit(loaded.model.apply)({"params": loaded.params}, TOKENS)
+    close(got, torch_logits(model, TOKENS), 1e-4)
+
+
+def test_a_gemma2_gguf_loads_as_transformers_runs_it(tmp_path):
+    from jlora.models.pretrained import load_pretrained
+
+    # llama.cpp's Gemma 2: the caps and window from the file, layers alternating, scalar head_dim
+    torch.manual_seed(3)
+    extra = dict(num_hidden_layers=2, sliding_window=3, query_pre_attn_scalar=16)
+    extra |= dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    config = transformers.Gemma2Config(**(SMALL | extra), attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    write_gemma3_gguf(model, tmp_path / "tiny2.gguf", arch="gemma2")
+    loaded = load_pretrained(tmp_path / "tiny2.gguf")
+    assert loaded.config.layer_types == ("sliding_attention", "full_attention")
+    assert loaded.config.final_logit_softcapping == 3.0
     got = jax.jit(loaded.model.apply)({"params": loaded.params}, TOKENS)
     close(got, torch_logits(model, TOKENS), 1e-4)
 

@@ -301,8 +301,8 @@ def test_not_gguf_truncated_missing(tmp_path):
 
 def test_refusals_name_file_and_key(tmp_path):
     weights = hf_weights(layers=1)
-    path = write_gguf(tmp_path / "g.gguf", weights, arch="gemma2")
-    with pytest.raises(ValueError, match=r"g\.gguf.*architecture='gemma2'.*\['gemma3', 'llama'"):
+    path = write_gguf(tmp_path / "g.gguf", weights, arch="phi3")
+    with pytest.raises(ValueError, match=r"g\.gguf.*architecture='phi3'.*\['gemma2', 'gemma3', 'l"):
         read_gguf(path)
     path = write_gguf(tmp_path / "k.gguf", weights, drop=("embedding_length",))
     with pytest.raises(ValueError, match=r"k\.gguf.*lacks metadata key llama\.'embedding_length"):

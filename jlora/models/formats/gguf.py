@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 #: Tensor types that ``gguf.quants.dequantize`` turns into float32.
@@ -58,6 +59,7 @@ _GEMMA_LAYER_NAMES = _LAYER_NAMES | {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# Gemma 3's (Gemma 2 has no q/k norms: the last two only).
 _GEMMA_REQUIRED_LAYER = (
     "self_attn.q_norm",
     "self_attn.k_norm",
@@ -196,6 +198,8 @@ def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
             f"GGUF file {path!r}: {arch}.rope.scaling.type={scaling!r}; jlora maps "
             "'none', 'linear' and 'yarn'"
         )
+    if arch == "gemma2":
+        _gemma2_config(config, meta, need)
     if arch == "gemma3":
         _gemma3_config(config, meta, need)
     if _ROPE_FREQS in tensors:  # divides inv_freq pair by pair, as llama.cpp's rope does
@@ -204,6 +208,20 @@ def _config(path: str, meta: dict[str, Any], tensors: dict[str, Any]) -> dict[st
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = meta[f"tokenizer.ggml.{key}"]
     return config
+
+
+def _gemma2_config(config: dict[str, Any], meta: dict[str, Any], need: Any) -> None:
+    """Gemma 2's keys, as llama.cpp runs the file (and transformers' GGUF loader reads it).
+
+    The file stores the window and both soft-caps; llama.cpp fixes the rest: sliding and full
+    layers alternate, GeLU-tanh, and queries scaled by ``key_length**-0.5``.
+    """
+    config.pop("hidden_act")
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["sliding_window"] = need("attention.sliding_window")
+    config["attn_logit_softcapping"] = need("attn_logit_softcapping")
+    config["final_logit_softcapping"] = need("final_logit_softcapping")
+    config["query_pre_attn_scalar"] = config.get("head_dim", 256)
 
 
 def _gemma3_config(config: dict[str, Any], meta: dict[str, Any], need: Any) -> None:
@@ -353,8 +371,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
             module = "self_attn" if part.endswith("_proj") and part[0] in "qkvo" else "mlp"
             module = "" if "layernorm" in part else f"{module}."
             required.append(f"model.layers.{i}.{module}{part}.weight")
-        if meta["general.architecture"] == "gemma3":
-            required += [f"model.layers.{i}.{part}.weight" for part in _GEMMA_REQUIRED_LAYER]
+        if meta["general.architecture"].startswith("gemma"):
+            parts = _GEMMA_REQUIRED_LAYER[meta["general.architecture"] == "gemma2" and 2 :]
+            required += [f"model.layers.{i}.{part}.weight" for part in parts]
     if missing := [hf for hf in required if hf not in by_hf]:
         raise ValueError(
             f"GGUF file {path!r} lacks {len(missing)} tensor(s) a {meta['general.architecture']} "
