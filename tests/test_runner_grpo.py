@@ -326,10 +326,17 @@ def test_held_out_reward_rises_on_a_learnable_reward(checkpoint, data, tmp_path)
     assert after > before + 0.3, (before, after)
 
 
-def test_smollm2_grpo_config_runs_one_step(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "data", "rewards"),
+    [
+        ("smollm2_stdlib_grpo", "stdlib_modules", ["exact_match:answer", "contains:answer"]),
+        ("smollm2_arithmetic_grpo", "arithmetic", ["last_number:answer"]),
+    ],
+)
+def test_smollm2_grpo_config_runs_one_step(name, data, rewards, tmp_path):
     from jlora.runner.data.chat_batches import resolve_data
 
-    held = resolve_data("builtin:stdlib_modules/eval.jsonl", "data.eval", "prompts")
+    held = resolve_data(f"builtin:{data}/eval.jsonl", "data.eval", "prompts")
     with open(held, encoding="utf-8") as f:
         small = write_jsonl(tmp_path / "eval.jsonl", [json.loads(next(f)) for _ in range(2)])
     over = [
@@ -343,8 +350,8 @@ def test_smollm2_grpo_config_runs_one_step(tmp_path):
         "train.progress=false",
         "generate.max_new_tokens=2",
     ]
-    results = finetune(load_config("smollm2_stdlib_grpo", over), log=lambda _: 0)
-    names = {"eval_reward", "eval_rewards/exact_match:answer", "eval_rewards/contains:answer"}
+    results = finetune(load_config(name, over), log=lambda _: 0)
+    names = {"eval_reward", *(f"eval_rewards/{r}" for r in rewards)}
     assert names <= set(results["before"]) & set(results["after"])
     (step,) = [m for m in read_metrics(tmp_path / "smol") if "train_loss" in m]
     assert step["train_completions/mean_length"] <= 3

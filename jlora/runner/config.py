@@ -838,8 +838,8 @@ def shipped_configs() -> dict[str, str]:
     """The configs shipped with jlora, by name: ``{"default": ".../jlora/configs/default.yaml"}``.
 
     Example:
-      >>> sorted(shipped_configs())[:4]
-      ['default', 'minilm_fortunes', 'minilm_stdlib', 'smollm2_sonnets']
+      >>> sorted(shipped_configs())[:3]
+      ['default', 'minilm_fortunes', 'minilm_stdlib']
     """
     folder = importlib.resources.files("jlora") / "configs"
     return {
