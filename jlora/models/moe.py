@@ -137,7 +137,8 @@ class MoeConfig:
           16
         """
         if self.architecture == "MixtralForCausalLM":
-            return {
+            return {  # Mixtral has one MLP width, its experts'
+                "intermediate_size": self.expert_size,
                 "num_local_experts": self.num_experts,
                 "num_experts_per_tok": self.num_experts_per_tok,
                 "router_aux_loss_coef": self.router_aux_loss_coef,

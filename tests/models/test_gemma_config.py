@@ -102,20 +102,26 @@ def test_a_missing_part_package_says_what_to_install(monkeypatch):
 # The runner fine-tunes a Gemma 3 directory like any checkpoint
 
 
-def test_jlora_finetune_runs_on_a_tiny_gemma3_directory(tmp_path):
+@pytest.mark.parametrize(
+    "hf",
+    [
+        GEMMA3 | {"sliding_window_pattern": 2},
+        {"architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 2},  # with soft-caps
+    ],
+    ids=["gemma3", "gemma2"],
+)
+def test_jlora_finetune_runs_on_a_tiny_gemma_directory(hf, tmp_path):
     from runner_helpers import DEFAULT, tiny_overrides
 
     from jlora.cli import main
     from jlora.models.formats.tokenizer import byte_level
     from jlora.models.pretrained import save_pretrained
 
-    config = DecoderConfig.from_hf(
-        GEMMA3 | dict(SMALL, vocab_size=256, sliding_window=4, sliding_window_pattern=2)
-    )
+    config = DecoderConfig.from_hf(hf | dict(SMALL, vocab_size=256, sliding_window=4))
     params = Decoder(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    save_pretrained(tmp_path / "gemma3", (config, params, byte_level()))
+    save_pretrained(tmp_path / "gemma", (config, params, byte_level()))
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, tmp_path / "gemma3", steps=2)
+    overrides = tiny_overrides(run_dir, tmp_path / "gemma", steps=2)
     overrides += ["data.seq_len=16", "generate.prompts=['Shall I ']", "generate.max_new_tokens=2"]
     assert main(["finetune", DEFAULT, *overrides]) == 0
     results = json.loads((run_dir / "results.json").read_text())

@@ -62,3 +62,15 @@ def test_training_loss_adds_the_router_aux_loss(tmp_path, checkpoint):
     got = task.loss(task.base, task.extra, batch)
     np.testing.assert_allclose(got, lm + 0.5 * aux, rtol=1e-5)
     np.testing.assert_allclose(task._eval_loss(task.base, task.extra, batch), lm, rtol=1e-5)
+
+
+def test_finetune_runs_on_a_tiny_mixtral(tmp_path):
+    # Mixtral's config.json has one MLP width, the experts': saved as moe.expert_size (16)
+    fields = {**MOE.__dict__, "qk_norm": False, "architecture": "MixtralForCausalLM"}
+    mixtral = DecoderConfig(**fields | {"moe": MoeConfig("MixtralForCausalLM", 4, 2, 16)})
+    params = jax.jit(Decoder(mixtral).init)(jax.random.key(2), jnp.zeros((1, 4), jnp.int32))
+    save_pretrained(tmp_path / "mixtral", (mixtral, params["params"], byte_level()))
+    run_dir = tmp_path / "run"
+    finetune(load_config(DEFAULT, tiny_overrides(run_dir, tmp_path / "mixtral", 2)), log=print)
+    losses = [r["train_loss"] for r in read_metrics(str(run_dir)) if "train_loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
