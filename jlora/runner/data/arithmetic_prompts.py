@@ -5,7 +5,8 @@ A verifiable task that SmolLM2-135M-Instruct already gets partly right (it often
 reinforce from the first step: the reward is the built-in ``last_number:answer`` (the
 completion's last number against the record's answer), and the held-out reward is the task's
 accuracy. Records are TRL's conversational prompts with the answer as a column:
-``{"prompt": [system, user], "answer": "12"}``.
+``{"prompt": [{"role": "user", "content": "What is 7 + 5? Answer with the number only."}],
+"answer": "12"}`` (with a system turn, the base explains instead of answering).
 
 The data shipped in ``jlora/assets/prompts/arithmetic/`` was written by::
 
@@ -27,21 +28,19 @@ from jlora.runner.data.jsonl import write_data_main
 
 #: Questions kept out of training, for the held-out accuracy.
 HELD_OUT = 64
-SYSTEM = "Answer with the result."
+ASK = "Answer with the number only."
 
 
 def question(a: int, op: str, b: int) -> dict[str, Any]:
     """One prompt record: ``What is a op b?`` with its answer.
 
     Example:
-      >>> question(7, "+", 5)["answer"], question(7, "+", 5)["prompt"][1]["content"]
-      ('12', 'What is 7 + 5?')
+      >>> question(7, "+", 5)
+      {'prompt': [{'role': 'user', 'content': 'What is 7 + 5? Answer with the number only.'}], \
+'answer': '12'}
     """
     answer = a + b if op == "+" else a - b
-    messages = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"What is {a} {op} {b}?"},
-    ]
+    messages = [{"role": "user", "content": f"What is {a} {op} {b}? {ASK}"}]
     return {"prompt": messages, "answer": str(answer)}
 
 
