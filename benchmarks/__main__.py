@@ -122,7 +122,7 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         "smoke": ["--quick", "--seq", "16", "--rounds", "1"],
     },
     "sampling": {
-        "cpu": ["--quick"],
+        "cpu": ["--quick", "--batches", "1,8,32", "--rounds", "7"],
         "gpu": ["--batches", "1,8,32", "--prompt", "128", "--new", "128", "--rounds", "10"],
         "smoke": ["--quick", "--batches", "1", "--prompt", "8", "--new", "2", "--rounds", "1"],
     },
