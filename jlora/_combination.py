@@ -14,10 +14,11 @@ jlora's A, ``lora_B`` jlora's B, for a kernel laid out as its PyTorch module):
   matrix), the best rank-``k`` part (Eckart–Young).
 
 The result is an :class:`jlora.Adapter` whose config has scale 1 at every path, as PEFT's new
-adapter (``r = lora_alpha = new rank``). Deliberate differences from PEFT: PEFT copies
-``use_rslora`` from the first adapter into the new one, whose scale then is ``sqrt(r)`` rather
-than 1 (jlora keeps 1, so ``ΔW`` is the weighted sum); and PEFT turns any combination of a
-single adapter into ``linear`` (ignoring ``svd_rank``), where jlora keeps the method asked for.
+adapter (``r = lora_alpha = new rank``). Deliberate differences from PEFT: PEFT before 0.22
+copied ``use_rslora`` from the first adapter into the new one, whose scale then was ``sqrt(r)``
+rather than 1 (jlora keeps 1, so ``ΔW`` is the weighted sum, as PEFT 0.22 gives too); and PEFT
+turns any combination of a single adapter into ``linear`` (ignoring ``svd_rank``), where jlora
+keeps the method asked for.
 """
 
 from __future__ import annotations
