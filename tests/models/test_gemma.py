@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from jlora.models.decoder import Decoder, DecoderConfig, init_cache
-from jlora.models.decoder_weights import hf_to_params, params_to_hf
+from jlora.models.decoder_weights import params_to_hf
 from jlora.models.gemma import layer_kinds
+from models.test_decoder_hf import jlora_model, state_dict_np, torch_logits
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -74,21 +75,6 @@ def hf_model(kind, seed=0):
         for _, p in model.named_parameters():
             p.copy_(0.3 * torch.randn_like(p))
     return model
-
-
-def state_dict_np(model):
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-
-
-def jlora_model(model, **options):
-    config = DecoderConfig.from_hf(json.loads(model.config.to_json_string()), **options)
-    params = hf_to_params(config, state_dict_np(model).items())
-    return config, params
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.as_tensor(np.asarray(tokens))).logits.float().numpy()
 
 
 def close(got, expected, tol):
