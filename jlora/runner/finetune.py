@@ -125,7 +125,9 @@ def finetune(config: RunConfig, log: Any = print) -> dict[str, Any]:
                     )
                 except Diverged as err:
                     raise _diverged(ckpt_dir, err.step, err.loss) from None
-            return _finish(config, task, cfg, state, base, before)
+            final = next((h.last for h in hooks if isinstance(h, Evaluate)), None)
+            scores = final[1] if final is not None and final[0] == t.steps else None
+            return _finish(config, task, cfg, state, base, before, scores)
 
 
 def _with_base(step_fn: Any, base: Any, state: Any, batch: Any, step: int) -> Any:
@@ -294,7 +296,9 @@ def _finish(
     state: dict[str, Any],
     base: Any,
     before: dict[str, Any],
+    scores: dict[str, float] | None,
 ) -> dict[str, Any]:
+    """Saves the adapter and head, reports before -> after; ``scores``: the last step's."""
     run_dir = config.run_dir
     trainable = state["trainable"]
     params = jlora.combine(trainable["lora"], base)
@@ -315,7 +319,7 @@ def _finish(
             adapter_dir,
         ) from err
     task.save_extra(run_dir, trainable["extra"])
-    after = task.show(_adapted(trainable, base, cfg), trainable["extra"])
+    after = task.show(_adapted(trainable, base, cfg), trainable["extra"], scores)
     counts = _counts(params, trainable["extra"])
     results = {"before": before, "after": after, **counts}
     if task.data_stats:

@@ -114,6 +114,27 @@ def test_rerunning_a_finished_run_trains_nothing_more(finished_run, tiny_weights
     assert read_metrics(str(finished_run)) == before
 
 
+def test_the_last_steps_evaluation_is_reported_without_evaluating_again(
+    monkeypatch, tmp_path, tiny_weights
+):
+    from jlora.runner.tasks.causal_lm import CausalLMTask
+
+    evaluate, calls = CausalLMTask.evaluate, []
+
+    def counted(self, params, extra):
+        calls.append(1)
+        return evaluate(self, params, extra)
+
+    monkeypatch.setattr(CausalLMTask, "evaluate", counted)
+    run_dir = tmp_path / "run"
+    finetune(load_config(DEFAULT, tiny_overrides(run_dir, tiny_weights, 3)), log=lambda _: 0)
+    # the base once, step 2 (eval_every=2), step 3 (the last): the report reuses step 3's
+    assert len(calls) == 3
+    last = [r for r in read_metrics(str(run_dir)) if "eval_loss" in r][-1]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert last["step"] == 3 and results["after"]["eval_loss"] == last["eval_loss"]
+
+
 def test_merge_train_step_matches_factorised(tmp_path, tiny_weights, finished_run):
     over = tiny_overrides(tmp_path / "merge", tiny_weights, 4, **{"train.train_step": "merge"})
     finetune(load_config(DEFAULT, over), log=lambda _: 0)

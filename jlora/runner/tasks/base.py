@@ -37,8 +37,14 @@ class Task(Protocol):
         """Validation scores (``eval_loss`` and any others)."""
         ...
 
-    def show(self, params: Any, extra: Any) -> dict[str, Any]:
-        """What is reported before and after fine-tuning (scores, samples)."""
+    def show(
+        self, params: Any, extra: Any, scores: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """What is reported before and after fine-tuning (scores, samples).
+
+        ``scores``: :meth:`evaluate`'s result for these ``params`` when the caller has it
+        (the last step's evaluation), so it is not computed twice.
+        """
         ...
 
     def prepare_run(self, run_dir: str, start_model: Any, log: Callable[[str], None]) -> None:

@@ -460,8 +460,10 @@ class CausalLMTask(NoHead):
             system=system,
         )[0]
 
-    def show(self, params: Any, extra: Any) -> dict[str, Any]:
-        """What this task reports before and after: validation loss and samples."""
+    def show(
+        self, params: Any, extra: Any, scores: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """What this task reports before and after: validation scores and samples."""
         g = self.config.generate
         chat = self.config.data.train is not None and self.tokenizer.chat_template is not None
         samples = self.generate_many(
@@ -473,4 +475,6 @@ class CausalLMTask(NoHead):
             chat=chat,
             system=g.system if chat else None,
         )
-        return {**self.evaluate(params, extra), "samples": samples}
+        if scores is None:
+            scores = self.evaluate(params, extra)
+        return {**scores, "samples": samples}

@@ -251,9 +251,11 @@ class ClassificationTask(FixedBatches):
 
         return {"head": fit(self.extra["head"])}
 
-    def show(self, params: Any, extra: Any) -> dict[str, Any]:
-        """Validation loss and accuracy."""
-        return self.evaluate(params, extra)
+    def show(
+        self, params: Any, extra: Any, scores: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Validation loss and accuracy (``scores`` when given: already computed)."""
+        return self.evaluate(params, extra) if scores is None else dict(scores)
 
     def save_extra(self, run_dir: str, extra: Any) -> None:
         """Writes the head to ``head.safetensors`` with its label names."""

@@ -122,10 +122,13 @@ class Evaluate(Hook):
     ) -> None:
         """Scores with ``evaluate``; prints with ``write``."""
         self.every, self.evaluate, self.sinks, self.write = every, evaluate, sinks, write
+        #: ``(step, scores)`` of the latest evaluation: the run's final scores are not redone
+        self.last: tuple[int, dict[str, float]] | None = None
 
     def run(self, step: int, state: Any) -> None:
         """Evaluates the adapted model of ``state``."""
         scores = self.evaluate(state)
+        self.last = (step, scores)
         self.sinks.append({"step": step, **scores})
         self.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
 
