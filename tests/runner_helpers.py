@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,26 @@ TINY = DecoderConfig(
     rms_norm_eps=1e-5,
     max_position_embeddings=64,
 )
+
+
+def run_on_devices(script, tmp_path, devices=4):
+    """Runs ``script`` in a fresh Python with ``devices`` CPU devices; its last line as JSON.
+
+    The script gets ``sys.argv[1] = tmp_path`` and ``sys.argv[2]`` = the tests directory (to
+    import test modules and these helpers from); a device count is fixed at JAX's start, hence
+    the new process.
+    """
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def write_tiny_weights(path):

@@ -3,13 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from runner_helpers import DEFAULT, write_checkpoint
+from runner_helpers import DEFAULT, run_on_devices, write_checkpoint
 
 import jlora
 from jlora.runner.config import load_config
@@ -460,17 +458,7 @@ print(json.dumps(out))
 
 
 def test_a_grpo_run_on_a_mesh_samples_and_trains_as_on_one_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    tests = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run(
-        [sys.executable, "-c", _MESH_RUN, str(tmp_path), tests],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_on_devices(_MESH_RUN, tmp_path)
     assert len(out["one"]) == 2
     # Same completions (lengths, rewards) through the sharded live adapters, same losses.
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-4, atol=1e-6)

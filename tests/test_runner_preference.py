@@ -4,13 +4,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from runner_helpers import DEFAULT, write_checkpoint
+from runner_helpers import DEFAULT, run_on_devices, write_checkpoint
 from safetensors import safe_open
 
 import jlora
@@ -557,16 +555,6 @@ print(json.dumps(out))
 
 
 def test_a_preference_run_on_a_mesh_matches_one_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    tests = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run(
-        [sys.executable, "-c", _MESH_RUN, str(tmp_path), tests],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_on_devices(_MESH_RUN, tmp_path)
     assert len(out["one"]) == 2 and out["one"][0] == pytest.approx(LN2, abs=1e-6)
     np.testing.assert_allclose(out["mesh"], out["one"], rtol=1e-5)
