@@ -31,6 +31,7 @@ from jlora.runner.data.chats import (
     read_records,
     tokenize_record,
 )
+from jlora.runner.data.jsonl import held_out_split
 
 BUILTIN = "builtin:"
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -223,15 +224,7 @@ def split_records(records: Records, fraction: float, seed: int) -> tuple[Records
       >>> len(train.records), len(held.records)
       (8, 2)
     """
-    n = len(records.records)
-    held = max(round(n * fraction), 1)
-    if n - held < 1:
-        raise ValueError(
-            f"{n} record(s) cannot be split into training and held-out parts "
-            f"(data.val_fraction={fraction}); add records or give data.eval"
-        )
-    order = np.random.default_rng([seed, 1 << 20]).permutation(n)
-    parts = sorted(order[held:]), sorted(order[:held])
+    parts = held_out_split(len(records.records), fraction, seed, stream=1 << 20, unit="record")
     return tuple(  # type: ignore[return-value]
         Records(
             [records.records[i] for i in part],

@@ -9,6 +9,8 @@ import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 
 def jsonl_files(path: str | os.PathLike[str]) -> list[pathlib.Path]:
     """``path`` itself, or the ``*.jsonl`` files of a directory in sorted name order.
@@ -83,6 +85,31 @@ def read_jsonl(
                 yield where, record
         if lines == 0:
             raise ValueError(f"{file} holds no records; remove the empty file or fill it")
+
+
+def held_out_split(
+    n: int, fraction: float, seed: int, *, stream: int, unit: str
+) -> tuple[list[int], list[int]]:
+    """``(train, held)`` indices of ``n`` items: ``fraction`` of them (at least one) held out.
+
+    The held-out items are drawn by ``seed`` from the random stream ``stream`` (each kind of
+    data has its own, so a run's split never changes between releases); both lists sorted.
+
+    Raises:
+      ValueError: if the training part would be empty (the message counts ``unit``).
+
+    Example:
+      >>> held_out_split(5, 0.4, seed=0, stream=1, unit="record")
+      ([0, 2, 3], [1, 4])
+    """
+    held = max(round(n * fraction), 1)
+    if n - held < 1:
+        raise ValueError(
+            f"{n} {unit}(s) cannot be split into training and held-out parts "
+            f"(data.val_fraction={fraction}); add {unit}s or give data.eval"
+        )
+    order = np.random.default_rng([seed, stream]).permutation(n)
+    return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
 def write_data_main(

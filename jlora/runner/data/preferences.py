@@ -36,7 +36,7 @@ from jlora.models.formats.tokenizer import Tokenizer
 from jlora.runner.config import DataSection
 from jlora.runner.data.chat_batches import resolve_data, rows
 from jlora.runner.data.chats import ROLES, epoch_order, pack
-from jlora.runner.data.jsonl import read_jsonl
+from jlora.runner.data.jsonl import held_out_split, read_jsonl
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -206,15 +206,11 @@ def read_preference_data(
     if data.eval is not None:
         return train, read_preferences(resolve_data(data.eval, "data.eval", "preferences"), bad)
     n = len(train.sources)
-    held = max(round(n * data.val_fraction), 1)
-    if n - held < 1:
-        raise ValueError(
-            f"data.train {data.train!r}: {n} pair(s) cannot be split into training and "
-            f"held-out parts (data.val_fraction={data.val_fraction}); add pairs or give "
-            "data.eval"
-        )
-    order = np.random.default_rng([seed, 1 << 20]).permutation(n)
-    return _subset(train, sorted(order[held:])), _subset(train, sorted(order[:held]))
+    try:
+        kept, held = held_out_split(n, data.val_fraction, seed, stream=1 << 20, unit="pair")
+    except ValueError as err:
+        raise ValueError(f"data.train {data.train!r}: {err}") from None
+    return _subset(train, kept), _subset(train, held)
 
 
 def _subset(records: PreferenceRecords, index: list[int]) -> PreferenceRecords:

@@ -12,12 +12,10 @@ import dataclasses
 import os
 from typing import Any
 
-import numpy as np
-
 from jlora.runner.config import DataSection
 from jlora.runner.data.chat_batches import resolve_data
 from jlora.runner.data.chats import ROLES
-from jlora.runner.data.jsonl import read_jsonl
+from jlora.runner.data.jsonl import held_out_split, read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +120,8 @@ def read_prompt_data(data: DataSection, seed: int) -> tuple[PromptRecords, Promp
     if data.eval is not None:
         return train, read_prompts(resolve_data(data.eval, "data.eval", "prompts"))
     n = len(train.sources)
-    held = max(round(n * data.val_fraction), 1)
-    if n - held < 1:
-        raise ValueError(
-            f"data.train {data.train!r}: {n} prompt(s) cannot be split into training and "
-            f"held-out parts (data.val_fraction={data.val_fraction}); add prompts or give "
-            "data.eval"
-        )
-    order = np.random.default_rng([seed, 1 << 21]).permutation(n)
-    return train.subset(sorted(order[held:])), train.subset(sorted(order[:held]))
+    try:
+        kept, held = held_out_split(n, data.val_fraction, seed, stream=1 << 21, unit="prompt")
+    except ValueError as err:
+        raise ValueError(f"data.train {data.train!r}: {err}") from None
+    return train.subset(kept), train.subset(held)

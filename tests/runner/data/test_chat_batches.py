@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jlora.runner.config import config_path
+from jlora.runner.config import DataSection, config_path
 from jlora.runner.data.chat_batches import (
     Examples,
     InstructionBatches,
@@ -20,6 +20,8 @@ from jlora.runner.data.chat_batches import (
     split_records,
 )
 from jlora.runner.data.chats import Records, pack, read_records
+from jlora.runner.data.preferences import read_preference_data
+from jlora.runner.data.prompts import read_prompt_data
 from jlora.runner.yamlfile import read_yaml
 
 
@@ -91,6 +93,24 @@ def test_split_records():
     assert split_records(records, 0.25, seed=0) == (train, held)
     with pytest.raises(ValueError, match="cannot be split"):
         split_records(Records([{"text": "a"}], ["f:1"]), 0.5, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("read", "record", "unit"),
+    [
+        (read_prompt_data, {"prompt": "p"}, "prompt"),
+        (read_preference_data, {"prompt": "p", "chosen": "a", "rejected": "b"}, "pair"),
+    ],
+)
+def test_prompt_and_pair_readers_hold_out_a_fraction_or_say_why_not(tmp_path, read, record, unit):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for _ in range(10)))
+    train, held = read(DataSection(train=str(path), val_fraction=0.2), 0)
+    assert (len(train.sources), len(held.sources)) == (8, 2)
+    assert not set(train.sources) & set(held.sources)
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"data.train .*: 1 {unit}\(s\) cannot be split"):
+        read(DataSection(train=str(path)), 0)
 
 
 def test_exact_match():
