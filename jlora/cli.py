@@ -70,7 +70,8 @@ def _restore(run_dir: str) -> tuple[RunConfig, Any, Any, jlora.LoraConfig]:
 
 def _merge_hf(run_dir: str) -> None:
     """``merge --format hf``: the merged model as a Hugging Face directory, ``merged_hf/``."""
-    from jlora.models.pretrained import export_merged_hf, load_pretrained
+    from jlora.models.formats.stored_dtype import float_dtype, stored_dtype
+    from jlora.models.pretrained import export_merged_hf, load_pretrained, resolve_source
 
     config = rundir.load_run_config(run_dir)
     if config.model.kind != "llama":  # refused before any weight is read
@@ -78,14 +79,23 @@ def _merge_hf(run_dir: str) -> None:
             "--format hf writes a decoder as a Hugging Face model directory; this run uses "
             f"model.kind={config.model.kind}. Use --format safetensors (the default)"
         )
-    base = load_pretrained(config.model.decoder)
+    held: dict[str, Any] = {}  # the base in the dtype the run held it (model.base_dtype)
+    if hasattr(config, "lora"):
+        from jlora.runner.tasks.causal_lm import checkpoint_config
+
+        held["param_dtype"] = checkpoint_config(config.model)[0].param_dtype
+    base = load_pretrained(config.model.decoder, **held)
+    written = float_dtype(stored_dtype(resolve_source(config.model.decoder)))
     # A QLoRA run's adapter belongs to the quantised base; export_merged_hf merges it in float.
     # (Stand-ins for a run config, as some tests use, may carry only the model section.)
     base_params = prepare_base(config, base.params) if hasattr(config, "lora") else base.params
     params, cfg = jlora.load_adapter(os.path.join(run_dir, "adapter"), base_params)
     out = os.path.join(run_dir, "merged_hf")
-    export_merged_hf(out, base, params, cfg)
-    print(f"wrote {out}: a Hugging Face model directory with the adapter folded in (W + s·A·B)")
+    export_merged_hf(out, base, params, cfg, dtype=written)  # the checkpoint's own dtype
+    print(
+        f"wrote {out}: a Hugging Face model directory with the adapter folded in (W + s·A·B), "
+        f"in {written} as the checkpoint"
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

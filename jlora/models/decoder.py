@@ -50,6 +50,7 @@ from jlora.models.gemma import (
     layer_kinds,
 )
 from jlora.models.moe import MOE_ARCHITECTURES, MoeConfig, SparseMoe, moe_from_hf
+from jlora.models.remat import checkpoint_policy, remat_name
 from jlora.models.rope import (
     apply_rope,
     rope_cos_sin,
@@ -184,7 +185,10 @@ class DecoderConfig:
         ``None``; :class:`jlora.models.moe.MoeConfig`.
       dtype: compute dtype (activations); logits are returned in float32 anyway.
       param_dtype: dtype the parameters are created and loaded in.
-      remat: rematerialise each layer in the backward pass (``nn.remat``).
+      remat: what each layer keeps for the backward pass (:mod:`jlora.models.remat`):
+        ``"none"``, ``"full"`` (recompute the layer), ``"dots"`` (keep the projections'
+        outputs) or ``"offload"`` (keep them in pinned host memory); ``True`` is
+        ``"full"``, ``False`` ``"none"``. Stored as the name.
       scan_layers: ``True`` compiles one layer in a loop; ``False`` unrolls the loop (same
         stacked parameters), to compare compile and run times.
 
@@ -223,11 +227,12 @@ class DecoderConfig:
     moe: MoeConfig | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
         """Fills ``num_key_value_heads``/``head_dim`` and checks heads and rope scaling."""
+        object.__setattr__(self, "remat", remat_name(self.remat))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -659,7 +664,9 @@ class _Model(nn.Module):
             param_dtype=c.param_dtype,
             embedding_init=nn.initializers.normal(0.02),
         )
-        layer: Any = nn.remat(_Layer, prevent_cse=False) if c.remat else _Layer
+        layer: Any = _Layer
+        if c.remat != "none":  # under nn.scan, so CSE cannot undo it: prevent_cse=False
+            layer = nn.remat(_Layer, prevent_cse=False, policy=checkpoint_policy(c.remat))
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0, "intermediates": 0},  # MoE router logits per layer

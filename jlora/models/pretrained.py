@@ -225,7 +225,7 @@ def load_pretrained(
     param_dtype: npt.DTypeLike = jnp.float32,
     mesh: Mesh | None = None,
     shardings: Any = None,
-    remat: bool = False,
+    remat: bool | str = False,
     scan_layers: bool = True,
 ) -> Pretrained:
     """Loads a Hugging Face directory, a ``.gguf`` file or a ``"package:<name>"`` model.
@@ -252,7 +252,7 @@ def load_pretrained(
       shardings: with ``mesh``: a tree of ``PartitionSpec`` like the params, or
         ``(regex, PartitionSpec)`` rules as :func:`jlora.partition_specs` takes; ``None``
         replicates every parameter.
-      remat: rematerialise each layer in the backward pass.
+      remat: what each layer keeps for the backward pass (:mod:`jlora.models.remat`).
       scan_layers: compile one layer in a loop (``False``: unrolled, same parameters).
 
     Returns:

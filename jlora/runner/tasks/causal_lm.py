@@ -24,10 +24,13 @@ import numpy as np
 from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_cache
 from jlora.models.formats import hf_dir
 from jlora.models.formats.gguf import read_gguf, read_gguf_metadata
+from jlora.models.formats.stored_dtype import stored_dtype
 from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
 from jlora.models.moe import load_balancing_loss, router_logits
 from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
+from jlora.models.remat import check_offload
 from jlora.models.sampling import generate
+from jlora.runner.base_dtype import jnp_dtype, resolve_base_dtype
 from jlora.runner.config import ModelSection, RunConfig
 from jlora.runner.data.chat_batches import (
     InstructionBatches,
@@ -51,9 +54,13 @@ UNROLL_UP_TO = 8
 def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
     """The decoder config of ``section.path`` and the file or directory behind it; no weights read.
 
+    Its ``param_dtype`` is the dtype the base is held in (``model.base_dtype``,
+    :mod:`jlora.runner.base_dtype`).
+
     Raises:
       FileNotFoundError: if the path is gone or a directory has no ``config.json``.
-      ValueError: if its config is not a supported Llama-family decoder (named in the message).
+      ValueError: if its config is not a supported Llama-family decoder (named in the message),
+        or ``model.remat=offload`` on a device without pinned host memory.
 
     Example:
       >>> import json, tempfile
@@ -69,13 +76,24 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
         hf, where = hf_dir.read_config(source), os.path.join(source, hf_dir.CONFIG_FILE)
     else:
         hf, where = dict(read_gguf(source).config), source
+    base_dtype = resolve_base_dtype(
+        section, stored_dtype(source, hf if os.path.isdir(source) else None)
+    )
     try:
         config = DecoderConfig.from_hf(
-            hf, dtype=DTYPES[section.dtype], param_dtype=jnp.float32, remat=section.remat
+            hf,
+            dtype=DTYPES[section.dtype],
+            param_dtype=jnp_dtype(base_dtype[0]),
+            remat=section.remat,
         )
     except (ValueError, KeyError, TypeError) as err:
         message = err.args[0] if err.args else err
         raise ValueError(f"config model.path: {where}: {message}") from None
+    if config.remat == "offload":  # refused here, before any data or weight is read
+        try:
+            check_offload()
+        except ValueError as err:
+            raise ValueError(f"config model.remat: {err}") from None
     scan = section.scan_layers
     if scan is None:  # auto
         scan = config.num_hidden_layers > UNROLL_UP_TO
@@ -180,6 +198,7 @@ class CausalLMTask(NoHead):
         self.pretrained: Pretrained = load_pretrained(
             section.decoder,
             dtype=DTYPES[section.dtype],
+            param_dtype=decoder_config.param_dtype,
             remat=section.remat,
             scan_layers=decoder_config.scan_layers,
         )
