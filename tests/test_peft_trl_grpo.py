@@ -63,6 +63,17 @@ AGREEMENT: dict[str, tuple[float, str, float]] = {}  # worst relative difference
 GRADIENTS: dict[str, float] = {}  # worst gradient difference over the largest entry, per case
 
 
+@pytest.fixture(autouse=True)
+def _accelerate_in_float32(monkeypatch):
+    """TRL's trainer runs without mixed precision whatever an earlier trainer left behind.
+
+    ``bf16=False`` keeps ``ACCELERATE_MIXED_PRECISION`` from the environment, which any
+    ``TrainingArguments`` with ``bf16=True`` (the TRL configs' default) sets process-wide; with
+    ``bf16`` there TRL scores tokens under bf16 autocast, 0.5-1% off float32.
+    """
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+
+
 def _tokenizer():
     words = [f"w{i}" for i in range(40)]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
@@ -128,6 +139,7 @@ def _trl(base, tmp_path, **options):
             r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
         ),
     )
+    assert trainer.accelerator.mixed_precision == "no"  # float32, as jlora computes
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is not run
     rows = [prompt for prompt in PROMPTS for _ in range(GENERATIONS)]  # TRL's RepeatSampler order
     inputs = trainer._generate_and_score_completions(rows)

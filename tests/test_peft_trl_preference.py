@@ -15,6 +15,7 @@ jlora's base with the adapters off. Needs the ``peft`` extra (torch, transformer
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"  # CPO and ORPO live in trl.experimental
@@ -53,6 +54,18 @@ METRICS = [
     "logps/rejected",
 ]
 AGREEMENT: dict[str, tuple[float, str, float]] = {}  # worst relative difference per case
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Each test leaves ``os.environ`` as it found it.
+
+    ``TrainingArguments.__post_init__`` writes ``ACCELERATE_MIXED_PRECISION`` (``bf16``: the
+    TRL configs' default) into the process's environment, and a later trainer with
+    ``bf16=False`` keeps it: TRL's GRPOTrainer would then score under bf16 autocast.
+    """
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def _tokenizer():
