@@ -1,7 +1,9 @@
 """Every benchmark in one command, each in its own process, into one JSON file.
 
     python -m benchmarks                      # CPU sizes (under 5 minutes on 2 cores)
-    python -m benchmarks --device gpu         # GPU sizes (a few minutes on one GPU)
+    python -m benchmarks --device gpu         # llama_step on one 80 GB GPU (under 10 minutes)
+    python -m benchmarks --device gpu --all   # and every other benchmark at its GPU sizes
+    python -m benchmarks --device gpu --quick --platform cpu   # the GPU run's paths, tiny, on CPU
     python -m benchmarks --only train_step,dora_step --out results.json
     python -m benchmarks --quick              # smallest sizes: a smoke test, not a measurement
     python -m benchmarks --render             # then python -m benchmarks.render
@@ -138,18 +140,25 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         ],
     },
     "import_time": {"cpu": ["--quick"], "gpu": ["--quick"], "smoke": ["--rounds", "1"]},
+    "llama_step": {"cpu": None, "gpu": [], "smoke": ["--quick"]},
 }
-SKIP = {"op_profile": "XLA:CPU op names and trace events only"}
+SKIP = {
+    "op_profile": "XLA:CPU op names and trace events only",
+    "llama_step": "1B and 8B models, sized for one 80 GB accelerator (--device gpu)",
+}
+#: What ``--device gpu`` runs without ``--only`` or ``--all``: what fits ten minutes on an H100.
+DEFAULT = {"cpu": list(BENCHMARKS), "gpu": ["llama_step"]}
+PLATFORMS = {"cpu": "cpu", "gpu": "cuda"}  # jax's platform for each device, unless --platform
 
 
-def environment(name: str, device: str) -> dict[str, str]:
+def environment(name: str, device: str, platform_name: str | None = None) -> dict[str, str]:
     """The benchmark's environment: its XLA flags, and the platform it must run on."""
     env = dict(os.environ)
     if name == "collectives":
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FORCE_8_DEVICES}".strip()
         env["JAX_PLATFORMS"] = "cpu"
-    else:
-        env["JAX_PLATFORMS"] = "cuda" if device == "gpu" else "cpu"  # no silent fallback
+    else:  # no silent fallback
+        env["JAX_PLATFORMS"] = platform_name or PLATFORMS[device]
     return env
 
 
@@ -159,7 +168,7 @@ def command_line(name: str, args: list[str], env: dict[str, str]) -> str:
     return prefix + shlex.join(["python", f"benchmarks/{name}.py", *args])
 
 
-def machine(device: str) -> dict[str, Any]:
+def machine(device: str, platform_name: str | None = None) -> dict[str, Any]:
     """What the numbers were measured on, read without importing jax in this process."""
     cpu = platform.processor() or platform.machine()
     try:
@@ -175,7 +184,9 @@ def machine(device: str) -> dict[str, Any]:
         "system": platform.platform(),
         "python": platform.python_version(),
     }
-    if device == "gpu":
+    if platform_name:  # another platform than the device's: a test of its paths
+        out["platform"] = platform_name
+    elif device == "gpu":
         out["gpu"] = gpu_names()
     out["load_average_start"] = load_average()  # other jobs on the machine: noisier numbers
     return out
@@ -215,9 +226,11 @@ def gpu_names() -> list[str]:
     return got.stdout.splitlines()
 
 
-def run_one(name: str, args: list[str], device: str) -> dict[str, Any]:
+def run_one(
+    name: str, args: list[str], device: str, platform_name: str | None = None
+) -> dict[str, Any]:
     """Runs one benchmark in a child process; its ``--json`` output plus how it was run."""
-    env = environment(name, device)
+    env = environment(name, device, platform_name)
     entry: dict[str, Any] = {"command": command_line(name, args, env), "args": args}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
@@ -248,17 +261,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="smallest sizes: a smoke test, not a measurement",
     )
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="every benchmark (--device gpu alone runs " + ",".join(DEFAULT["gpu"]) + ")",
+    )
+    parser.add_argument(
+        "--platform",
+        help="run on this jax platform instead of the device's (e.g. --device gpu --quick "
+        "--platform cpu: the GPU run's code paths on a machine without one; default results "
+        "file benchmarks/results/DEVICE-on-PLATFORM.json, which the page does not read)",
+    )
     parser.add_argument("--out", help="results file (default benchmarks/results/DEVICE.json)")
     parser.add_argument(
         "--render", action="store_true", help="then render docs/performance.md from the results"
     )
     args = parser.parse_args(argv)
-    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    names = args.only.split(",") if args.only else DEFAULT[args.device]
+    names = list(BENCHMARKS) if args.all else names
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmarks {unknown}; choose from {','.join(BENCHMARKS)}")
     args.names = names
-    args.out = Path(args.out) if args.out else RESULTS / f"{args.device}.json"
+    if args.render and args.platform:
+        parser.error("--render publishes the results; a --platform run tests paths, not speed")
+    stem = f"{args.device}-on-{args.platform}" if args.platform else args.device
+    args.out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
     return args
 
 
@@ -266,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = "smoke" if args.quick else args.device
     results: dict[str, Any] = {
-        "machine": machine(args.device),
+        "machine": machine(args.device, args.platform),
         "versions": versions(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "sizes": sizes,
@@ -283,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             results["benchmarks"][name] = {"skipped": f"not on {args.device}: {SKIP[name]}"}
             print(f"\n({name}: skipped on {args.device}: {SKIP[name]})")
         else:
-            entry = run_one(name, settings, args.device)
+            entry = run_one(name, settings, args.device, args.platform)
             entry["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
             results["benchmarks"][name] = entry
             if entry["returncode"]:

@@ -101,6 +101,19 @@ def medians_interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def carried(exe: Any, carry: tuple, rest: tuple) -> Callable[[], Any]:
+    """``exe(*carry, *rest)`` as a training loop calls it: donated inputs, outputs fed back."""
+    state = list(carry)
+
+    def call() -> Any:
+        out = exe(*state, *rest)
+        if state:
+            state[:] = out[: len(state)]
+        return out
+
+    return call
+
+
 def compile_timed(fn: Any, args: tuple) -> tuple[Any, dict[str, float]]:
     """AOT-compiles ``fn(*args)``: the executable, lower and compile seconds, memory."""
     start = time.perf_counter()
@@ -167,10 +180,21 @@ def platform() -> str:
     )
 
 
-def write_json(path: str | None, args: argparse.Namespace, tables: list, **numbers: Any) -> None:
-    """``{"settings", "platform", "tables", **numbers}`` to ``path`` (nothing when ``None``)."""
+def write_json(
+    path: str | None,
+    args: argparse.Namespace,
+    tables: list,
+    platform_name: str | None = None,
+    **numbers: Any,
+) -> None:
+    """``{"settings", "platform", "tables", **numbers}`` to ``path`` (nothing when ``None``).
+
+    ``platform_name`` for a process that must not start a jax backend (one whose children
+    hold the accelerator); else :func:`platform`.
+    """
     if path:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
-        out = {"settings": settings, "platform": platform(), "tables": tables, **numbers}
+        where = platform_name or platform()
+        out = {"settings": settings, "platform": where, "tables": tables, **numbers}
         with open(path, "w") as f:
             json.dump(out, f, indent=2)

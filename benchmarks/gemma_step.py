@@ -32,7 +32,6 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,6 +42,7 @@ from jlora.models.pretrained import Pretrained, load_pretrained
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
+    carried,
     compile_timed,
     medians_interleaved,
     parse,
@@ -84,19 +84,6 @@ def print_load(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
 
 
 # -- step -----------------------------------------------------------------------------------------
-
-
-def carried(exe: Any, carry: tuple, rest: tuple) -> Callable[[], Any]:
-    """``exe(*carry, *rest)`` as a training loop calls it: donated inputs, outputs fed back."""
-    state = list(carry)
-
-    def call() -> Any:
-        out = exe(*state, *rest)
-        if state:
-            state[:] = out[: len(state)]
-        return out
-
-    return call
 
 
 def step_runs(pre: Pretrained, batch: int, seq: int, rank: int) -> tuple[dict, dict]:

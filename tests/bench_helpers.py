@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,13 @@ TINY = DecoderConfig(
 
 
 def load_benchmark(name):
-    """``benchmarks/NAME.py`` as a module (benchmarks/ is not a package the tests import)."""
+    """``benchmarks/NAME.py`` as a module (benchmarks/ is not a package the tests import).
+
+    ``benchmarks/`` goes on ``sys.path`` first, as it is for ``python benchmarks/NAME.py``, so
+    the script's ``from _common import ...`` finds its siblings.
+    """
+    if os.path.abspath(BENCHMARKS) not in map(os.path.abspath, sys.path):
+        sys.path.insert(0, os.path.abspath(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"{name}_bench", f"{BENCHMARKS}/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
