@@ -198,6 +198,38 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(dry_run(*read_config(path, overrides)))
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """The memory a config's train step needs per device, from abstract shapes (no weights).
+
+    A mesh of N devices is compiled on N CPU devices when the default backend has fewer, so
+    the CPU backend is asked for them before JAX starts.
+    """
+    from jlora.runner.plan import format_plan, plan_run
+
+    path, overrides = _split_args(args.args)
+    config, given = read_config(path, overrides)
+    devices = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+    if devices > 1:
+        import jax
+
+        try:  # only possible before the first JAX computation of this process
+            jax.config.update("jax_num_cpu_devices", devices)
+        except RuntimeError:
+            pass  # already started: plan_run says how many devices it needs
+    print(format_plan(plan_run(config, given), args.device_memory))
+
+
+def _memory_size(text: str) -> int:
+    from jlora.models.formats.hf_dir import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a memory size such as 80GiB, 24GB or 16G, found {text!r}"
+        ) from None
+
+
 def _probability(text: str) -> float:
     try:
         value = float(text)
@@ -244,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
       >>> build_parser().parse_args(["generate", "runs/default", "Hi"]).temperature
       0.7
       >>> build_parser().description.split("; ")[1].split(" (")[0]
-      'subcommands: finetune, merge, export-peft, eval, generate, summary'
+      'subcommands: finetune, merge, export-peft, eval, generate, summary, plan'
     """
     parser = argparse.ArgumentParser(prog="jlora")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
     p.set_defaults(fn=cmd_summary)
+    p = sub.add_parser(
+        "plan",
+        help="the memory a config's train step needs per device (base, adapters, optimizer "
+        "state, temporaries) and whether it fits, compiled from abstract shapes: no weight, "
+        "tokenizer or data read (a directory with config.json alone will do)",
+    )
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]", help=config_help)
+    p.add_argument(
+        "--device-memory",
+        type=_memory_size,
+        metavar="SIZE",
+        help="a device's memory, e.g. 80GiB or 24GB: say whether the run fits in it",
+    )
+    p.set_defaults(fn=cmd_plan)
     # From the parser itself, so a new subcommand is listed without anyone remembering to.
     parser.description = (
         f"LoRA fine-tuning for JAX; subcommands: {', '.join(sub.choices)} "

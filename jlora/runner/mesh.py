@@ -84,11 +84,23 @@ def rules(section: MeshSection) -> list[tuple[str, PartitionSpec]]:
 def shard_state(
     mesh: Mesh, section: MeshSection, base: Any, state: dict[str, Any], config: jlora.LoraConfig
 ) -> tuple[Any, dict[str, Any], Any]:
-    """Places ``base`` and the train ``state`` on ``mesh``.
+    """Places ``base`` and the train ``state`` on ``mesh`` (laid out by :func:`layout`).
 
     Returns:
       ``(base, state, state_shardings)``; ``state_shardings`` is a tree like ``state``, for
       the step's ``out_shardings`` so the layout stays the same from step to step.
+    """
+    base_sh, state_sh = layout(mesh, section, base, state, config)
+    return jax.device_put(base, base_sh), jax.device_put(state, state_sh), state_sh
+
+
+def layout(
+    mesh: Mesh, section: MeshSection, base: Any, state: dict[str, Any], config: jlora.LoraConfig
+) -> tuple[Any, Any]:
+    """``(base_shardings, state_shardings)``: trees of ``NamedSharding`` like the two trees.
+
+    Shapes are all it reads, so ``base`` and ``state`` may be ``jax.ShapeDtypeStruct`` trees
+    (what ``jlora plan`` lays out).
     """
     named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     base_sh = jax.tree.map(named, jlora.partition_specs(base, rules(section)))
@@ -104,8 +116,7 @@ def shard_state(
                 return sharding
         return replicated
 
-    state_sh = jax.tree.map_with_path(place, state)
-    return jax.device_put(base, base_sh), jax.device_put(state, state_sh), state_sh
+    return base_sh, jax.tree.map_with_path(place, state)
 
 
 def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:

@@ -10,33 +10,44 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jlora
 from jlora.runner.config import RunConfig
 from jlora.runner.tasks.base import Task
 
-__all__ = ["Task", "lora_config", "make_task"]
+__all__ = ["Task", "lora_config", "make_task", "task_class"]
 
 
-def make_task(config: RunConfig) -> Task:
-    """The task for ``config.model``: a checkpoint's ``path``, else by ``kind``.
+def task_class(config: RunConfig) -> type[Any]:
+    """The task class for ``config``: by ``train.objective``, else by ``model.kind``.
 
     A preference ``train.objective`` trains the decoder on pairs, ``grpo`` on prompts.
+
+    Example:
+      >>> task_class(RunConfig()).__name__
+      'CausalLMTask'
     """
     if config.train.objective == "grpo":
         from jlora.runner.tasks.rl import RLTask
 
-        return RLTask(config)
+        return RLTask
     if config.train.objective != "sft":
         from jlora.runner.tasks.preference import PreferenceTask
 
-        return PreferenceTask(config)
+        return PreferenceTask
     if config.model.kind == "bert":
         from jlora.runner.tasks.classification import ClassificationTask
 
-        return ClassificationTask(config)
+        return ClassificationTask
     from jlora.runner.tasks.causal_lm import CausalLMTask
 
-    return CausalLMTask(config)
+    return CausalLMTask
+
+
+def make_task(config: RunConfig) -> Task:
+    """The task for ``config`` (:func:`task_class`), with its model and data loaded."""
+    return cast(Task, task_class(config)(config))
 
 
 def lora_config(config: RunConfig) -> jlora.LoraConfig:

@@ -211,10 +211,34 @@ class CausalLMTask(NoHead):
         self.units_per_batch = config.train.batch_size * seq
         self.questions: list[Question] = []
         self._use_data(raw)
+        self._use_model(self.model)
+        self.weights_metadata = {"model_path": section.decoder}
+
+    @classmethod
+    def for_shapes(cls, config: RunConfig, decoder: DecoderConfig) -> Any:
+        """The task's model and losses without data, tokenizer or weights (``base`` is ``None``).
+
+        What ``jlora plan`` compiles the run's train step from, on abstract shapes
+        (:mod:`jlora.runner.plan`): everything :meth:`loss`, ``apply_fn`` and the objectives
+        use, nothing that needs the data.
+
+        Example:
+          >>> c = DecoderConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+          ...                   num_hidden_layers=1, num_attention_heads=2)
+          >>> CausalLMTask.for_shapes(RunConfig(), c).model.config.vocab_size
+          50
+        """
+        task = cls.__new__(cls)
+        task.config, task.base, task.extra = config, None, {}
+        task._use_model(Decoder(decoder))
+        return task
+
+    def _use_model(self, model: Decoder) -> None:
+        """The model, and what is compiled once per task: held-out loss, sampler step, cache."""
+        self.model = model
         # held-out loss is the next-token loss alone, without a mixture's router aux term
         self._eval_loss = jax.jit(functools.partial(self._lm_loss, aux=False))
         self._eval_weight = jax.jit(self.batch_weight)
-        model = self.model
 
         # One step and one cache function per task: the sampler compiles once per object.
         def step(
@@ -233,8 +257,7 @@ class CausalLMTask(NoHead):
             )
 
         self._step = step
-        self._init_cache = functools.partial(init_cache, self.pretrained.config)
-        self.weights_metadata = {"model_path": section.decoder}
+        self._init_cache = functools.partial(init_cache, model.config)
 
     def _read_data(self) -> Any:
         """The run's data read and checked (a text, or instruction records), before any weight."""
