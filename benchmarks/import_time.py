@@ -12,12 +12,10 @@ their file formats.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import report, write_json
 
 # Packages of the cli extra (and orbax) that a light `import jlora` must not load.

