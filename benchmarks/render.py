@@ -70,10 +70,12 @@ ABOUT = {
         "state), LoRA rank 16 on all seven projections over a bf16 base (f32 adapters and Adam "
         "state, through `jlora.value_and_grad` as the runner's step does), QLoRA (the same over "
         "an NF4 base, `jlora.quantize`) and the limit (forward and backward to the activations, "
-        "every weight frozen), each in its own process. A step that XLA's memory analysis says "
-        "will not fit gets its batch halved; one that does not fit at one row is reported with "
-        "what it would need, never run. MFU is model FLOPs (the formula is under the table) per "
-        "second over the chip's dense bf16 peak; peak memory is the allocator's."
+        "every weight frozen), each in its own process; the LM head's loss in chunks of tokens "
+        "(`jlora.chunked_cross_entropy`), attention `auto` (a fused kernel where one applies), "
+        "`remat=full`. A step that XLA's memory analysis says will not fit gets its batch "
+        "halved; one that does not fit at one row is reported with what it would need, never "
+        "run. MFU is model FLOPs (the formula is in the table's note) per second over the "
+        "chip's dense bf16 peak; peak memory is the allocator's."
     ),
     "import_time": (
         "`import jlora` is the library only (the transform, the optimizer partition, merging): "
