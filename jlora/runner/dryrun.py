@@ -105,12 +105,16 @@ def _data_section(config: RunConfig, resolved: Resolved) -> list[str]:
     return lines
 
 
-def _model_section(config: RunConfig) -> tuple[list[str], Any, int]:
-    """The model line, the abstract adapted tree, and the base's parameter count."""
+def _model_section(config: RunConfig) -> tuple[list[str], Any, Any, str]:
+    """The model line, the abstract adapted tree, the abstract base, and why its dtype."""
+    why = "a bert run's encoder"
     if config.model.kind == "llama":
+        from jlora.models.formats.stored_dtype import stored_dtype
+        from jlora.runner.base_dtype import resolve_base_dtype
         from jlora.runner.tasks.causal_lm import abstract_base, checkpoint_config
 
         decoder, source = checkpoint_config(config.model)
+        why = resolve_base_dtype(config.model, stored_dtype(source))[1]
         name = config.model.decoder
         where = name if source == name else f"{name} ({source})"
         line = (
@@ -129,30 +133,32 @@ def _model_section(config: RunConfig) -> tuple[list[str], Any, int]:
     abstract = jax.eval_shape(
         lambda b: adapt(jax.random.key(0), prepare_base(config, b), config), base
     )
-    count = sum(x.size for x in jax.tree.leaves(base))
-    return ["== what will be trained ==", line], abstract, count
+    return ["== what will be trained ==", line], abstract, base, why
 
 
-def _memory_section(config: RunConfig, abstract: Any, base_count: int) -> list[str]:
+def _memory_section(config: RunConfig, abstract: Any, base: Any, why: str) -> list[str]:
     lora, rest = jlora.split(abstract)
     adapters = sum(x.size for x in jax.tree.leaves(lora))
+    count = sum(x.size for x in jax.tree.leaves(base))
+    held = sorted({x.dtype.name for x in jax.tree.leaves(base)})
+    stored = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
     lines = [
         "== memory ==",
-        f"base: {base_count:,} parameters x 4 bytes = {size(4 * base_count)} (held in float32, "
-        f"whatever model.dtype says; model.dtype={config.model.dtype} sets the compute dtype)",
+        f"base: {count:,} parameters held in {'/'.join(held)} = {size(stored)} ({why}; "
+        f"model.dtype={config.model.dtype} sets the compute dtype)",
     ]
     if config.lora.quantize != "none":
         quantised = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(rest))
         lines.append(
             f"quantised for training (lora.quantize={config.lora.quantize}): "
-            f"{size(quantised)}, after reading the float32 base"
+            f"{size(quantised)}, after reading the base"
         )
     lines += [
         f"adapters: {adapters:,} parameters x {_ADAM_COPIES} (weights and Adam's two moments) "
         f"x 4 bytes = {size(4 * _ADAM_COPIES * adapters)}",
         f"activations come on top and grow with train.batch_size x data.seq_len "
-        f"({config.train.batch_size} x {config.data.seq_len}); model.remat=true or "
-        "model.dtype=bfloat16 shrinks them",
+        f"({config.train.batch_size} x {config.data.seq_len}); model.remat=full or "
+        "model.dtype=bfloat16 shrinks them; jlora plan compiles the step and prints them",
     ]
     return lines
 
@@ -185,8 +191,8 @@ def dry_run(config: RunConfig, given: Collection[str] = ()) -> str:
     lines = _config_section(resolved, given)
     lines += _run_dir_section(config)
     lines += _data_section(config, resolved)
-    model_lines, abstract, base_count = _model_section(config)
+    model_lines, abstract, base, why = _model_section(config)
     lines += model_lines
     lines.append(jlora.summary(abstract))
-    lines += _memory_section(config, abstract, base_count)
+    lines += _memory_section(config, abstract, base, why)
     return "\n".join(lines)
