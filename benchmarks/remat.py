@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "losses": losses,
         "loss_spread": spread,
-        "platform": jax.devices()[0].platform,
+        "backend": jax.devices()[0].platform,
     }
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for policy, r in res["rows"].items()
     ]
     note = f"Losses of the four policies agree to {res['loss_spread']:.1e}."
-    if res["platform"] == "cpu":
+    if res["backend"] == "cpu":
         note += (
             " On CPU `offload` keeps the products in the CPU's pinned-host memory space, which "
             "is the same RAM: it runs, and saves nothing."
