@@ -14,6 +14,13 @@ from jlora._adapter_files import load_adapter, save_adapter
 from jlora._adapters import Adapter, add_adapter, delete_adapter, select_adapter
 from jlora._axes import axis_roles
 from jlora._checkpoint import Restored, checkpoint_steps, restore_checkpoint, save_checkpoint
+from jlora._chunked_loss import (
+    CHUNK_LOGITS,
+    auto_chunk_size,
+    chunked_cross_entropy,
+    chunked_logps_and_entropy,
+    chunked_token_logps,
+)
 from jlora._collectives import Collective, collectives
 from jlora._combination import combine_adapters
 from jlora._config import INITS as LORA_INITS
@@ -41,6 +48,7 @@ from jlora._summary import summary
 from jlora.peft import export_peft, import_peft
 
 __all__ = [
+    "CHUNK_LOGITS",
     "GRPO_LOSSES",
     "LORA_INITS",
     "PREFERENCE_LOSSES",
@@ -54,8 +62,12 @@ __all__ = [
     "adapter_specs",
     "add_adapter",
     "add_magnitudes",
+    "auto_chunk_size",
     "axis_roles",
     "checkpoint_steps",
+    "chunked_cross_entropy",
+    "chunked_logps_and_entropy",
+    "chunked_token_logps",
     "collectives",
     "combine",
     "combine_adapters",

@@ -20,7 +20,7 @@ and the logits are divided by the sampling ``temperature`` before the log-probab
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -484,7 +484,7 @@ def _check_batch(batch: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def grpo_policy_loss(
-    apply_fn: Callable[..., Any],
+    apply_fn: Callable[..., Any] | None,
     params: Any,
     config: LoraConfig,
     batch: Mapping[str, Any],
@@ -504,6 +504,7 @@ def grpo_policy_loss(
     on_unsupported: str = "raise",
     dropout_rng: Any = None,
     deterministic: bool = True,
+    logps_fn: Callable[..., Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO's loss of a LoRA-adapted model on a batch of scored completions, and TRL's metrics.
 
@@ -520,7 +521,7 @@ def grpo_policy_loss(
 
     Args:
       apply_fn: ``apply_fn(params, tokens, **kw) -> logits [B, T, V]``. ``kw`` holds the
-        batch's ``positions`` and ``segment_ids``, when present.
+        batch's ``positions`` and ``segment_ids``, when present. ``None`` with ``logps_fn``.
       params: the adapted tree (A and B beside the kernels, from :func:`jlora.init_lora`).
       config: the config the tree was initialised with.
       batch: ``tokens`` (prompt then completion), ``targets`` (``targets[:, t]`` is the token
@@ -543,6 +544,12 @@ def grpo_policy_loss(
       on_unsupported: as in :func:`jlora.lora`.
       dropout_rng: as in :func:`jlora.lora` (the reference runs without dropout).
       deterministic: as in :func:`jlora.lora`.
+      logps_fn: instead of ``apply_fn``'s logits, ``logps_fn(params, tokens, targets,
+        loss_mask, *, temperature, **kw) -> (logps, entropy)``, each ``[B, T]``: each target
+        token's log-probability under ``logits / temperature`` and each position's entropy
+        (any values where ``loss_mask`` is false), run through :func:`jlora.lora` as
+        ``apply_fn`` would be; :func:`jlora.chunked_logps_and_entropy` gives both from a
+        decoder's hidden states without ``[B, T, V]`` logits.
 
     Returns:
       ``(loss, metrics)`` as :func:`grpo_loss` returns them, with ``entropy`` added.
@@ -551,8 +558,9 @@ def grpo_policy_loss(
       TypeError: if ``batch`` is not a mapping, or as :func:`jlora.lora`.
       ValueError: for a batch with a missing or unknown key, ``tokens`` not ``[B, T]`` with
         ``B >= 1``, another key or ``old_logps`` / ``ref_logps`` of a different shape,
-        ``params`` without adapters, ``temperature <= 0``, and as :func:`grpo_loss` and
-        :func:`jlora.lora`.
+        ``params`` without adapters, ``temperature <= 0``, neither or both of ``apply_fn``
+        and ``logps_fn``, ``logps_fn`` giving other shapes than ``[B, T]``, and as
+        :func:`grpo_loss` and :func:`jlora.lora`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -577,6 +585,11 @@ def grpo_policy_loss(
     """
     _check_temperature(temperature)
     rows, length = _check_batch(batch)
+    if (apply_fn is None) == (logps_fn is None):
+        raise ValueError(
+            "grpo_policy_loss: give apply_fn (the model's logits) or logps_fn (its per-token "
+            "log-probabilities and entropies), exactly one of them; pass None for the other"
+        )
     for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if value is not None and tuple(jnp.shape(value)) != (rows, length):
             raise ValueError(
@@ -614,23 +627,35 @@ def grpo_policy_loss(
     )
     kwargs = {k: batch[k] for k in _APPLY_KEYS if k in batch}
     tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
-    policy = lora(
-        apply_fn,
-        config,
+
+    def scores(tree: Any, **lora_options: Any) -> tuple[jax.Array, jax.Array]:
+        """Per-token log-probabilities and entropies (without gradient) of the model on ``tree``."""
+        if logps_fn is None:
+            policy = lora(cast(Callable[..., Any], apply_fn), config, **lora_options)
+            logits = jnp.asarray(policy(tree, tokens, **kwargs), jnp.float32) / temperature
+            logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+            return _token_logps(logits, targets), -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        fn = lora(logps_fn, config, **lora_options)
+        out = fn(tree, tokens, targets, mask, temperature=temperature, **kwargs)
+        shapes = [tuple(jnp.shape(x)) for x in (out if isinstance(out, tuple) else [out])]
+        if shapes != [(rows, length)] * 2:
+            raise ValueError(
+                f"grpo_policy_loss: logps_fn must give (logps, entropy), each [B, T] = "
+                f"{(rows, length)}; got {shapes}"
+            )
+        return jnp.asarray(out[0], jnp.float32), jax.lax.stop_gradient(out[1])
+
+    per_token, entropy = scores(
+        params,
         on_unsupported=on_unsupported,
         dropout_rng=dropout_rng,
         deterministic=deterministic,
     )
-    logits = jnp.asarray(policy(params, tokens, **kwargs), jnp.float32) / temperature
-    per_token = _token_logps(logits, targets)
     if needs_reference and ref_logps is None:
-        # The base alone: jlora.lora runs apply_fn unchanged on a tree without adapters
+        # The base alone: jlora.lora runs the model unchanged on a tree without adapters
         # (dequantising a QLoRA base first), with no dropout.
-        ref_logits = lora(apply_fn, config)(jax.lax.stop_gradient(base), tokens, **kwargs)
-        ref_logps = token_logps(ref_logits, targets, temperature=temperature)
+        ref_logps = scores(jax.lax.stop_gradient(base))[0]
     loss, metrics = grpo_loss(per_token, old_logps, ref_logps, batch["advantages"], mask, **options)
-    logp = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
     weights = jnp.asarray(mask, bool)
     count = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
     metrics["entropy"] = jnp.sum(jnp.where(weights, entropy, 0.0)) / count

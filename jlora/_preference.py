@@ -20,7 +20,7 @@ has too).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -334,7 +334,7 @@ def _check_batch(batch: Mapping[str, Any]) -> int:
 
 
 def dpo_loss(
-    apply_fn: Callable[..., Any],
+    apply_fn: Callable[..., Any] | None,
     params: Any,
     config: LoraConfig,
     batch: Mapping[str, Any],
@@ -347,6 +347,7 @@ def dpo_loss(
     on_unsupported: str = "raise",
     dropout_rng: Any = None,
     deterministic: bool = True,
+    logps_fn: Callable[..., Any] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """A preference loss of a LoRA-adapted model on a batch of pairs, and TRL's metrics.
 
@@ -370,6 +371,7 @@ def dpo_loss(
       apply_fn: ``apply_fn(params, tokens, **kw) -> logits [2B, T, V]``, e.g.
         ``lambda p, t, **kw: model.apply({"params": p}, t, **kw)``. ``kw`` holds the batch's
         ``positions`` and ``segment_ids`` (as keywords of those names), when present.
+        ``None`` with ``logps_fn``.
       params: the adapted tree (A and B beside the kernels, from :func:`jlora.init_lora`).
       config: the config the tree was initialised with.
       batch: ``tokens``, ``targets`` (``targets[:, t]`` is the token after ``tokens[:, t]``),
@@ -386,6 +388,11 @@ def dpo_loss(
       on_unsupported: as in :func:`jlora.lora`.
       dropout_rng: as in :func:`jlora.lora` (the reference runs without dropout).
       deterministic: as in :func:`jlora.lora`.
+      logps_fn: instead of ``apply_fn``'s logits, ``logps_fn(params, tokens, targets,
+        loss_mask, **kw) -> [2B, T]``: each target token's log-probability (any value where
+        ``loss_mask`` is false), run through :func:`jlora.lora` as ``apply_fn`` would be.
+        A decoder's hidden states through :func:`jlora.chunked_token_logps` give them without
+        ``[2B, T, V]`` logits (:func:`jlora.models.lm_head.decoder_scores`).
 
     Returns:
       ``(loss, metrics)`` as :func:`preference_loss` returns them.
@@ -394,8 +401,9 @@ def dpo_loss(
       TypeError: if ``batch`` is not a mapping, or as :func:`jlora.lora`.
       ValueError: for a batch with a missing or unknown key, ``tokens`` not ``[2B, T]`` with
         ``B >= 1``, another key of a different shape, ``reference_logps`` not two ``[B]``
-        arrays, ``params`` without adapters, ``nll_mask`` for a loss other than orpo, and as
-        :func:`preference_loss` and :func:`jlora.lora`.
+        arrays, ``params`` without adapters, ``nll_mask`` for a loss other than orpo, neither
+        or both of ``apply_fn`` and ``logps_fn``, ``logps_fn`` giving another shape than
+        ``[2B, T]``, and as :func:`preference_loss` and :func:`jlora.lora`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -427,6 +435,11 @@ def dpo_loss(
         False,
     )
     pairs = _check_batch(batch)
+    if (apply_fn is None) == (logps_fn is None):
+        raise ValueError(
+            "dpo_loss: give apply_fn (the model's logits) or logps_fn (its per-token "
+            "log-probabilities), exactly one of them; pass None for the other"
+        )
     if reference_logps is not None and (
         len(reference_logps) != 2 or any(tuple(jnp.shape(x)) != (pairs,) for x in reference_logps)
     ):
@@ -442,14 +455,27 @@ def dpo_loss(
         )
     kwargs = {k: batch[k] for k in _APPLY_KEYS if k in batch}
     tokens, targets, mask = batch["tokens"], batch["targets"], batch["loss_mask"]
-    policy = lora(
-        apply_fn,
-        config,
+
+    def per_token_logps(tree: Any, **options: Any) -> jax.Array:
+        if logps_fn is None:
+            logits = lora(cast(Callable[..., Any], apply_fn), config, **options)(
+                tree, tokens, **kwargs
+            )
+            return _token_logps(logits, targets)
+        out = jnp.asarray(lora(logps_fn, config, **options)(tree, tokens, targets, mask, **kwargs))
+        if out.shape != jnp.shape(tokens):
+            raise ValueError(
+                f"dpo_loss: logps_fn must give [2B, T] = {jnp.shape(tokens)} per-token "
+                f"log-probabilities; got shape {out.shape}"
+            )
+        return out.astype(jnp.float32)
+
+    per_token = per_token_logps(
+        params,
         on_unsupported=on_unsupported,
         dropout_rng=dropout_rng,
         deterministic=deterministic,
     )
-    per_token = _token_logps(policy(params, tokens, **kwargs), targets)
     lengths = jnp.sum(jnp.asarray(mask, jnp.float32), axis=-1)
     summed = _masked_sum(per_token, mask)
     logps = summed / jnp.maximum(lengths, 1.0) if loss_type in AVERAGED else summed
@@ -460,8 +486,7 @@ def dpo_loss(
         if reference_logps is None:
             # The base alone: jlora.lora runs apply_fn unchanged on a tree without adapters
             # (dequantising a QLoRA base first), with no dropout.
-            ref_logits = lora(apply_fn, config)(jax.lax.stop_gradient(base), tokens, **kwargs)
-            ref = _masked_sum(_token_logps(ref_logits, targets), mask)
+            ref = _masked_sum(per_token_logps(jax.lax.stop_gradient(base)), mask)
             reference_logps = (ref[:pairs], ref[pairs:])
         refs = (
             jax.lax.stop_gradient(jnp.asarray(reference_logps[0], jnp.float32)),

@@ -771,8 +771,12 @@ class Decoder(nn.Module):
         cache: dict[str, jax.Array] | None = None,
         cache_index: jax.Array | int | None = None,
         kv_mask: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
         """Next-token logits for ``tokens`` (and the updated cache when one is given).
+
+        With ``return_hidden``, the final-normed hidden states ``[B, T, H]`` (in ``dtype``)
+        instead of the logits, for a head run in chunks (:mod:`jlora.models.lm_head`).
 
         Raises:
           ValueError: for ``tokens`` not 2-D, ``positions``/``segment_ids``/``kv_mask`` of
@@ -805,6 +809,8 @@ class Decoder(nn.Module):
             masks.append(_attention_mask(window, b, t, segment_ids, cache_len, index, kv_mask))
         cos, sin = jnp.stack([a for a, _ in tables]), jnp.stack([z for _, z in tables])
         x, new_cache = self.model(tokens, cos, sin, jnp.stack(masks), cache, index)
+        if return_hidden:
+            return x if cache is None else (x, cast(dict[str, jax.Array], new_cache))
         if c.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(x)
         else:
