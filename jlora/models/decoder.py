@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jlora.models.attention import MaskSpec, attend_per_kind, check_attention
 from jlora.models.gemma import DEFAULTS as _GEMMA_DEFAULTS
 from jlora.models.gemma import (
     GEMMA_ARCHITECTURES,
@@ -130,7 +131,7 @@ _MODEL_TYPES = {
     "MixtralForCausalLM": "mixtral",
 }
 _MODEL_TYPES.update(GEMMA_ARCHITECTURES)
-_OPTIONS = ("dtype", "param_dtype", "remat", "scan_layers")
+_OPTIONS = ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_block")
 
 
 def _freeze(value: Any) -> Any:
@@ -191,6 +192,12 @@ class DecoderConfig:
         ``"full"``, ``False`` ``"none"``. Stored as the name.
       scan_layers: ``True`` compiles one layer in a loop; ``False`` unrolls the loop (same
         stacked parameters), to compare compile and run times.
+      attention: how attention is computed (:mod:`jlora.models.attention`): ``"auto"``
+        (``"fused"`` unless the model softcaps its attention logits, then ``"einsum"``),
+        ``"einsum"`` (scores and mask as ``[T, S]`` arrays), ``"fused"``
+        (``jax.nn.dot_product_attention``, cuDNN on GPU) or ``"blockwise"`` (online softmax
+        over blocks, memory linear in the sequence length).
+      attention_block: query and key slots per block of ``"blockwise"`` attention.
 
     Example:
       >>> c = DecoderConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
@@ -229,6 +236,8 @@ class DecoderConfig:
     param_dtype: Any = jnp.float32
     remat: bool | str = False
     scan_layers: bool = True
+    attention: str = "auto"
+    attention_block: int = 512
 
     def __post_init__(self) -> None:
         """Fills ``num_key_value_heads``/``head_dim`` and checks heads and rope scaling."""
@@ -274,6 +283,9 @@ class DecoderConfig:
             freq_factors=self.rope_freq_factors,
         )
         self._check_gemma()
+        check_attention(
+            self.attention, self.attention_block, self.attn_logit_softcapping, "DecoderConfig"
+        )
 
     @property
     def gemma(self) -> bool:
@@ -316,7 +328,7 @@ class DecoderConfig:
         Args:
           hf: the parsed config.json.
           **options: execution options, not in config.json: ``dtype``, ``param_dtype``,
-            ``remat``, ``scan_layers``.
+            ``remat``, ``scan_layers``, ``attention``, ``attention_block``.
 
         Returns:
           A :class:`DecoderConfig`.
@@ -558,7 +570,8 @@ class _Attention(nn.Module):
         x: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: MaskSpec,
+        kind: jax.Array,
         layer_cache: dict[str, jax.Array] | None,
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
@@ -584,18 +597,20 @@ class _Attention(nn.Module):
             )
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(c.dtype), cv.astype(c.dtype)
-        q = q.reshape(b, t, kv, h // kv, hd)
         scalar = hd if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scalar**-0.5, q.dtype)
-        if c.attn_logit_softcapping is not None:
-            cap = jnp.asarray(c.attn_logit_softcapping, q.dtype)
-            scores = jnp.tanh(scores / cap) * cap
-        scores = jnp.where(
-            mask[:, None, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min
+        out = attend_per_kind(
+            q,
+            k,
+            v,
+            mask,
+            kind=kind,
+            windows=[w for w, _, _ in layer_kinds(c)[0]],
+            implementation=c.attention,
+            scale=scalar**-0.5,
+            softcap=c.attn_logit_softcapping,
+            block=c.attention_block,
         )
-        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
-        return _dense(c, c.hidden_size, "o_proj")(out), new_cache
+        return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, h * hd)), new_cache
 
 
 class _MLP(nn.Module):
@@ -616,8 +631,9 @@ class _MLP(nn.Module):
 class _Layer(nn.Module):
     """One pre-norm decoder layer; the scan body (carry ``x``, per-layer cache slice and kind).
 
-    ``kind`` indexes the first axis of ``cos``/``sin``/``mask``: this layer's rotary table
-    and window (:func:`jlora.models.gemma.layer_kinds`).
+    ``kind`` indexes the first axis of ``cos``/``sin`` and picks the window: this layer's
+    rotary table and window (:func:`jlora.models.gemma.layer_kinds`); ``mask`` is the
+    :class:`jlora.models.attention.MaskSpec` every layer shares.
     """
 
     config: DecoderConfig
@@ -630,14 +646,14 @@ class _Layer(nn.Module):
         kind: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: MaskSpec,
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma)
-        cos, sin, mask = cos[kind], sin[kind], mask[kind]
+        cos, sin = cos[kind], sin[kind]
         attn, new_cache = _Attention(c, name="self_attn")(
-            norm(name="input_layernorm")(x), cos, sin, mask, layer_cache, cache_index
+            norm(name="input_layernorm")(x), cos, sin, mask, kind, layer_cache, cache_index
         )
         if c.gemma:
             x = x + norm(name="post_attention_layernorm")(attn)
@@ -683,7 +699,7 @@ class _Model(nn.Module):
         tokens: jax.Array,
         cos: jax.Array,
         sin: jax.Array,
-        mask: jax.Array,
+        mask: MaskSpec,
         cache: dict[str, jax.Array] | None,
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
@@ -693,33 +709,6 @@ class _Model(nn.Module):
         kind = jnp.asarray(layer_kinds(self.config)[1])
         x, new_cache = self.layers(x, cache, kind, cos, sin, mask, cache_index)
         return self.norm(x), new_cache
-
-
-def _attention_mask(
-    window: int | None,
-    batch: int,
-    t: int,
-    segment_ids: jax.Array | None,
-    cache_len: int | None,
-    cache_index: jax.Array | None,
-    kv_mask: jax.Array | None,
-) -> jax.Array:
-    """``[batch, T, S]`` bool: may query slot ``q`` see key slot ``s``."""
-    if cache_len is None:
-        q_slot = jnp.arange(t)
-        k_slot = jnp.arange(t)
-    else:
-        q_slot = jnp.asarray(cache_index, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
-        k_slot = jnp.arange(cache_len, dtype=jnp.int32)
-    allowed = k_slot[None, :] <= q_slot[:, None]
-    if window is not None:
-        allowed &= k_slot[None, :] > q_slot[:, None] - window
-    allowed = allowed[None]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    if kv_mask is not None:
-        allowed = allowed & jnp.asarray(kv_mask, bool)[:, None, :]
-    return jnp.broadcast_to(allowed, (batch, *allowed.shape[1:]))
 
 
 class Decoder(nn.Module):
@@ -784,7 +773,7 @@ class Decoder(nn.Module):
             does not fit the config or batch, or ``segment_ids`` with a cache.
         """
         c = self.config
-        cache_len = _check_inputs(c, tokens, positions, segment_ids, cache, cache_index, kv_mask)
+        _check_inputs(c, tokens, positions, segment_ids, cache, cache_index, kv_mask)
         b, t = tokens.shape
         positions_given = positions
         if positions is None:
@@ -794,9 +783,9 @@ class Decoder(nn.Module):
         # dynamic/longrope rope: transformers' length max(position_ids) + 1, static when known
         seq_len = t if positions_given is None and cache is None else jnp.max(positions) + 1
         index = None if cache is None else jnp.asarray(cache_index, jnp.int32)
-        # one rotary table and one mask per layer kind, stacked; each layer picks its own
-        tables, masks = [], []
-        for window, theta, scaling in layer_kinds(c)[0]:
+        # one rotary table per layer kind, stacked; each layer picks its own (and its window)
+        tables = []
+        for _, theta, scaling in layer_kinds(c)[0]:
             inv_freq, factor = rope_inv_freq(
                 _heads(c)[2],
                 theta,
@@ -806,9 +795,9 @@ class Decoder(nn.Module):
                 freq_factors=c.rope_freq_factors,
             )
             tables.append(rope_cos_sin(positions, inv_freq, factor, c.dtype))
-            masks.append(_attention_mask(window, b, t, segment_ids, cache_len, index, kv_mask))
+        mask = MaskSpec(index, segment_ids, None if kv_mask is None else jnp.asarray(kv_mask, bool))
         cos, sin = jnp.stack([a for a, _ in tables]), jnp.stack([z for _, z in tables])
-        x, new_cache = self.model(tokens, cos, sin, jnp.stack(masks), cache, index)
+        x, new_cache = self.model(tokens, cos, sin, mask, cache, index)
         if return_hidden:
             return x if cache is None else (x, cast(dict[str, jax.Array], new_cache))
         if c.tie_word_embeddings:
