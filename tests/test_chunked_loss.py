@@ -334,3 +334,34 @@ def test_logps_fn_errors():
         jlora.grpo_policy_loss(
             None, params, cfg, grpo_batch, logps_fn=lambda p, t, y, m, **kw: t * 1.0
         )
+
+
+def test_the_runner_task_loss_and_gradient_are_the_same_chunked_or_not(tmp_path):
+    from runner_helpers import DEFAULT, write_checkpoint
+
+    from jlora.runner.config import load_config
+    from jlora.runner.tasks.causal_lm import CausalLMTask
+
+    checkpoint = write_checkpoint(tmp_path / "tiny")
+
+    def task(chunk):
+        keys = {"run_dir": tmp_path / "r", "model.path": checkpoint, "data.seq_len": 16}
+        keys |= {"train.batch_size": 2, "train.loss_chunk": chunk}
+        return CausalLMTask(load_config(DEFAULT, [f"{k}={v}" for k, v in keys.items()]))
+
+    full, chunked = task(0), task(5)
+    batch = {k: jnp.asarray(v) for k, v in full.train_batch(0).items()}
+    batch["loss_mask"] = batch["loss_mask"].at[:, :4].set(False)  # a prompt
+    want = jax.value_and_grad(full.loss)(full.base, {}, batch)
+    _close(jax.value_and_grad(chunked.loss)(chunked.base, {}, batch), want)
+    assert chunked.evaluate(chunked.base, {})["eval_loss"] == pytest.approx(
+        full.evaluate(full.base, {})["eval_loss"], rel=1e-5
+    )
+
+
+def test_train_loss_chunk_is_validated():
+    from jlora.runner.config import TrainSection
+
+    assert TrainSection().loss_chunk is None and TrainSection(loss_chunk=0).loss_chunk == 0
+    with pytest.raises(ValueError, match=r"config train.loss_chunk: must be tokens per chunk >= 1"):
+        TrainSection(loss_chunk=-1)

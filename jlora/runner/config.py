@@ -260,6 +260,13 @@ class TrainSection:
         (:func:`jlora.runner.host_memory.keep_freed_memory`), so that on CPU each step reuses
         the last one's buffers instead of page-faulting them in again; about 1.4x faster on
         the default config, at the cost of holding the peak footprint until the run ends.
+      loss_chunk: decoder tasks: the LM head and the loss (cross-entropy, DPO's and GRPO's
+        log-probabilities, evaluation) run over chunks of this many learned tokens
+        (:func:`jlora.chunked_token_logps`), so no ``[tokens, vocab]`` logits exist and tokens
+        that are not learned (prompts, padding) never reach the head; same loss and
+        gradients as the full logits. ``null`` sizes chunks from the vocabulary
+        (:func:`jlora.auto_chunk_size`: about 256 MiB of float32 logits each, 256 tokens at
+        a 262,144-token vocabulary); 0 computes the full logits instead.
     """
 
     steps: int = 300
@@ -282,6 +289,7 @@ class TrainSection:
     loraplus_lr_ratio: float = 1.0
     progress: bool = True
     keep_freed_memory: bool = True
+    loss_chunk: int | None = None
     objective: str = "sft"
     beta: float = 0.1
     label_smoothing: float = 0.0
@@ -325,6 +333,11 @@ class TrainSection:
             raise ValueError(
                 f"config train.beta: must be a finite number > 0 for train.objective="
                 f"{self.objective!r}, found {self.beta}"
+            )
+        if self.loss_chunk is not None and self.loss_chunk < 0:
+            raise ValueError(
+                f"config train.loss_chunk: must be tokens per chunk >= 1, 0 for the full "
+                f"logits, or null to size chunks from the vocabulary; found {self.loss_chunk}"
             )
         # An optional number: the range tables below hold only plain numbers.
         if self.clip_norm is not None and not (

@@ -63,14 +63,16 @@ class GRPO:
         params = jlora.combine(trainable["lora"], base)
         batch = dict(batch)
         old = batch.pop("old_logps", None)
+        chunked = self.config.train.loss_chunk != 0
         return jlora.grpo_policy_loss(
-            self.task.apply_fn,
+            None if chunked else self.task.apply_fn,
             params,
             self.cfg,
             batch,
             old_logps=old,
             dropout_rng=rng,
             deterministic=False,
+            logps_fn=self.task.logps_fn if chunked else None,
             **self.options,
         )
 
@@ -80,10 +82,13 @@ class GRPO:
 
     def _policy_logps(self, params: Any, batch: dict[str, Any]) -> jax.Array:
         kw = {k: batch[k] for k in ("positions", "segment_ids")}
+        temperature = self.config.train.temperature
+        if self.config.train.loss_chunk != 0:  # the chunked head, no [B, T, V] logits
+            fn = jlora.lora(self.task.logps_fn, self.cfg)
+            args = (batch["tokens"], batch["targets"], batch["loss_mask"])
+            return fn(params, *args, temperature=temperature, **kw)[0]
         logits = jlora.lora(self.task.apply_fn, self.cfg)(params, batch["tokens"], **kw)
-        return jlora.token_logps(
-            logits, batch["targets"], temperature=self.config.train.temperature
-        )
+        return jlora.token_logps(logits, batch["targets"], temperature=temperature)
 
     def rollout_step(self, step_fn: Any, base: Any, put: Any) -> Any:
         """The loop's ``step_fn(state, prompt_indices, step)``: rollouts, then the updates."""

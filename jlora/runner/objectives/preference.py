@@ -49,14 +49,16 @@ class Preference:
         batch = dict(batch)
         ref = batch.pop("ref_logps", None)
         pairs = batch["tokens"].shape[0] // 2
+        chunked = self.task.config.train.loss_chunk != 0
         return jlora.dpo_loss(
-            self.task.apply_fn,
+            None if chunked else self.task.apply_fn,
             params,
             self.cfg,
             batch,
             reference_logps=None if ref is None else (ref[:pairs], ref[pairs:]),
             dropout_rng=rng,
             deterministic=False,
+            logps_fn=self.task.logps_fn if chunked else None,
             **self.options,
         )
 

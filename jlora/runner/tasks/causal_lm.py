@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.models.decoder import Decoder, DecoderConfig, causal_lm_loss, init_cache
+from jlora.models.decoder import Decoder, DecoderConfig, init_cache
 from jlora.models.formats import hf_dir
 from jlora.models.formats.gguf import read_gguf, read_gguf_metadata
 from jlora.models.formats.stored_dtype import stored_dtype
 from jlora.models.formats.tokenizer import Tokenizer, from_gguf_metadata, load_tokenizer
+from jlora.models.lm_head import DecoderScores, decoder_scores, mean_nll
 from jlora.models.moe import load_balancing_loss, router_logits
 from jlora.models.pretrained import Pretrained, load_pretrained, resolve_source
 from jlora.models.remat import check_offload
@@ -340,15 +341,53 @@ class CausalLMTask(NoHead):
     ) -> jax.Array:
         del extra
         moe = self.model.config.moe
-        args = ({"params": params}, batch["tokens"], batch.get("positions"))
-        segments = batch.get("segment_ids")
-        if moe is None or not aux:
-            logits = self.model.apply(*args, segment_ids=segments)
-            return causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
-        logits, state = self.model.apply(*args, segment_ids=segments, mutable=["intermediates"])
-        loss = causal_lm_loss(cast(jax.Array, logits), batch["targets"], batch["loss_mask"])
-        balance = load_balancing_loss(router_logits(state), moe.num_experts_per_tok)
+        with_aux = moe is not None and aux
+        scores = self.scores(params, batch, intermediates=with_aux)
+        loss = mean_nll(scores, batch["loss_mask"])
+        if moe is None or not with_aux:
+            return loss
+        balance = load_balancing_loss(router_logits(scores.intermediates), moe.num_experts_per_tok)
         return loss + moe.router_aux_loss_coef * balance
+
+    def scores(
+        self,
+        params: Any,
+        batch: dict[str, Any],
+        *,
+        temperature: float = 1.0,
+        entropy: bool = False,
+        intermediates: bool = False,
+    ) -> DecoderScores:
+        """Each target token's log-probability where ``batch`` marks it (0 elsewhere).
+
+        Through the chunked head (``train.loss_chunk`` tokens a chunk), or the full logits
+        with ``train.loss_chunk: 0``: :func:`jlora.models.lm_head.decoder_scores`.
+        """
+        return decoder_scores(
+            self.model,
+            params,
+            batch["tokens"],
+            batch["targets"],
+            batch["loss_mask"],
+            positions=batch.get("positions"),
+            segment_ids=batch.get("segment_ids"),
+            chunk_size=self.config.train.loss_chunk,
+            temperature=temperature,
+            entropy=entropy,
+            intermediates=intermediates,
+        )
+
+    def logps_fn(self, params: Any, tokens: Any, targets: Any, loss_mask: Any, **kw: Any) -> Any:
+        """Per-token log-probabilities as :func:`jlora.dpo_loss` calls ``logps_fn``.
+
+        With a ``temperature`` keyword (:func:`jlora.grpo_policy_loss`), ``(logps, entropy)``.
+        """
+        batch = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask, **kw}
+        if "temperature" not in kw:
+            return self.scores(params, batch).logps
+        temperature = batch.pop("temperature")
+        out = self.scores(params, batch, temperature=temperature, entropy=True)
+        return out.logps, out.entropy
 
     def batch_weight(self, batch: dict[str, jax.Array]) -> jax.Array:
         """How many tokens :meth:`loss` averages over: micro-batches are weighted by it."""

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.models.decoder import causal_lm_loss
+from jlora.models.lm_head import mean_nll
 from jlora.runner.config import RunConfig, to_dict
 from jlora.runner.data.chat_batches import Question, exact_match
 from jlora.runner.data.preferences import (
@@ -108,8 +108,7 @@ class PreferenceTask(CausalLMTask):
         del extra
         b = batch["tokens"].shape[0] // 2
         chosen = {k: v[:b] for k, v in batch.items()}
-        logits = self._apply(params, chosen)
-        return causal_lm_loss(logits, chosen["targets"], chosen["loss_mask"])
+        return mean_nll(self.scores(params, chosen), chosen["loss_mask"])
 
     def batch_weight(self, batch: dict[str, jax.Array]) -> jax.Array:
         """How many pairs a batch holds: micro-batches are weighted by it."""
@@ -130,8 +129,7 @@ class PreferenceTask(CausalLMTask):
 
     def _row_logps_of(self, params: Any, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
         """Per row: the completion's summed log-probability and its token count."""
-        logits = self._apply(params, batch)
-        sums = jlora.sequence_logps(logits, batch["targets"], batch["loss_mask"])
+        sums = jnp.sum(self.scores(params, batch).logps, axis=-1)
         return sums, jnp.sum(batch["loss_mask"], axis=-1, dtype=jnp.float32)
 
     def _pair_logps(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jlora
-from jlora.models.decoder import causal_lm_loss
+from jlora.models.lm_head import mean_nll
 from jlora.models.sampling import generate
 from jlora.runner.data.chats import epoch_order
 from jlora.runner.data.prompts import PromptRecords, read_prompt_data
@@ -166,8 +166,7 @@ class RLTask(CausalLMTask):
     def loss(self, params: Any, extra: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """The completions' mean next-token cross-entropy (the task's own loss)."""
         del extra
-        logits = self._apply(params, batch)
-        return causal_lm_loss(logits, batch["targets"], batch["loss_mask"])
+        return mean_nll(self.scores(params, batch), batch["loss_mask"])
 
     def batch_weight(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Rows (completions) a batch holds."""
