@@ -160,6 +160,11 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         ],
     },
     "llama_step": {"cpu": None, "gpu": [], "smoke": ["--quick"]},
+    "long_loss": {
+        "cpu": ["--batch", "4", "--seq", "1024", "--time-batch", "1", "--rounds", "3"],
+        "gpu": ["--batch", "4", "--seq", "1024", "--time-batch", "4", "--rounds", "10"],
+        "smoke": ["--quick", "--seq", "16", "--layers", "1", "--vocab", "4096", "--rounds", "1"],
+    },
 }
 SKIP = {
     "op_profile": "XLA:CPU op names and trace events only",

@@ -42,9 +42,23 @@ TITLES = {
     "import_time": "What `import jlora` costs",
     "remat": "Remat policies: what the backward pass keeps, in memory and time",
     "planner": "The memory planner (`jlora plan`) against a run, and Llama-3.1-8B planned",
+    "long_loss": "The memory-bounded loss: Gemma 3 270M's step at 4 x 1,024 tokens",
 }
 
 ABOUT = {
+    "long_loss": (
+        "A Gemma 3 270M-shaped decoder (vocabulary 262,144, hidden 640, 18 layers, tied head; "
+        "random weights), LoRA rank 8 on attention and MLP through `jlora.lora`, Adam: the "
+        "train step with the full `[B, T, V]` float32 logits (`train.loss_chunk: 0`) against "
+        "the chunked head and loss (`jlora.chunked_cross_entropy`'s path, chunks of "
+        "`jlora.auto_chunk_size` tokens), with every token learned and with half of each row "
+        "a prompt (dropped before the head). Temp bytes are XLA's `memory_analysis()` at 4 x "
+        "1,024 tokens; times are medians of interleaved rounds at 1 x 1,024 on CPU (the "
+        "full-logit step at 4 x 1,024 needs 22 GiB of temporaries), against the full logits. "
+        "*saved / logits* is the temp memory saved over the logits' own size. Masked "
+        "positions save time, not compiled memory: XLA sizes the buffers for every token "
+        "learned."
+    ),
     "remat": (
         "`model.remat` on a small Llama-family decoder (random weights, layers scanned) at a "
         "long-ish sequence: the runner's LoRA train step (rank 8 on every projection, Adam, "
@@ -268,6 +282,17 @@ tables of the time, is in [Factorised execution](factorised.md#tuning-notes-xlac
   fine-tuning's time and 1.17x the limit's; with `remat` 1.14x, its arguments, outputs and temp
   985 MB against 1953 MB; scanned layers compiled in 1.6 s against 8.1 s unrolled; the KV-cache
   decode 4.3x faster than recomputing at batch 1, 6.0x at batch 4.
+- **The chunked loss** (`jlora.chunked_cross_entropy`), measured on the head alone (1 x 1,024
+  tokens, hidden 640, vocabulary 262,144, gradient to the hidden states; the machine shared, so
+  within about 10%): the full logits 22.7 s and 3,072 MiB temp; chunks of 256 tokens 22.3 s and
+  259 MiB, of 128 26.9 s, of 64 38.5 s (thin matmuls), hence `auto_chunk_size` aiming at 2^26
+  logits a chunk. Recomputing each chunk's logits in the backward pass (`jax.checkpoint`
+  alone) took 33.2 s: a third head matmul. Storing `d logp / d hidden` (`[tokens, hidden]`) in
+  the forward pass instead keeps two, as the full logits have; that is the custom VJP, used
+  whenever the head itself is not differentiated (`jlora.lora` inlines it when the head is
+  adapted, and the checkpointed scan runs). Tiling the vocabulary too (online logsumexp over
+  16,384-wide tiles of 1,024 tokens) was slower in the forward pass alone (9.4 s against 7.4 s
+  per 1,024 tokens for token chunks of 256), so chunks cover the whole vocabulary.
 """
 
 
