@@ -116,7 +116,8 @@ def decoder_scores(
     if intermediates:
         kw["mutable"] = ["intermediates"]
     out = model.apply({"params": params}, tokens, positions, **kw)
-    out, state = cast(tuple[jax.Array, Any], out) if intermediates else (out, None)
+    applied = cast(tuple[jax.Array, Any], out) if intermediates else (cast(jax.Array, out), None)
+    out, state = applied
     state = None if state is None else state.get("intermediates", {})
     mask = jnp.asarray(mask, bool)
     if chunk_size == 0:
