@@ -26,7 +26,9 @@ Attention follows transformers' eager path: scores ``q·kᵀ/sqrt(hd)`` masked w
 minimum (never ``-inf``, so a query with no visible key gets a uniform, finite softmax),
 softmax in float32, grouped-query heads sharing kv head ``h // (H / H_kv)``. Masks work on
 *slots*: the token index in the row without a cache, the cache slot with one; a sliding
-window keeps keys at slots ``s > q - window``, as transformers does for unpadded input.
+window keeps keys at slots ``s > q - window``, as transformers does for unpadded input. The
+mask is a :class:`jlora.models.attention.MaskSpec`, never a ``[T, S]`` array unless the
+chosen implementation (``DecoderConfig.attention``) builds one.
 """
 
 from __future__ import annotations
@@ -682,7 +684,8 @@ class _Model(nn.Module):
         )
         layer: Any = _Layer
         if c.remat != "none":  # under nn.scan, so CSE cannot undo it: prevent_cse=False
-            layer = nn.remat(_Layer, prevent_cse=False, policy=checkpoint_policy(c.remat))
+            policy = checkpoint_policy(remat_name(c.remat))
+            layer = nn.remat(_Layer, prevent_cse=False, policy=policy)
         self.layers = nn.scan(
             layer,
             variable_axes={"params": 0, "intermediates": 0},  # MoE router logits per layer

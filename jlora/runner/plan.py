@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,9 @@ from jlora.runner.optimizer import make_optimizer
 from jlora.runner.tasks import lora_config, task_class
 from jlora.runner.trainer.step import make_train_step
 from jlora.runner.variants import adapt, prepare_base
+
+if TYPE_CHECKING:
+    from jlora.runner.tasks.causal_lm import CausalLMTask
 
 __all__ = ["Plan", "abstract_batch", "format_plan", "plan_loaded", "plan_run"]
 
@@ -334,7 +337,7 @@ def plan_loaded(config: RunConfig) -> Plan:
             "plan_loaded: train.objective=grpo samples its batches from the adapters during the "
             "run; check a GRPO plan's batch against RLTask's rollouts instead"
         )
-    task = make_task(config)
+    task = cast("CausalLMTask", make_task(config))
     key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
     params = _shapes(adapt(key, prepare_base(config, task.base), config))
     k = config.train.grad_accum
