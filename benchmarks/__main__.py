@@ -160,6 +160,11 @@ BENCHMARKS: dict[str, dict[str, list[str] | None]] = {
         ],
     },
     "llama_step": {"cpu": None, "gpu": [], "smoke": ["--quick"]},
+    "attention": {
+        "cpu": ["--seqs", "1024,4096,16384", "--rounds", "3"],
+        "gpu": ["--seqs", "1024,4096,16384", "--dtype", "bfloat16", "--rounds", "10"],
+        "smoke": ["--quick", "--seqs", "64,128", "--block", "32", "--rounds", "1"],
+    },
     "long_loss": {
         "cpu": ["--batch", "4", "--seq", "1024", "--time-batch", "1", "--rounds", "3"],
         "gpu": ["--batch", "4", "--seq", "1024", "--time-batch", "4", "--rounds", "10"],

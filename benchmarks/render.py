@@ -41,11 +41,23 @@ TITLES = {
     "op_profile": "Where the step's time goes, op by op (XLA:CPU)",
     "import_time": "What `import jlora` costs",
     "remat": "Remat policies: what the backward pass keeps, in memory and time",
+    "attention": "Attention at 1k, 4k and 16k tokens: einsum, fused and blockwise",
     "planner": "The memory planner (`jlora plan`) against a run, and Llama-3.1-8B planned",
     "long_loss": "The memory-bounded loss: Gemma 3 270M's step at 4 x 1,024 tokens",
 }
 
 ABOUT = {
+    "attention": (
+        "One causal attention's forward and backward (`jlora.models.attention.attend`, the "
+        "gradient with respect to q, k and v) per `model.attention`: `einsum` (the decoder's "
+        "path before, `[heads, T, T]` scores and a dense mask), `fused` "
+        "(`jax.nn.dot_product_attention`: XLA's version on CPU, cuDNN's flash kernel on a GPU "
+        "in bfloat16) and `blockwise` (online softmax over blocks, a backward pass that "
+        "recomputes each block, key blocks the causal mask hides skipped). Temp bytes are "
+        "XLA's `memory_analysis()` of the compiled gradient; times are medians of interleaved "
+        "rounds, each against `einsum`. A program whose temp memory would not fit the machine "
+        "is compiled, not run."
+    ),
     "long_loss": (
         "A Gemma 3 270M-shaped decoder (vocabulary 262,144, hidden 640, 18 layers, tied head; "
         "random weights), LoRA rank 8 on attention and MLP through `jlora.lora`, Adam: the "

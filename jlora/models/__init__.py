@@ -9,6 +9,8 @@ Real checkpoints, torch-free:
   ``transformers`` loads.
 - :class:`Tokenizer` (``tokenizer.json``, GGUF vocabularies, ``tokenizer.model``) with chat
   templates rendered as ``transformers`` renders them.
+- :func:`attend`: the decoder's attention (einsum, ``jax.nn.dot_product_attention`` or a
+  blockwise online softmax) under a :class:`MaskSpec` that is never a ``[T, S]`` array.
 - :func:`generate`: KV-cache sampling (greedy, temperature, top-k, top-p) under ``jit``, merged,
   through ``jlora.lora`` or with an adapter per row.
 
@@ -17,6 +19,7 @@ byte-level vocabulary, shipped as a Hugging Face directory (``"builtin:llama_pyd
 ``bert`` is the encoder of the classification configs.
 """
 
+from jlora.models.attention import ATTENTION_IMPLEMENTATIONS, MaskSpec, attend
 from jlora.models.decoder import (
     DECODER_AXIS_RULES,
     DECODER_TARGETS,
@@ -29,12 +32,15 @@ from jlora.models.pretrained import Pretrained, export_merged_hf, load_pretraine
 from jlora.models.sampling import generate
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "DECODER_AXIS_RULES",
     "DECODER_TARGETS",
     "Decoder",
     "DecoderConfig",
+    "MaskSpec",
     "Pretrained",
     "Tokenizer",
+    "attend",
     "export_merged_hf",
     "generate",
     "init_cache",

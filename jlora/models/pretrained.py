@@ -227,6 +227,8 @@ def load_pretrained(
     shardings: Any = None,
     remat: bool | str = False,
     scan_layers: bool = True,
+    attention: str = "auto",
+    attention_block: int = 512,
 ) -> Pretrained:
     """Loads a Hugging Face directory, a ``.gguf`` file or a ``"package:<name>"`` model.
 
@@ -254,6 +256,9 @@ def load_pretrained(
         replicates every parameter.
       remat: what each layer keeps for the backward pass (:mod:`jlora.models.remat`).
       scan_layers: compile one layer in a loop (``False``: unrolled, same parameters).
+      attention: how the decoder attends, ``DecoderConfig.attention``
+        (:mod:`jlora.models.attention`).
+      attention_block: slots per block of ``"blockwise"`` attention.
 
     Returns:
       A :class:`Pretrained`.
@@ -283,6 +288,8 @@ def load_pretrained(
         "param_dtype": param_dtype,
         "remat": remat,
         "scan_layers": scan_layers,
+        "attention": attention,
+        "attention_block": attention_block,
     }
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -62,6 +62,13 @@ class ModelSection:
       scan_layers: compile one decoder layer and loop over the stacked layers (``true``) or
         unroll them (``false``; same parameters, longer compile, faster steps on small
         models); ``null``: unrolled up to 8 layers, scanned beyond.
+      attention: how the decoder attends (:mod:`jlora.models.attention`): ``"auto"``
+        (``fused``, or ``einsum`` for a model that softcaps its attention logits: Gemma 2),
+        ``"einsum"`` (scores and mask as ``[seq, seq]`` arrays), ``"fused"``
+        (``jax.nn.dot_product_attention``: cuDNN's flash kernel on a GPU in bfloat16, XLA's
+        version elsewhere) or ``"blockwise"`` (online softmax over blocks: memory linear in
+        ``data.seq_len``, the choice for long sequences without cuDNN).
+      attention_block: query and key tokens per block of ``attention: blockwise``.
     """
 
     kind: str = "llama"
@@ -71,6 +78,8 @@ class ModelSection:
     base_dtype: str = "auto"
     remat: bool | str = False
     scan_layers: bool | None = None
+    attention: str = "auto"
+    attention_block: int = 512
 
     @property
     def decoder(self) -> str:
@@ -530,6 +539,7 @@ CHOICES = {
     "model.base_dtype": ("auto", "float32", "bfloat16"),
     # jlora.models.remat.REMAT_POLICIES, and the booleans for full/none (kept light: no jax)
     "model.remat": (False, True, "none", "full", "dots", "offload"),
+    "model.attention": ("auto", "einsum", "fused", "blockwise"),
     "train.train_step": ("merge", "factorised"),
     "train.schedule": ("cosine", "linear", "constant"),
     "train.objective": ("sft", "dpo", "robust", "ipo", "simpo", "orpo", "grpo"),
@@ -675,9 +685,10 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     """Refuses contradictory model settings and a ``path`` that names nothing, before any load.
 
     Raises:
-      ValueError: ``path``, ``dtype``, ``base_dtype``, ``remat`` or ``scan_layers`` with
-        ``kind: bert`` (they describe a decoder), ``weights`` with ``kind: llama`` (it names an
-        encoder), or an unknown ``package:``/``builtin:`` name.
+      ValueError: ``path``, ``dtype``, ``base_dtype``, ``remat``, ``scan_layers``,
+        ``attention`` or ``attention_block`` with ``kind: bert`` (they describe a decoder),
+        ``weights`` with ``kind: llama`` (it names an encoder), or an unknown
+        ``package:``/``builtin:`` name.
       FileNotFoundError: ``path`` is neither an existing file or directory nor an installed
         ``package:`` model.
 
@@ -692,7 +703,15 @@ def check_model(section: ModelSection, where: str = "model") -> None:
     if section.kind != "llama":
         given = [
             f"{where}.{key}"
-            for key in ("path", "dtype", "base_dtype", "remat", "scan_layers")
+            for key in (
+                "path",
+                "dtype",
+                "base_dtype",
+                "remat",
+                "scan_layers",
+                "attention",
+                "attention_block",
+            )
             if getattr(section, key) != getattr(default, key)
         ]
         if given:
@@ -732,6 +751,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
             "mesh.data",
             "mesh.fsdp",
             "mesh.tensor",
+            "model.attention_block",
             "data.seq_len",
             "data.max_per_class",
             "lora.rank",

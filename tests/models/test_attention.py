@@ -399,3 +399,52 @@ def test_generate_and_mixed_step_match_einsum():
     want = run("einsum")
     for impl in ("fused", "blockwise"):
         assert run(impl) == want
+
+
+# the runner's model.attention and model.attention_block
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (dict(attention="flash"), ValueError, r"config model.attention: expected one of \("),
+        (dict(attention_block=0), ValueError, "config model.attention_block: must be >= 1"),
+        (dict(attention_block="big"), TypeError, "config model.attention_block: expected int"),
+        (
+            dict(kind="bert", attention="blockwise"),
+            ValueError,
+            "config model.attention describes a decoder",
+        ),
+    ],
+)
+def test_runner_refuses_bad_attention_settings(model, error, match):
+    from jlora.runner.config import RunConfig, from_dict
+
+    with pytest.raises(error, match=match):
+        from_dict(RunConfig, {"model": model})
+
+
+def test_runner_choices_are_the_librarys():
+    from jlora.models.attention import ATTENTION_IMPLEMENTATIONS
+    from jlora.runner.config import CHOICES
+
+    assert CHOICES["model.attention"] == ATTENTION_IMPLEMENTATIONS
+
+
+def test_runner_passes_attention_to_the_decoder(tmp_path):
+    import json
+
+    from jlora.models.pretrained import load_pretrained
+    from jlora.runner.config import ModelSection
+    from jlora.runner.tasks.causal_lm import checkpoint_config
+
+    hf = {"model_type": "gemma2", "hidden_size": 8, "num_attention_heads": 2, "head_dim": 4}
+    hf.update(num_key_value_heads=1, num_hidden_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    section = ModelSection(path=str(tmp_path), attention="blockwise", attention_block=64)
+    c, _ = checkpoint_config(section)
+    assert (c.attention, c.attention_block) == ("blockwise", 64)
+    with pytest.raises(ValueError, match=r"config model.attention: .*has no logit softcapping"):
+        checkpoint_config(ModelSection(path=str(tmp_path), attention="fused"))
+    loaded = load_pretrained("builtin:llama_pydoc", attention="einsum", attention_block=32)
+    assert (loaded.config.attention, loaded.config.attention_block) == ("einsum", 32)

@@ -61,7 +61,8 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
     Raises:
       FileNotFoundError: if the path is gone or a directory has no ``config.json``.
       ValueError: if its config is not a supported Llama-family decoder (named in the message),
-        or ``model.remat=offload`` on a device without pinned host memory.
+        ``model.remat=offload`` on a device without pinned host memory, or
+        ``model.attention=fused`` for a model that softcaps its attention logits (Gemma 2).
 
     Example:
       >>> import json, tempfile
@@ -90,6 +91,12 @@ def checkpoint_config(section: ModelSection) -> tuple[DecoderConfig, str]:
     except (ValueError, KeyError, TypeError) as err:
         message = err.args[0] if err.args else err
         raise ValueError(f"config model.path: {where}: {message}") from None
+    try:  # after the checkpoint's config: whether "fused" applies depends on the model
+        config = dataclasses.replace(
+            config, attention=section.attention, attention_block=section.attention_block
+        )
+    except ValueError as err:
+        raise ValueError(f"config model.attention: {section.decoder}: {err}") from None
     if config.remat == "offload":  # refused here, before any data or weight is read
         try:
             check_offload()
@@ -202,6 +209,8 @@ class CausalLMTask(NoHead):
             param_dtype=decoder_config.param_dtype,
             remat=section.remat,
             scan_layers=decoder_config.scan_layers,
+            attention=section.attention,
+            attention_block=section.attention_block,
         )
         if self.pretrained.tokenizer is None:
             raise _no_tokenizer(section)
