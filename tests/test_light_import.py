@@ -12,12 +12,12 @@ import sys
 import tomllib
 
 import pytest
+from bench_helpers import load_benchmark
+
+from jlora._entry import CLI_EXTRA
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
-sys.path.insert(0, ROOT)
-
-from benchmarks.import_time import measure  # noqa: E402
-from jlora._entry import CLI_EXTRA  # noqa: E402
+measure = load_benchmark("import_time").measure
 
 # Top-level modules `import jlora` must not load: the cli extra's, orbax, torch.
 FORBIDDEN = {

@@ -249,7 +249,9 @@ def test_dpo_at_init_is_ln2_in_both(base, tmp_path):
     got, metrics = jlora.dpo_loss(_apply(loaded), params, cfg, ours)
     assert float(got) == np.float32(np.log(2.0))
     assert loss == pytest.approx(np.log(2.0), rel=1e-6)
-    assert float(metrics["rewards/margins"]) == 0.0
+    # the policy (through jlora.lora, B = 0) and the reference are separate programs: XLA may
+    # round their attention differently, so the margin is 0 to f32 rounding, not bitwise
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- CPOTrainer (SimPO) and ORPOTrainer: reference-free, averaged log-probabilities ----
