@@ -267,11 +267,8 @@ def test_decoder_logits_and_grads_match_einsum(name):
     params = model_params(name)
     segments = np.repeat([[1, 1, 1, 1, 2, 2, 2, 2, 2, 2]], 2, axis=0).astype(np.int32)
     positions = np.repeat([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]], 2, axis=0).astype(np.int32)
-    for call in (
-        {},
-        dict(positions=positions, segment_ids=segments),
-        dict(kv_mask=np.arange(10)[None, :] >= np.array([[2], [0]])),
-    ):
+    hidden = np.arange(10)[None, :] >= np.array([[2], [0]])  # row 0: two dead queries
+    for call in ({}, dict(positions=positions, segment_ids=segments, kv_mask=hidden)):
         (_, want), grads_want = loss_and_grads(
             model_config(name, attention="einsum"), params, **call
         )
