@@ -97,7 +97,7 @@ ABOUT = {
         "state, through `jlora.value_and_grad` as the runner's step does), QLoRA (the same over "
         "an NF4 base, `jlora.quantize`) and the limit (forward and backward to the activations, "
         "every weight frozen), each in its own process; the LM head's loss in chunks of tokens "
-        "(`jlora.chunked_cross_entropy`), attention `auto` (a fused kernel where one applies), "
+        "(`jlora.chunked_cross_entropy`), attention `auto` (cuDNN's fused kernel on the GPU), "
         "`remat=full`. A step that XLA's memory analysis says will not fit gets its batch "
         "halved; one that does not fit at one row is reported with what it would need, never "
         "run. MFU is model FLOPs (the formula is in the table's note) per second over the "

@@ -195,7 +195,8 @@ class DecoderConfig:
       scan_layers: ``True`` compiles one layer in a loop; ``False`` unrolls the loop (same
         stacked parameters), to compare compile and run times.
       attention: how attention is computed (:mod:`jlora.models.attention`): ``"auto"``
-        (``"fused"`` unless the model softcaps its attention logits, then ``"einsum"``),
+        (cuDNN's ``"fused"`` kernel on a GPU in half precision, else ``"blockwise"`` past
+        ``attention_block`` tokens and ``"einsum"`` below),
         ``"einsum"`` (scores and mask as ``[T, S]`` arrays), ``"fused"``
         (``jax.nn.dot_product_attention``, cuDNN on GPU) or ``"blockwise"`` (online softmax
         over blocks, memory linear in the sequence length).

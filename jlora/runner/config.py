@@ -63,7 +63,8 @@ class ModelSection:
         unroll them (``false``; same parameters, longer compile, faster steps on small
         models); ``null``: unrolled up to 8 layers, scanned beyond.
       attention: how the decoder attends (:mod:`jlora.models.attention`): ``"auto"``
-        (``fused``, or ``einsum`` for a model that softcaps its attention logits: Gemma 2),
+        (``fused`` on a GPU in bfloat16 where cuDNN applies, else ``blockwise`` for rows
+        longer than ``attention_block`` and ``einsum`` for shorter ones),
         ``"einsum"`` (scores and mask as ``[seq, seq]`` arrays), ``"fused"``
         (``jax.nn.dot_product_attention``: cuDNN's flash kernel on a GPU in bfloat16, XLA's
         version elsewhere) or ``"blockwise"`` (online softmax over blocks: memory linear in

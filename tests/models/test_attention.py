@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.models.attention import MaskSpec, attend, attend_per_kind, check_attention
+from jlora.models.attention import (
+    MaskSpec,
+    attend,
+    attend_per_kind,
+    check_attention,
+    resolve_implementation,
+)
 from jlora.models.decoder import DECODER_AXIS_RULES, Decoder, DecoderConfig, init_cache
 from jlora.models.sampling import generate, mixed_step
 
@@ -155,6 +161,26 @@ def test_attend_per_kind_picks_each_kinds_window_under_a_traced_kind():
             dense = oracle_mask(window, B, T, None, None, None, None)
             want = oracle(*args, dense, HD, None)
             np.testing.assert_allclose(run(kind), want, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("queries", "dtype", "backend", "softcap", "expected"),
+    [
+        (4096, jnp.bfloat16, "gpu", None, "fused"),  # cuDNN's kernel
+        (4096, jnp.float32, "gpu", None, "blockwise"),  # no cuDNN in float32
+        (4096, jnp.bfloat16, "gpu", 50.0, "blockwise"),  # softcapped: no fused kernel
+        (4096, jnp.bfloat16, "tpu", None, "blockwise"),
+        (513, jnp.float32, "cpu", None, "blockwise"),
+        (512, jnp.float32, "cpu", None, "einsum"),  # one block: the row itself
+        (1, jnp.float32, "cpu", 50.0, "einsum"),  # cached decoding
+    ],
+)
+def test_auto_picks_cudnn_then_blockwise_past_one_block(queries, dtype, backend, softcap, expected):
+    got = resolve_implementation(
+        "auto", softcap, queries=queries, block=512, dtype=dtype, backend=backend
+    )
+    assert got == expected
+    assert resolve_implementation("einsum", None, queries=queries, backend=backend) == "einsum"
 
 
 def test_mask_blocks_tile_the_dense_mask():
