@@ -296,7 +296,7 @@ def _finish(
     state: dict[str, Any],
     base: Any,
     before: dict[str, Any],
-    scores: dict[str, float] | None,
+    scores: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Saves the adapter and head, reports before -> after; ``scores``: the last step's."""
     run_dir = config.run_dir
